@@ -1,0 +1,53 @@
+"""`kftune` entry point: each subcommand lives in its own module and is imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from kftune.errors import KftuneError
+
+# subcommand -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("kftune.train", "fine-tune a model (full, LoRA or QLoRA); same as fine_tune_qwen.py"),
+    "infer": ("kftune.infer", "generate with a base model and optional adapter; same as inference_lora.py"),
+    "merge": ("kftune.merge", "merge a LoRA adapter into its full-precision base, with a parity check"),
+    "tiny-model": ("kftune.tiny_model", "build a small random Qwen2 model and tokenizer for offline demos and tests"),
+    "sample-data": ("kftune.sample_data", "write the deterministic synthetic Xiaohongshu SFT data set"),
+    "stack": ("kftune.stack", "start, stop or show the local SeaweedFS S3 + MLflow stack"),
+    "pipeline": ("kftune.pipeline_cli", "run, compile or submit the Kubeflow pipeline"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    rows = "\n".join(f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items())
+    return f"usage: kftune COMMAND [ARGS...]\n\ncommands:\n{rows}\n\nRun `kftune COMMAND --help` for a command's flags."
+
+
+def run_command(module: str, argv: list[str]) -> int:
+    """Run one command's `main`, turning user-facing errors into one line on stderr and exit code 2."""
+    try:
+        return importlib.import_module(module).main(argv) or 0
+    except KftuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return run_command(COMMANDS[name][0], rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
