@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 from kftune.errors import KftuneError
@@ -19,6 +20,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def setup_logging() -> None:
+    """kftune's own progress lines on stderr, once per process; library deprecation noise off."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logger = logging.getLogger("kftune")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[kftune] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     rows = "\n".join(f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items())
@@ -27,6 +42,7 @@ def _usage() -> str:
 
 def run_command(module: str, argv: list[str]) -> int:
     """Run one command's `main`, turning user-facing errors into one line on stderr and exit code 2."""
+    setup_logging()
     try:
         return importlib.import_module(module).main(argv) or 0
     except KftuneError as exc:

@@ -1,0 +1,173 @@
+"""Load a base model and tokenizer (local folder, hub id or s3:// URI), quantize it, find LoRA targets.
+
+Kept apart from training so inference, merging and evaluation load models exactly the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kftune.errors import KftuneError
+
+log = logging.getLogger("kftune")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision to compute; decided once per process."""
+
+    device: str  # "cuda" or "cpu"
+    precision: str  # "bf16", "fp32" or "fp16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 is only fast on CPUs with native bf16 instructions; elsewhere fp32 is faster and exact."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
+def pick_runtime(precision: str = "auto") -> Runtime:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise KftuneError("precision fp16 is not supported on CPU (it is ~400x slower there); use bf16, fp32 or auto")
+    return Runtime(device=device, precision=precision)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def resolve_model_location(name: str) -> str:
+    """A local folder, a downloaded s3:// artifact, or a hub id; a missing local path is an error."""
+    if name.startswith("s3://"):
+        from kftune.storage import resolve_path
+
+        cache = Path(os.environ.get("KFTUNE_CACHE", Path.home() / ".cache" / "kftune"))
+        return resolve_path(name, cache)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise KftuneError(f"{name}: folder has no config.json; point --base_model at a transformers model folder")
+        return str(path)
+    if _looks_like_path(name):
+        raise KftuneError(f"{name}: base model folder not found; check --base_model (a local folder, hub id or s3:// URI)")
+    return name  # a hub id such as Qwen/Qwen2.5-0.5B-Instruct
+
+
+def load_tokenizer(location: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise KftuneError(f"{location}: could not load a tokenizer ({exc}); check the path or hub id") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_bitsandbytes() -> None:
+    """Fail early, with what to do, where bitsandbytes cannot run."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a backend library that fails to load
+        raise KftuneError(
+            f"quantization needs bitsandbytes, which cannot run here ({type(exc).__name__}: {exc}); "
+            "train with use_lora instead of use_qlora, drop --load_in_4bit/--load_in_8bit, "
+            "or install bitsandbytes for this platform"
+        ) from None
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype):
+    """NF4 with double quantization for 4-bit (the QLoRA paper's choice), LLM.int8 for 8-bit."""
+    from transformers import BitsAndBytesConfig
+
+    check_bitsandbytes()
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(
+    location: str,
+    runtime: Runtime,
+    *,
+    dtype: torch.dtype | None = None,
+    quantization_bit: int | None = None,
+    trust_remote_code: bool = False,
+):
+    """from_pretrained with an explicit dtype (transformers 5 keeps the checkpoint's otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype or runtime.dtype, "trust_remote_code": trust_remote_code}
+    if quantization_bit:
+        compute = torch.float32 if runtime.precision == "fp32" else runtime.dtype
+        kwargs["quantization_config"] = quantization_config(quantization_bit, compute)
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": 0} if runtime.device == "cuda" else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        raise KftuneError(f"{location}: could not load the model ({exc}); check --base_model") from None
+    if not quantization_bit:
+        model.to(runtime.device)
+    if quantization_bit == 4:
+        disable_cpu_bf16_repack(model)
+    return model
+
+
+def disable_cpu_bf16_repack(model) -> None:
+    """Avoid bitsandbytes' in-place CPU repack of 4-bit weights that breaks the next backward pass.
+
+    On CPUs with AVX512-BF16 an eval-mode forward repacks Linear4bit weights in place, and the
+    following training step fails with "a view of a leaf Variable ... in-place operation".
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def find_linear_targets(model) -> list[str]:
+    """Names of every linear layer type but the LM head, in model order (the guide's `null` targets)."""
+    output_layer = model.get_output_embeddings()
+    names: list[str] = []
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not output_layer and "lm_head" not in full_name:
+            short = full_name.rsplit(".", 1)[-1]
+            if short not in names:
+                names.append(short)
+    return names
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights at their real element count."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if hasattr(param, "quant_state") and param.quant_state is not None:
+            n = int(torch.Size(param.quant_state.shape).numel())
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,211 @@
+"""Training: full, LoRA and QLoRA on one path (QLoRA = LoRA + a quantization config).
+
+Reads top to bottom: resolve config -> load data -> load model -> wrap with LoRA -> train with
+trl's SFTTrainer (loss on assistant tokens only) -> save into a staging folder -> move into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kftune.config import TrainConfig, parse_args
+from kftune.errors import KftuneError
+
+log = logging.getLogger("kftune")
+
+METRICS_FILENAME = "metrics.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def staging_dir(output_dir: Path) -> Path:
+    """Where a run writes until it is complete; a crash leaves this, never a half-written output_dir."""
+    return output_dir.parent / f".{output_dir.name}.partial"
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+        raise KftuneError(
+            f"{out}: output_dir already exists and is not empty; choose another --output_dir "
+            "or pass --overwrite_output_dir to replace it"
+        )
+    return out
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move a finished run into place, replacing an old one only once the new one is complete."""
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_model(cfg: TrainConfig, runtime, location: str):
+    """The model to train: full-precision for full fine-tuning, frozen (maybe quantized) base + LoRA otherwise."""
+    import torch
+
+    from kftune.modeling import find_linear_targets, load_model
+
+    if cfg.method == "full":
+        # fp32 master weights; bf16 runs as autocast so optimizer updates stay exact
+        return load_model(location, runtime, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code), []
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    bits = cfg.quantization_bit if cfg.use_qlora else None
+    model = load_model(location, runtime, quantization_bit=bits, trust_remote_code=cfg.trust_remote_code)
+    if bits:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    targets = cfg.target_modules()
+    if targets is None:
+        targets = find_linear_targets(model)
+        log.info("lora_target_modules: null -> found linear layers %s", ",".join(targets))
+    missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in model.named_modules())]
+    if missing:
+        raise KftuneError(
+            f"lora_target_modules: {', '.join(missing)} not found in {cfg.base_model}; "
+            f"its linear layers are {','.join(find_linear_targets(model))}"
+        )
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), targets
+
+
+def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        max_length=cfg.max_seq_length,
+        assistant_only_loss=True,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio in transformers 5
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
+        bf16=runtime.precision == "bf16",
+        fp16=runtime.precision == "fp16",
+        use_cpu=runtime.device == "cpu",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
+    return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    """Train per `cfg`; the output_dir appears only when everything is saved."""
+    from trl import SFTTrainer
+
+    from kftune.data import load_conversations, to_dataset
+    from kftune.modeling import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
+
+    # everything that can fail on bad input is checked before anything is written
+    out = check_output_dir(cfg)
+    runtime = pick_runtime(cfg.precision)
+    train_rows = load_conversations(cfg.data_path)
+    eval_rows = load_conversations(cfg.eval_data_path) if cfg.eval_data_path else None
+    location = resolve_model_location(cfg.base_model)
+    if cfg.use_qlora:
+        from kftune.modeling import check_bitsandbytes
+
+        check_bitsandbytes()
+    tokenizer = load_tokenizer(location, cfg.trust_remote_code)
+    if not tokenizer.chat_template:
+        raise KftuneError(f"{cfg.base_model}: the tokenizer has no chat template; use an instruct/chat model")
+
+    log.info("method %s on %s (%s), %d training rows", cfg.method, runtime.device, runtime.precision, len(train_rows))
+    model, targets = build_model(cfg, runtime, location)
+    trainable, total = count_parameters(model)
+    log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    staging = staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None),
+            train_dataset=to_dataset(train_rows),
+            eval_dataset=to_dataset(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+        )
+        started = time.perf_counter()
+        result = trainer.train()
+        elapsed = time.perf_counter() - started
+        eval_metrics = trainer.evaluate() if eval_rows else {}
+
+        trainer.save_model(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+        # a pickle (unsafe to load) and peft's placeholder card: neither belongs in a published model
+        for leftover in ("training_args.bin", "README.md"):
+            (staging / leftover).unlink(missing_ok=True)
+        cfg.save(staging)
+        history = loss_history(trainer.state.log_history)
+        metrics = {
+            "method": cfg.method,
+            "quantization_bit": cfg.quantization_bit if cfg.use_qlora else None,
+            "lora_r": cfg.lora_r if cfg.uses_adapter else None,
+            "target_modules": targets,
+            "device": runtime.device,
+            "precision": runtime.precision,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_share": trainable / total,
+            "train_rows": len(train_rows),
+            "global_steps": result.global_step,
+            "train_loss": result.training_loss,
+            "first_loss": history[0][1] if history else None,
+            "last_loss": history[-1][1] if history else None,
+            "loss_history": history,
+            "train_seconds": round(elapsed, 3),
+            **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
+        }
+        (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, out)
+    log.info("saved %s run to %s (loss %.4f -> %.4f)", cfg.method, out, metrics["first_loss"] or 0, metrics["last_loss"] or 0)
+    return TrainResult(out, metrics)
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_args(argv, prog="fine_tune_qwen.py", description="Fine-tune a causal LM with full, LoRA or QLoRA training.")
+    run(cfg)
+    return 0
