@@ -41,8 +41,27 @@ def load_for_inference(base_model: str, lora_model: str | None = None, bits: int
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+        match_adapter_dtype(model, adapter)
     model.eval()
     return model, tokenizer
+
+
+def match_adapter_dtype(model, adapter_dir: str) -> None:
+    """Compute the adapter in the dtype it was trained and saved in.
+
+    trl trains QLoRA adapters in bf16, and peft upcasts them to fp32 on load (its
+    autocast_adapter_dtype=False is ignored for quantized bases), which shifts logits by ~1e-3.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir, "adapter_model.safetensors")), framework="pt") as f:
+        saved = {f.get_slice(k).get_dtype() for k in f.keys()}
+    if saved == {"BF16"}:
+        import torch
+
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(torch.bfloat16)
 
 
 def generate_reply(model, tokenizer, messages: list[dict], gen_kwargs: dict, stream: bool = False) -> tuple[str, int]:

@@ -127,8 +127,11 @@ def loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """Train per `cfg`; the output_dir appears only when everything is saved."""
+def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Train per `cfg`; the output_dir appears only when everything is saved.
+
+    `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
+    """
     from trl import SFTTrainer
 
     from kftune.data import load_conversations, to_dataset
@@ -163,6 +166,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             train_dataset=to_dataset(train_rows),
             eval_dataset=to_dataset(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
+            callbacks=callbacks,
         )
         started = time.perf_counter()
         result = trainer.train()

@@ -1,0 +1,195 @@
+"""Content-addressed artifacts against the real SeaweedFS S3 of the session stack."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from kftune.errors import KftuneError
+from kftune.stack import StackInfo, free_ports
+from kftune.storage import (
+    MANIFEST,
+    S3,
+    MiB,
+    canonical_json,
+    connect,
+    download_dir,
+    resolve_path,
+    tree_manifest,
+    upload_dir,
+    upload_file,
+)
+
+pytestmark = pytest.mark.integration
+WRITES = {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"}
+
+
+@pytest.fixture
+def s3(stack_env: StackInfo) -> S3:
+    return connect(multipart_threshold=5 * MiB)
+
+
+@pytest.fixture
+def dest(stack_env: StackInfo, request: pytest.FixtureRequest) -> str:
+    return f"s3://{stack_env.bucket}/tests/{request.node.name}"
+
+
+def _tree(root: Path, weights: int = 64 * 1024) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "config.json").write_text('{"r": 8}')
+    (root / "sub" / "weights.bin").write_bytes(os.urandom(weights))
+    return root
+
+
+def _calls(s3: S3, event: str = "before-parameter-build.s3") -> list[tuple[str, str]]:
+    """(operation, key) of each call the real client makes, seen through boto3's own event hooks."""
+    seen: list[tuple[str, str]] = []
+
+    def record(params: dict | None = None, model: object = None, **_: object) -> None:
+        seen.append((getattr(model, "name", ""), (params or {}).get("Key", "")))
+
+    s3.client.meta.events.register(event, record)
+    return seen
+
+
+def _key(uri: str) -> str:
+    return uri.split("/", 3)[3]
+
+
+def test_round_trip_uses_multipart_for_large_files(s3: S3, dest: str, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src", weights=12 * MiB)
+    art = upload_dir(src, dest, s3)
+
+    assert art.uri == f"{dest}/{art.sha256}"
+    assert art.sha256 == hashlib.sha256(canonical_json(tree_manifest(src))).hexdigest()
+    etag = s3.client.head_object(Bucket=dest.split("/")[2], Key=f"{_key(art.uri)}/sub/weights.bin")["ETag"]
+    assert etag.strip('"').endswith("-3")  # three 5 MiB parts
+    out = download_dir(art.uri, tmp_path / "out", s3)
+    for rel in ("config.json", "sub/weights.bin"):
+        assert (out / rel).read_bytes() == (src / rel).read_bytes()
+
+
+def test_same_content_same_uri_and_no_second_upload(s3: S3, dest: str, tmp_path: Path) -> None:
+    first = upload_dir(_tree(tmp_path / "a"), dest, s3)
+    copy = shutil.copytree(tmp_path / "a", tmp_path / "b")
+    calls = _calls(s3)
+    assert upload_dir(copy, dest, s3) == first
+    assert not [c for c in calls if c[0] in WRITES]
+    (copy / "config.json").write_text('{"r": 16}')
+    assert upload_dir(copy, dest, s3).uri != first.uri
+
+
+def test_manifest_is_written_last(s3: S3, dest: str, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    calls = _calls(s3)
+    art = upload_dir(src, dest, s3)
+
+    written = [key for op, key in calls if op in {"PutObject", "CompleteMultipartUpload"}]
+    assert len(written) == 3 and written[-1] == f"{_key(art.uri)}/{MANIFEST}"
+    listed = s3.client.list_objects_v2(Bucket=dest.split("/")[2], Prefix=f"{_key(art.uri)}/")["Contents"]
+    names = sorted(o["Key"].rsplit(f"{art.sha256}/", 1)[1] for o in listed)
+    assert names == [MANIFEST, "config.json", "sub/weights.bin"]
+    body = s3.client.get_object(Bucket=dest.split("/")[2], Key=written[-1])["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == art.sha256
+    assert json.loads(body) == tree_manifest(src)
+
+
+def test_flipped_byte_is_caught_and_nothing_is_left(s3: S3, dest: str, tmp_path: Path) -> None:
+    art = upload_dir(_tree(tmp_path / "src"), dest, s3)
+    bucket, key = dest.split("/")[2], f"{_key(art.uri)}/sub/weights.bin"
+    body = bytearray(s3.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[100] ^= 0xFF
+    s3.client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+
+    with pytest.raises(KftuneError, match=r"sub/weights\.bin at http://127\.0\.0\.1:\d+ has sha256 .* corrupt"):
+        download_dir(art.uri, tmp_path / "out", s3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial or temporary folder
+
+
+def test_artifact_without_manifest_is_refused(s3: S3, dest: str, tmp_path: Path) -> None:
+    art = upload_dir(_tree(tmp_path / "src"), dest, s3)
+    s3.client.delete_object(Bucket=dest.split("/")[2], Key=f"{_key(art.uri)}/{MANIFEST}")
+    with pytest.raises(KftuneError, match="MANIFEST.json not found .* incomplete"):
+        download_dir(art.uri, tmp_path / "out", s3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_altered_manifest_is_refused(s3: S3, dest: str, tmp_path: Path) -> None:
+    art = upload_dir(_tree(tmp_path / "src"), dest, s3)
+    manifest = tree_manifest(tmp_path / "src")
+    manifest["config.json"]["size"] += 1
+    s3.client.put_object(Bucket=dest.split("/")[2], Key=f"{_key(art.uri)}/{MANIFEST}", Body=canonical_json(manifest))
+    with pytest.raises(KftuneError, match="does not hash to its folder name"):
+        download_dir(art.uri, tmp_path / "out", s3)
+
+
+def test_resolve_path_downloads_once_into_the_cache(s3: S3, dest: str, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "hi", "output": "hello"}\n')
+    art = upload_file(data, dest, s3)
+    assert art.uri.endswith(f"/{art.sha256}/train.jsonl")
+
+    cache = tmp_path / "cache"
+    local = resolve_path(art.uri, cache, s3)
+    assert local == str(cache / art.sha256 / "train.jsonl")
+    assert Path(local).read_bytes() == data.read_bytes()
+    calls = _calls(s3)
+    assert resolve_path(art.uri, cache, s3) == local
+    assert calls == []  # served from the verified cache
+    for unchanged in (str(data), "Qwen/Qwen2.5-0.5B-Instruct"):
+        assert resolve_path(unchanged, cache) == unchanged
+
+
+def test_wrong_secret_is_one_clear_error_without_retries(stack_env: StackInfo, dest: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "x.txt"
+    data.write_text("x")
+    uploaded = upload_file(data, dest)
+    wrong = secrets.token_hex(20)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    s3 = connect()
+    sent = _calls(s3, "before-send.s3")
+
+    attempts = (lambda: upload_file(data, f"{dest}-other", s3),
+                lambda: download_dir(uploaded.uri, tmp_path / "out", s3))
+    for attempt in attempts:
+        sent.clear()
+        started = time.monotonic()
+        with pytest.raises(KftuneError) as caught:
+            attempt()
+        assert time.monotonic() - started < 3
+        assert len(sent) == 1  # not retried
+        message = str(caught.value)
+        assert f"S3 at {stack_env.s3_endpoint} rejected the credentials" in message
+        assert wrong not in message and stack_env.secret_key not in message
+
+
+def test_unreachable_endpoint_gives_up_after_bounded_retries(stack_env: StackInfo, tmp_path: Path) -> None:
+    data = tmp_path / "x.txt"
+    data.write_text("x")
+    endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"
+    s3 = connect(endpoint)
+    sent = _calls(s3, "before-send.s3")
+    started = time.monotonic()
+    with pytest.raises(KftuneError, match=f"cannot reach S3 at {endpoint} after 4 attempts"):
+        upload_file(data, f"s3://{stack_env.bucket}/nowhere", s3)
+    assert time.monotonic() - started < 20
+    assert len(sent) == 4
+
+
+def test_missing_bucket_and_missing_artifact_are_named(s3: S3, stack_env: StackInfo, tmp_path: Path) -> None:
+    data = tmp_path / "x.txt"
+    data.write_text("x")
+    with pytest.raises(KftuneError, match="bucket kftune-no-such-bucket does not exist"):
+        upload_file(data, "s3://kftune-no-such-bucket/p", s3)
+    with pytest.raises(KftuneError, match="incomplete"):
+        download_dir(f"s3://{stack_env.bucket}/nowhere/{'0' * 64}", tmp_path / "out", s3)
+    with pytest.raises(KftuneError, match="not a kftune artifact URI"):
+        resolve_path(f"s3://{stack_env.bucket}/some/file.txt", tmp_path / "cache", s3)

@@ -1,0 +1,72 @@
+"""What training does to parameters, and that saved adapters reload exactly (engine API)."""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from kftune.config import resolve
+from kftune.modeling import find_linear_targets
+from kftune.train import run
+
+PROBE = torch.tensor([[5, 17, 33, 70, 120, 9, 301, 2]])
+
+
+class WatchParameters(TrainerCallback):
+    """Snapshots every parameter before training; records the trained model's probe logits after."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(input_ids=PROBE).logits.float()
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def short_config(tiny_model, small_data, out, **overrides):
+    values = {"base_model": str(tiny_model), "data_path": str(small_data), "output_dir": str(out), "max_steps": 4,
+              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
+              "logging_steps": 1, "max_seq_length": 128, "warmup_ratio": 0.0, **overrides}
+    return resolve(values, {})
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides"),
+    [("lora", {"use_lora": True, "lora_r": 4}), ("qlora4", {"use_qlora": True, "quantization_bit": 4, "lora_r": 4}),
+     ("qlora8", {"use_qlora": True, "quantization_bit": 8, "lora_r": 4}), ("full", {"learning_rate": 1e-3})],
+)
+def test_trainable_change_frozen_stay_and_adapter_reloads(method, overrides, tiny_model, small_data, tmp_path):
+    watch = WatchParameters()
+    result = run(short_config(tiny_model, small_data, tmp_path / method, **overrides), callbacks=[watch])
+
+    changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
+    assert watch.trainable and changed == watch.trainable, sorted(watch.trainable ^ changed)[:5]
+    if method == "full":
+        assert len(watch.trainable) == len(watch.before)
+        return
+    assert all("lora_" in n for n in watch.trainable)
+
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    from kftune.infer import load_for_inference
+
+    expected_type = {"qlora4": bnb.nn.Linear4bit, "qlora8": bnb.nn.Linear8bitLt}.get(method)
+    bases = [m.base_layer for n, m in watch.model.named_modules() if hasattr(m, "base_layer") and n.endswith("q_proj")]
+    assert bases and all(type(b) is (expected_type or torch.nn.Linear) for b in bases)
+
+    bits = {"qlora4": 4, "qlora8": 8}.get(method)
+    reloaded, _ = load_for_inference(str(tiny_model), str(result.output_dir), bits)
+    assert isinstance(reloaded, PeftModel)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=PROBE).logits.float(), watch.logits)
+
+
+def test_target_discovery_finds_the_guides_seven_projections(tiny_model):
+    from kftune.modeling import load_model, pick_runtime
+
+    assert find_linear_targets(load_model(str(tiny_model), pick_runtime())) == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
