@@ -32,7 +32,7 @@ def load_for_inference(base_model: str, lora_model: str | None = None, bits: int
 
     runtime = pick_runtime(precision)
     base = resolve_model_location(base_model)
-    adapter = resolve_model_location(lora_model) if lora_model else None
+    adapter = resolve_model_location(lora_model, "--lora_model") if lora_model else None
     if adapter and not Path(adapter, "adapter_config.json").is_file():
         raise KftuneError(f"{lora_model}: no adapter_config.json; --lora_model must be a LoRA output folder")
     tokenizer = load_tokenizer(adapter if has_tokenizer_files(adapter) else base)

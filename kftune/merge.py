@@ -55,7 +55,7 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
     if out.exists() and any(out.iterdir()):
         raise KftuneError(f"{out}: output_dir already exists and is not empty; choose another --output_dir")
     base = resolve_model_location(base_model)
-    adapter = resolve_model_location(lora_model)
+    adapter = resolve_model_location(lora_model, "--lora_model")
     if not Path(adapter, "adapter_config.json").is_file():
         raise KftuneError(f"{lora_model}: no adapter_config.json; --lora_model must be a LoRA output folder")
     tokenizer = load_tokenizer(adapter if has_tokenizer_files(adapter) else base)

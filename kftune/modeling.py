@@ -51,8 +51,8 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def resolve_model_location(name: str) -> str:
-    """A local folder, a downloaded s3:// artifact, or a hub id; a missing local path is an error."""
+def resolve_model_location(name: str, flag: str = "--base_model") -> str:
+    """A local folder, a downloaded s3:// artifact, or a hub id; a missing local path is an error naming `flag`."""
     if name.startswith("s3://"):
         from kftune.storage import resolve_path
 
@@ -61,10 +61,10 @@ def resolve_model_location(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise KftuneError(f"{name}: folder has no config.json; point --base_model at a transformers model folder")
+            raise KftuneError(f"{name}: folder has no config.json or adapter_config.json; check {flag}")
         return str(path)
     if _looks_like_path(name):
-        raise KftuneError(f"{name}: base model folder not found; check --base_model (a local folder, hub id or s3:// URI)")
+        raise KftuneError(f"{name}: model folder not found; check {flag} (a local folder, hub id or s3:// URI)")
     return name  # a hub id such as Qwen/Qwen2.5-0.5B-Instruct
 
 

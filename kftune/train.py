@@ -132,12 +132,10 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
     """
-    from trl import SFTTrainer
-
     from kftune.data import load_conversations, to_dataset
     from kftune.modeling import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
 
-    # everything that can fail on bad input is checked before anything is written
+    # everything that can fail on bad input is checked before anything heavy is imported or written
     out = check_output_dir(cfg)
     runtime = pick_runtime(cfg.precision)
     train_rows = load_conversations(cfg.data_path)
@@ -147,6 +145,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         from kftune.modeling import check_bitsandbytes
 
         check_bitsandbytes()
+    from trl import SFTTrainer
+
     tokenizer = load_tokenizer(location, cfg.trust_remote_code)
     if not tokenizer.chat_template:
         raise KftuneError(f"{cfg.base_model}: the tokenizer has no chat template; use an instruct/chat model")

@@ -73,3 +73,11 @@ def test_cli_reports_config_problems_without_traceback(tmp_path):
 def test_configs_are_all_present():
     names = sorted(p.name for p in (REPO / "configs").glob("train_config_*.json"))
     assert names == ["train_config_full.json", "train_config_lora.json", "train_config_qlora.json", "train_config_qlora_8bit.json"]
+
+
+def test_readme_documents_every_key_with_its_default():
+    from kftune.config import FIELDS
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for name, f in FIELDS.items():
+        assert f"| `{name}` | `{json.dumps(f.default)}` |" in readme, name
