@@ -1,0 +1,46 @@
+"""Component: fine-tune with full, LoRA or QLoRA training; runs on a GPU node (see pipelines/finetune.py)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def train(
+    data: Input[Dataset],
+    base_model: str,
+    method: str,
+    artifact_root: str,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    quantization_bit: int,
+    learning_rate: float,
+    max_steps: int,
+    num_train_epochs: float,
+    per_device_train_batch_size: int,
+    gradient_accumulation_steps: int,
+    max_seq_length: int,
+    seed: int,
+    model: Output[Model],
+):
+    """Train on the train split; `model` carries the S3 URI of the adapter or full model."""
+    from kftune import steps
+
+    settings = {
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "quantization_bit": quantization_bit,
+        "learning_rate": learning_rate,
+        "max_steps": max_steps,
+        "num_train_epochs": num_train_epochs,
+        "per_device_train_batch_size": per_device_train_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "max_seq_length": max_seq_length,
+        "seed": seed,
+    }
+    split = steps.from_metadata(steps.DataSplit, data.metadata)
+    result = steps.train(split, base_model, method, artifact_root, settings)
+    model.metadata.update(steps.write_pointer(model.path, result))

@@ -1,0 +1,278 @@
+"""The engine call behind each pipeline step: plain typed Python that tests call without KFP.
+
+Each step reads its inputs from S3 (or a local path), does one job, uploads what it made as a
+content-addressed artifact and returns a small dataclass. A KFP component stores that dataclass
+as its output artifact's metadata; the next component rebuilds it with `from_metadata`. Models
+carry their own kftune_config.json, so later steps read the base model and method from the
+model itself instead of trusting parameters to match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kftune.config import CONFIG_FILENAME, TrainConfig, resolve
+from kftune.data import Message, load_conversations
+from kftune.errors import KftuneError
+from kftune.registry import Registration, check_reachable
+from kftune.registry import register as register_version
+from kftune.storage import sha256_file, upload_dir
+
+METHODS = ("full", "lora", "qlora")
+ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
+# what a model's MLflow run records of its training config (None for keys its method does not use)
+TRAIN_PARAMS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "quantization_bit", "learning_rate", "max_steps",
+                "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "seed")
+TRAIN_METRICS = ("train_loss", "first_loss", "last_loss", "global_steps", "train_rows", "trainable_params",
+                 "total_params", "train_seconds")
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    uri: str  # the artifact folder holding train.jsonl and eval.jsonl
+    sha256: str
+    train_uri: str
+    eval_uri: str
+    train_rows: int
+    eval_rows: int
+    dataset_sha256: str  # of the data file as given: what `sha256sum` on the user's copy prints
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    uri: str  # adapter folder (lora, qlora) or full model folder
+    sha256: str
+    method: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    uri: str  # evaluation.json
+    sha256: str
+    base_eval_loss: float
+    eval_loss: float
+    base_perplexity: float
+    perplexity: float
+    eval_rows: int
+    eval_tokens: int
+    sample_prompt: str
+    base_sample: str
+    tuned_sample: str
+
+
+@dataclass(frozen=True)
+class MergedModel:
+    uri: str
+    sha256: str
+    max_abs_logit_diff: float
+
+
+def from_metadata(cls: type[T], metadata: Mapping[str, Any]) -> T:
+    """Rebuild a step result from artifact metadata (extra keys a KFP backend adds are ignored)."""
+    return cls(**{f.name: metadata[f.name] for f in dataclasses.fields(cls)})
+
+
+def write_pointer(path: str, result: Any) -> dict[str, Any]:
+    """Write the result as JSON at a KFP artifact's path (so the backend has a file to store); return it as metadata."""
+    metadata = dataclasses.asdict(result)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(metadata, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return metadata
+
+
+def reports_errors(step: F) -> F:
+    """Print a user-facing error as one marked line before KFP's traceback, so the runner can show just that."""
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(*args, **kwargs)
+        except KftuneError as exc:
+            print(ERROR_MARK + json.dumps(str(exc), ensure_ascii=False), file=sys.stderr, flush=True)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fetch(uri_or_path: str) -> Path:
+    """A local path for an s3:// artifact URI (downloaded and verified once into kftune's cache) or a local path."""
+    if uri_or_path.startswith("s3://"):
+        from kftune.modeling import resolve_model_location  # its s3 branch is the cached, verified download
+
+        return Path(resolve_model_location(uri_or_path))
+    return Path(uri_or_path)
+
+
+def prompt_key(messages: list[Message]) -> str:
+    """sha256 of everything before the answer: rows asking the same thing share it."""
+    return hashlib.sha256(json.dumps(messages[:-1], ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def split(conversations: list[list[Message]], eval_fraction: float) -> tuple[list[list[Message]], list[list[Message]]]:
+    """(train, eval): the prompts with the smallest hashes go to eval, so the split is deterministic and a
+    prompt repeated in the data (with the same or another answer) never lands on both sides."""
+    keys = [prompt_key(c) for c in conversations]
+    distinct = sorted(set(keys))
+    if len(distinct) < 2:
+        raise KftuneError("the data has fewer than 2 distinct prompts; evaluation needs one held out from training")
+    held_out = set(distinct[: min(len(distinct) - 1, max(1, round(eval_fraction * len(distinct))))])
+    train = [c for c, k in zip(conversations, keys) if k not in held_out]
+    evaluation = [c for c, k in zip(conversations, keys) if k in held_out]
+    return train, evaluation
+
+
+def _write_jsonl(path: Path, conversations: list[list[Message]]) -> None:
+    path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+
+
+@reports_errors
+def validate_data(data_uri: str, artifact_root: str, eval_fraction: float = 0.1) -> DataSplit:
+    """Check the data's schema, split it train/eval and upload both splits.
+
+    Also checks that MLflow answers: it is needed only at the last step, and a pipeline should
+    fail in seconds, not after training, when a service is down.
+    """
+    if not 0 < eval_fraction < 1:
+        raise KftuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
+    check_reachable()
+    path = fetch(data_uri)
+    train_rows, eval_rows = split(load_conversations(path), eval_fraction)
+    with tempfile.TemporaryDirectory(prefix="kftune-split-") as tmp:
+        _write_jsonl(Path(tmp, "train.jsonl"), train_rows)
+        _write_jsonl(Path(tmp, "eval.jsonl"), eval_rows)
+        artifact = upload_dir(tmp, f"{artifact_root}/datasets")
+    return DataSplit(artifact.uri, artifact.sha256, f"{artifact.uri}/train.jsonl", f"{artifact.uri}/eval.jsonl",
+                     len(train_rows), len(eval_rows), sha256_file(path))
+
+
+def train_values(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The guide's config keys for `method`: settings a method does not use are dropped, not contradicted."""
+    if method not in METHODS:
+        raise KftuneError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    values = dict(settings)
+    if method == "full":
+        values = {k: v for k, v in values.items() if not k.startswith("lora_") and k != "quantization_bit"}
+    elif method == "lora":
+        values = {k: v for k, v in values.items() if k != "quantization_bit"} | {"use_lora": True}
+    else:
+        values["use_qlora"] = True
+    return values
+
+
+def check_train_settings(method: str, settings: Mapping[str, Any]) -> TrainConfig:
+    """Validate the training settings before anything runs; every problem is reported at once."""
+    placeholders = {"base_model": "base", "data_path": "train.jsonl", "output_dir": "out"}
+    return resolve({**placeholders, **train_values(method, settings)}, {}, file_label="pipeline parameters")
+
+
+@reports_errors
+def train(data: DataSplit, base_model: str, method: str, artifact_root: str, settings: Mapping[str, Any]) -> TrainedModel:
+    """Fine-tune `base_model` on the train split (settings: the guide's config keys) and upload the result."""
+    from kftune.train import run
+
+    check_train_settings(method, settings)
+    with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
+        paths = {"base_model": base_model, "data_path": str(fetch(data.train_uri)), "output_dir": f"{tmp}/model"}
+        cfg = resolve({**train_values(method, settings), **paths}, {}, file_label="pipeline parameters")
+        result = run(cfg)
+        artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
+    params = {k: getattr(cfg, k) for k in TRAIN_PARAMS}
+    if not cfg.uses_adapter:
+        params.update({k: None for k in params if k.startswith("lora_")})
+    if not cfg.use_qlora:
+        params["quantization_bit"] = None
+    metrics = {k: result.metrics[k] for k in TRAIN_METRICS if result.metrics.get(k) is not None}
+    metrics["loss_history"] = result.metrics["loss_history"]
+    return TrainedModel(artifact.uri, artifact.sha256, cfg.method, params, metrics)
+
+
+def saved_config(model_dir: Path) -> TrainConfig:
+    """The config a model folder was trained with (written by kftune.train)."""
+    path = model_dir / CONFIG_FILENAME
+    if not path.is_file():
+        raise KftuneError(f"{model_dir} has no {CONFIG_FILENAME}; pass a model that kftune trained")
+    return TrainConfig(**json.loads(path.read_text(encoding="utf-8")))
+
+
+@reports_errors
+def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int = 8, sample_tokens: int = 160) -> Evaluation:
+    """Eval loss and perplexity (assistant tokens only) of the base and the tuned model on the eval split,
+    plus one greedy answer from each to the first eval prompt.
+
+    A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
+    difference is the adapter's alone.
+    """
+    import gc
+
+    from kftune.evaluate import assistant_loss
+    from kftune.infer import generate_reply, load_for_inference
+
+    model_dir = fetch(model_uri)
+    cfg = saved_config(model_dir)
+    conversations = load_conversations(fetch(eval_uri))
+    prompt = conversations[0][:-1]
+    gen = {"max_new_tokens": sample_tokens, "do_sample": False, "repetition_penalty": 1.1,
+           "temperature": None, "top_p": None, "top_k": None}
+    bits = cfg.quantization_bit if cfg.use_qlora else None
+
+    def score(base: str, adapter: str | None) -> tuple[Any, str]:
+        model, tokenizer = load_for_inference(base, adapter, bits)
+        result = assistant_loss(model, tokenizer, conversations, cfg.max_seq_length, batch_size)
+        sample = generate_reply(model, tokenizer, prompt, gen)[0] if sample_tokens > 0 else ""
+        del model
+        gc.collect()
+        return result, sample
+
+    base, base_sample = score(cfg.base_model, None)
+    tuned, tuned_sample = score(cfg.base_model, str(model_dir)) if cfg.uses_adapter else score(str(model_dir), None)
+    report = {"model_uri": model_uri, "eval_uri": eval_uri, "base_model": cfg.base_model, "method": cfg.method,
+              "base": dataclasses.asdict(base), "tuned": dataclasses.asdict(tuned),
+              "sample": {"prompt": prompt, "base": base_sample, "tuned": tuned_sample}}
+    with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
+        Path(tmp, "evaluation.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        artifact = upload_dir(tmp, f"{artifact_root}/evaluations")
+    return Evaluation(f"{artifact.uri}/evaluation.json", artifact.sha256, base.loss, tuned.loss, base.perplexity,
+                      tuned.perplexity, tuned.rows, tuned.tokens, prompt[-1]["content"], base_sample, tuned_sample)
+
+
+@reports_errors
+def merge(model_uri: str, artifact_root: str) -> MergedModel:
+    """Merge a LoRA/QLoRA adapter into its full-precision base (parity-checked) and upload the merged model."""
+    from kftune.merge import merge as merge_adapter
+
+    cfg = saved_config(fetch(model_uri))
+    with tempfile.TemporaryDirectory(prefix="kftune-merge-") as tmp:
+        result = merge_adapter(cfg.base_model, model_uri, f"{tmp}/merged")
+        artifact = upload_dir(result.output_dir, f"{artifact_root}/merged")
+    return MergedModel(artifact.uri, artifact.sha256, result.max_abs_logit_diff)
+
+
+@reports_errors
+def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel, evaluation: Evaluation,
+             merged: MergedModel | None = None) -> Registration:
+    """Register the merged model (LoRA, QLoRA) or the trained one (full) in MLflow, with its lineage."""
+    model = merged or trained
+    params = {"method": trained.method, **trained.params, "dataset_sha256": data.dataset_sha256,
+              "dataset_uri": data.uri, "train_rows": data.train_rows, "eval_rows": data.eval_rows}
+    metrics = {k: v for k, v in trained.metrics.items() if k != "loss_history"}
+    metrics |= {k: getattr(evaluation, k) for k in ("base_eval_loss", "eval_loss", "base_perplexity", "perplexity")}
+    if merged:
+        metrics["max_abs_logit_diff"] = merged.max_abs_logit_diff
+    tags = {"method": trained.method, "base_model": trained.params["base_model"], "dataset_sha256": data.dataset_sha256,
+            "artifact_sha256": model.sha256, "trained_uri": trained.uri, "evaluation_uri": evaluation.uri}
+    return register_version(name, model.uri, experiment=experiment, params=params, metrics=metrics, tags=tags,
+                            loss_history=[(int(s), float(v)) for s, v in trained.metrics.get("loss_history", [])])

@@ -1,0 +1,91 @@
+"""The fine-tuning DAG: validate -> train -> evaluate -> merge (LoRA/QLoRA only) -> register.
+
+Heavy artifacts live in S3 under `artifact_root`; KFP artifacts only carry their URIs and
+sha256s. Credentials reach every task from Kubernetes Secrets as environment variables and are
+never pipeline parameters, so they appear in no compiled YAML, run record or log. Only the
+training task asks for a GPU; the Kubernetes settings below are ignored by kfp.local.
+"""
+
+from kfp import dsl, kubernetes
+
+from components import evaluate, merge_adapter, register_model, train, validate_data
+from components.images import CACHE_DIR
+
+# Secret name -> {secret key: environment variable}. The cluster manifests create these.
+SECRETS: dict[str, dict[str, str]] = {
+    "kftune-s3": {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")},
+    "kftune-mlflow": {k: k for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
+}
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
+TRAIN_RESOURCES = {"cpu": ("4", "8"), "memory": ("32G", "64G")}  # (request, limit)
+CPU_TASK_RESOURCES = {"cpu": ("1", "4"), "memory": ("4G", "16G")}
+TRAIN_RETRIES = 2  # a preempted GPU node is worth a retry; content-addressed uploads make it idempotent
+
+
+def _resources(task: dsl.PipelineTask, spec: dict[str, tuple[str, str]]) -> dsl.PipelineTask:
+    (cpu_req, cpu_lim), (mem_req, mem_lim) = spec["cpu"], spec["memory"]
+    return task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
+
+
+def _secrets(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    for name, keys in SECRETS.items():
+        kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys)
+    return task
+
+
+def _cpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    return _secrets(_resources(task, CPU_TASK_RESOURCES))
+
+
+def _gpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    _secrets(_resources(task, TRAIN_RESOURCES))
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+    task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="30s", backoff_factor=2.0)
+    kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
+    kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    kubernetes.empty_dir_mount(task, volume_name="kftune-cache", mount_path=CACHE_DIR, size_limit="100Gi")
+    return task
+
+
+@dsl.pipeline(name="kftune-finetune", description="Fine-tune a causal LM (full, LoRA or QLoRA), evaluate, merge, register")
+def finetune_pipeline(
+    data_uri: str,
+    method: str = "lora",
+    base_model: str = "Qwen/Qwen2.5-0.5B-Instruct",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    quantization_bit: int = 4,
+    learning_rate: float = 2e-4,
+    max_steps: int = -1,
+    num_train_epochs: float = 1.0,
+    per_device_train_batch_size: int = 4,
+    gradient_accumulation_steps: int = 4,
+    max_seq_length: int = 512,
+    seed: int = 42,
+    eval_fraction: float = 0.1,
+    sample_tokens: int = 160,
+    registered_model_name: str = "kftune-model",
+    experiment_name: str = "kftune",
+    artifact_root: str = "s3://kftune/pipeline",
+) -> None:
+    """method: full | lora | qlora (quantization_bit 4 or 8); lora_* and quantization_bit apply where the method uses them.
+    data_uri: JSONL/JSON data, an s3:// artifact URI or a path the task can read."""
+    data = _cpu_task(validate_data(data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction))
+    trained = _gpu_task(train(
+        data=data.output, base_model=base_model, method=method, artifact_root=artifact_root,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, quantization_bit=quantization_bit,
+        learning_rate=learning_rate, max_steps=max_steps, num_train_epochs=num_train_epochs,
+        per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, max_seq_length=max_seq_length, seed=seed,
+    ))
+    scored = _cpu_task(evaluate(data=data.output, model=trained.output, artifact_root=artifact_root,
+                                sample_tokens=sample_tokens))
+    registration = {"data": data.output, "trained": trained.output, "evaluation": scored.output,
+                    "registered_model_name": registered_model_name, "experiment_name": experiment_name}
+    with dsl.If(method == "full", name="full-model"):
+        _cpu_task(register_model(**registration)).set_caching_options(False)
+    with dsl.Else(name="adapter"):
+        merged = _cpu_task(merge_adapter(model=trained.output, artifact_root=artifact_root)).after(scored)
+        _cpu_task(register_model(**registration, merged=merged.output)).set_caching_options(False)

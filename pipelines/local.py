@@ -1,0 +1,191 @@
+"""Run the fine-tuning DAG on this machine through KFP's own local runner, against a real S3 and MLflow.
+
+Each task is a subprocess of this Python (`SubprocessRunner(use_venv=False)`), so it imports the
+installed kftune and inherits this process's environment, which carries the stack's endpoints and
+keys for the length of the run. KFP's task output (executor inputs, tracebacks, progress bars)
+goes to a log file; the terminal gets a line per step and, when a step fails, its own error.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from kftune import steps
+from kftune.errors import KftuneError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_START = re.compile(r"Executing task '([\w-]+)'")
+_END = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
+# variables that would point boto3 elsewhere than the env given to `run`
+_SHADOWING = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
+
+
+@dataclass
+class StepRun:
+    task: str  # the KFP task name, e.g. train, merge-adapter, register-model-2
+    seconds: float
+    outputs: dict[str, dict[str, Any]]  # output name -> artifact metadata
+
+    @property
+    def step(self) -> str:
+        """The step the task runs: register-model-2 is register-model in the other branch."""
+        return re.sub(r"-\d+$", "", self.task)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    log: Path
+    tasks: list[StepRun] = field(default_factory=list)
+
+    def output(self, step: str) -> dict[str, Any] | None:
+        """The metadata of `step`'s one output artifact, or None when the step did not run."""
+        for run in self.tasks:
+            if run.step == step:
+                return next(iter(run.outputs.values()), None)
+        return None
+
+    @property
+    def registration(self) -> steps.Registration:
+        return steps.from_metadata(steps.Registration, self.output("register-model"))
+
+    def render(self) -> str:
+        data, trained = self.output("validate-data"), self.output("train")
+        evaluation, merged, reg = self.output("evaluate"), self.output("merge-adapter"), self.output("register-model")
+        results = {
+            "validate-data": data and f"{data['train_rows']} train / {data['eval_rows']} eval rows, "
+                                      f"data sha256 {data['dataset_sha256'][:12]}",
+            "train": trained and f"{trained['method']}: loss {trained['metrics'].get('first_loss', 0):.3f} -> "
+                                 f"{trained['metrics'].get('last_loss', 0):.3f} in {trained['metrics'].get('global_steps', 0):g} steps",
+            "evaluate": evaluation and f"eval loss base {evaluation['base_eval_loss']:.3f} -> tuned {evaluation['eval_loss']:.3f} "
+                                       f"(perplexity {evaluation['base_perplexity']:.1f} -> {evaluation['perplexity']:.1f})",
+            "merge-adapter": merged and f"parity: max |logit diff| {merged['max_abs_logit_diff']:.2g}",
+            "register-model": reg and f"{reg['name']} version {reg['version']}",
+        }
+        rows = [f"  {'step':<16}{'time':>8}  result"]
+        rows += [f"  {run.step:<16}{run.seconds:>7.1f}s  {results.get(run.step) or ''}" for run in self.tasks]
+        rows.append(f"  {'total':<16}{sum(r.seconds for r in self.tasks):>7.1f}s")
+        artifacts = [("data split", data), ("trained model", trained), ("evaluation", evaluation),
+                     ("merged model", merged)]
+        rows += ["", "artifacts (S3, content-addressed, MANIFEST.json verified on every read):"]
+        rows += [f"  {label:<16}{meta['uri']}" for label, meta in artifacts if meta]
+        if reg:
+            rows += ["", f"registered model  {reg['name']} version {reg['version']} -> {reg['source']}"]
+            rows.append(f"MLflow run        {reg['run_url'] or reg['run_id']}")
+        rows.append(f"task logs         {self.log}")
+        return "\n".join(rows)
+
+
+class _TaskLog(io.TextIOBase):
+    """stdout during a run: everything into the log file; step starts and ends, timed, to `progress`."""
+
+    def __init__(self, file: TextIO, progress: TextIO | None) -> None:
+        self.file, self.progress = file, progress
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._line(_ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def _line(self, line: str) -> None:
+        if start := _START.search(line):
+            self.started[start[1]] = time.monotonic()
+            self._say(f"[pipeline] {start[1]} ...")
+        elif end := _END.search(line):
+            task, status = end[1], end[2]
+            self.seconds[task] = time.monotonic() - self.started.get(task, time.monotonic())
+            self._say(f"[pipeline] {task} {status.lower()} in {self.seconds[task]:.1f}s")
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            print(message, file=self.progress, flush=True)
+
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """This process's environment with `env` on top (tasks inherit it), restored afterwards."""
+    saved = dict(os.environ)
+    for name in _SHADOWING:
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _failure(log_path: Path, kfp_message: str) -> KftuneError:
+    """The failed step's own error (the last marked line in its output), else the log's tail."""
+    text = _ANSI.sub("", log_path.read_text(encoding="utf-8", errors="replace"))
+    failed = re.findall(r"Task '([\w-]+)' finished with status FAILURE", text)
+    step = failed[-1] if failed else "a step"
+    marked = [line.split(steps.ERROR_MARK, 1)[1] for line in text.splitlines() if steps.ERROR_MARK in line]
+    if marked:
+        return KftuneError(f"pipeline step {step} failed: {json.loads(marked[-1])}\n(task logs: {log_path})")
+    tail = "\n".join(line for line in text.splitlines()[-15:] if line.strip())
+    return KftuneError(f"pipeline step {step} failed ({_ANSI.sub('', kfp_message)}); the last lines of {log_path}:\n{tail}")
+
+
+def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSummary:
+    """Every task's output metadata from its executor_output.json (KFP's record of what a task produced)."""
+    summary = RunSummary(run_dir, log_path)
+    for task, elapsed in seconds.items():
+        record = run_dir / task / "executor_output.json"
+        produced = json.loads(record.read_text()).get("artifacts", {}) if record.is_file() else {}
+        outputs = {name: entry["artifacts"][0].get("metadata", {}) for name, entry in produced.items()}
+        summary.tasks.append(StepRun(task, elapsed, outputs))
+    return summary
+
+
+def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
+        progress: TextIO | None = sys.stderr) -> RunSummary:
+    """Run `finetune_pipeline(**arguments)` through kfp.local with `env` (S3 + MLflow endpoints and keys).
+
+    Training settings are checked first, so a bad one fails at once, not after the data step.
+    """
+    from kfp import local
+
+    from pipelines.finetune import finetune_pipeline
+
+    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
+    steps.check_train_settings(arguments.get("method", "lora"), settings)
+    # a folder per run, so this run's task records are the only ones in it
+    run_root = Path(pipeline_root).absolute() / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_root.mkdir(parents=True)
+    log_path = run_root / "tasks.log"
+    local.init(runner=local.SubprocessRunner(use_venv=False), raise_on_error=True, pipeline_root=str(run_root))
+    with open(log_path, "w", encoding="utf-8") as file, _environment(env), warnings.catch_warnings():
+        # kfp.local warns that our images are not python:* (it runs this interpreter anyway) and that
+        # the Kubernetes settings do nothing here: both true, both expected
+        warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner", category=UserWarning)
+        tee = _TaskLog(file, progress)
+        try:
+            with contextlib.redirect_stdout(tee):
+                finetune_pipeline(**arguments)
+        except RuntimeError as exc:
+            file.flush()
+            raise _failure(log_path, str(exc)) from None
+    (run_dir,) = [p for p in run_root.iterdir() if p.is_dir()]  # kfp.local's <pipeline>-<time> folder
+    return _collect(run_dir, tee.seconds, log_path)
