@@ -245,18 +245,14 @@ def _convert_flag(name: str, raw: str) -> Any:
 def build_parser(prog: str, description: str):
     import argparse
 
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config_file", help="JSON config; flags override its keys")
     for name, f in FIELDS.items():
+        help_ = f"{f.metadata['help']} (default: {json.dumps(f.default)})".replace("%", "%%")
         if bool in _allowed_types(name):
-            parser.add_argument(f"--{name}", nargs="?", const="true", metavar="true|false", help=f.metadata["help"])
+            parser.add_argument(f"--{name}", nargs="?", const="true", metavar="true|false", help=help_)
         else:
-            parser.add_argument(f"--{name}", metavar=name.upper(), help=f"{f.metadata['help']} (default: {f.default})")
+            parser.add_argument(f"--{name}", metavar=name.upper(), help=help_)
     return parser
 
 

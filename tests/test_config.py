@@ -81,3 +81,10 @@ def test_readme_documents_every_key_with_its_default():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name, f in FIELDS.items():
         assert f"| `{name}` | `{json.dumps(f.default)}` |" in readme, name
+
+
+@pytest.mark.parametrize("command", [["fine_tune_qwen.py"], ["inference_lora.py"], ["-m", "kftune.cli", "merge"],
+                                     ["-m", "kftune.cli", "tiny-model"], ["-m", "kftune.cli", "sample-data"]])
+def test_help_lists_the_flags(command):
+    proc = run_cli(*command, "--help")
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "Traceback" not in proc.stderr
