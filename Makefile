@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup clean
+.PHONY: run test setup up down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m kftune.demo
+	$(BIN)/python -m pipelines.demo
+
+up: $(STAMP)
+	$(BIN)/kftune stack up
+
+down: $(STAMP)
+	$(BIN)/kftune stack down
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
