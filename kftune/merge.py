@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kftune.atomic import building
 from kftune.errors import KftuneError
 
 log = logging.getLogger("kftune")
@@ -49,7 +50,6 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
 
     from kftune.infer import has_tokenizer_files
     from kftune.modeling import load_model, load_tokenizer, pick_runtime, resolve_model_location
-    from kftune.train import publish, staging_dir
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -80,9 +80,7 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
     dtype = SAVE_DTYPES[save_dtype] or getattr(merged.config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    staging = staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with building(out) as staging:
         merged.to(dtype).save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         for carried in ("kftune_config.json",):
@@ -90,10 +88,6 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
                 shutil.copy2(Path(adapter, carried), staging / carried)
         report = {"base_model": base_model, "lora_model": lora_model, "max_abs_logit_diff": diff, "tolerance": tolerance, "saved_dtype": str(dtype).removeprefix("torch.")}
         (staging / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish(staging, out)
     log.info("merged model saved to %s", out)
     return MergeResult(out, diff)
 

@@ -16,11 +16,11 @@ import argparse
 import inspect
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kftune.atomic import building
 from kftune.errors import ConfigError, KftuneError
 from kftune.sample_data import SYSTEM_PROMPT, generate_samples, to_messages
 
@@ -168,15 +168,6 @@ def _prepare_target(out_dir: Path, force: bool) -> None:
         raise KftuneError(f"{out_dir} exists and is not empty; pass --force to replace it or pick another folder")
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an old one is moved aside first and deleted last."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_tiny_model(
     out_dir: str | os.PathLike,
     *,
@@ -222,16 +213,9 @@ def build_tiny_model(
         model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with building(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return out_dir
 
 

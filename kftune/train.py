@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kftune.atomic import building
 from kftune.config import TrainConfig, parse_args
 from kftune.errors import KftuneError
 
@@ -28,11 +29,6 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def staging_dir(output_dir: Path) -> Path:
-    """Where a run writes until it is complete; a crash leaves this, never a half-written output_dir."""
-    return output_dir.parent / f".{output_dir.name}.partial"
-
-
 def check_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
@@ -41,16 +37,6 @@ def check_output_dir(cfg: TrainConfig) -> Path:
             "or pass --overwrite_output_dir to replace it"
         )
     return out
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move a finished run into place, replacing an old one only once the new one is complete."""
-    old = out.parent / f".{out.name}.old"
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_model(cfg: TrainConfig, runtime, location: str):
@@ -156,10 +142,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     trainable, total = count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    staging = staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with building(out) as staging:
         trainer = SFTTrainer(
             model=model,
             args=sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None),
@@ -201,10 +184,6 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
         }
         (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish(staging, out)
     log.info("saved %s run to %s (loss %.4f -> %.4f)", cfg.method, out, metrics["first_loss"] or 0, metrics["last_loss"] or 0)
     return TrainResult(out, metrics)
 

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import re
-import shutil
 import time
 import unicodedata
 from array import array
@@ -36,6 +35,7 @@ from typing import IO, Any
 
 from kftune.config import FIELDS as TRAIN_FIELDS
 from kftune.data import ROLES, Message, to_messages
+from kftune.atomic import building
 from kftune.errors import ConfigError, KftuneError
 
 # Every rule, by its stable name (used in rejected.jsonl, warnings.jsonl and report.json).
@@ -1074,15 +1074,6 @@ def _prepare_out_dir(out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an earlier output is moved aside first and deleted last."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def validate(source: str | os.PathLike, out_dir: str | os.PathLike, options: Options | None = None) -> Report:
     """Validate `source` (a local file or s3:// URI) and write every output to `out_dir`.
 
@@ -1096,10 +1087,7 @@ def validate(source: str | os.PathLike, out_dir: str | os.PathLike, options: Opt
     _prepare_out_dir(out_dir)
     counter = load_counter(options.tokenizer, options.max_seq_length) if options.tokenizer else None
     external, unusable = _external_questions(options.eval_data) if options.eval_data else (None, 0)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    tmp.mkdir()
-    try:
+    with building(out_dir) as tmp:
         gate = _Gate(options, name, tmp, counter, external)
         try:
             sha256, data_format = _run(gate, path, options.progress)
@@ -1124,10 +1112,6 @@ def validate(source: str | os.PathLike, out_dir: str | os.PathLike, options: Opt
         )
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", "utf-8")
         (tmp / "report.html").write_text(render_html(report, gate.examples), "utf-8")
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -159,7 +159,7 @@ def test_json_array_gives_the_same_result_as_jsonl(tmp_path):
     array.write_bytes(BOM + b"[" + b",\n  ".join(encode(r) for r in rows) + b"]")
     jsonl = write(tmp_path / "data.jsonl", rows)
     a = validate(array, tmp_path / "a", Options(min_rows=1))
-    b = validate(jsonl, tmp_path / "b", Options(min_rows=1))
+    validate(jsonl, tmp_path / "b", Options(min_rows=1))
     assert (tmp_path / "a" / "accepted.jsonl").read_bytes() == (tmp_path / "b" / "accepted.jsonl").read_bytes()
     assert [r["line"] for r in outputs(a)["rejected"]] == [2]  # array items carry the line they start on
     assert outputs(a)["rejected"][0]["item"] == 1
