@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+include mk/cluster.mk
+
 run: $(STAMP)
 	$(BIN)/python -m pipelines.demo
 

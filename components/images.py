@@ -1,12 +1,49 @@
-"""The container images the pipeline's tasks run in: named here and nowhere else.
+"""The container images the pipeline's tasks run in, read from images/images.env (named nowhere else).
 
-Both ship kftune with its pinned dependencies and kfp (components use install_kfp_package=False),
-and set KFTUNE_CACHE=/cache, where the training task mounts its cache volume.
+Both images ship kftune with its pinned dependencies and kfp (components use install_kfp_package=False),
+run as a numeric non-root user and set KFTUNE_CACHE to CACHE_DIR, where the training task mounts its
+cache volume. Stdlib only: this module is imported whenever a component is defined.
 """
 
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+IMAGES_ENV = Path(__file__).resolve().parents[1] / "images" / "images.env"
+_LINE = re.compile(r"([A-Z][A-Z0-9_]*)=(\S+)")
+
+
+def read_images_env(path: Path = IMAGES_ENV) -> dict[str, str]:
+    """KEY=VALUE lines, '#' comments and blank lines; anything else is an error (make must read the same)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RuntimeError(f"{path} is missing or unreadable ({e.strerror}); it names the pipeline's images") from e
+    values = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LINE.fullmatch(line)
+        if not match or any(c in match[2] for c in "\"'$#"):
+            raise RuntimeError(f"{path}:{number}: expected KEY=VALUE with no quotes, spaces, '$' or '#', got {line!r}")
+        values[match[1]] = match[2]
+    return values
+
+
+def _require(values: dict[str, str], key: str) -> str:
+    if key not in values:
+        raise RuntimeError(f"{IMAGES_ENV} has no {key}=...; it names the pipeline's images")
+    return values[key]
+
+
+_VALUES = read_images_env()
 # CUDA base + torch + bitsandbytes + kftune: the training task on GPU nodes.
-TRAINER_IMAGE = "ghcr.io/kftune/kftune-trainer:0.1.0"
+TRAINER_IMAGE = _require(_VALUES, "TRAINER_IMAGE")
 # The same Python packages on a slim CPU base: validation, evaluation, merging, registration.
-CPU_IMAGE = "ghcr.io/kftune/kftune-cpu:0.1.0"
+CPU_IMAGE = _require(_VALUES, "CPU_IMAGE")
 # Where the images' KFTUNE_CACHE points; the training task mounts its cache volume here.
-CACHE_DIR = "/cache"
+CACHE_DIR = _require(_VALUES, "CACHE_DIR")
+# The images' user; a task's securityContext (kfp.kubernetes.set_security_context) can name it.
+IMAGE_UID = int(_require(_VALUES, "IMAGE_UID"))
