@@ -10,13 +10,14 @@ from kftune.errors import KftuneError
 
 # subcommand -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "validate-data": ("kftune.validate", "check a data set row by row, write accepted/rejected rows, a train/eval split and a report"),
     "train": ("kftune.train", "fine-tune a model (full, LoRA or QLoRA); same as fine_tune_qwen.py"),
     "infer": ("kftune.infer", "generate with a base model and optional adapter; same as inference_lora.py"),
     "merge": ("kftune.merge", "merge a LoRA adapter into its full-precision base, with a parity check"),
     "tiny-model": ("kftune.tiny_model", "build a small random Qwen2 model and tokenizer for offline demos and tests"),
     "sample-data": ("kftune.sample_data", "write the deterministic synthetic Xiaohongshu SFT data set"),
     "stack": ("kftune.stack", "start, stop or show the local SeaweedFS S3 + MLflow stack"),
-    "pipeline": ("kftune.pipeline_cli", "run, compile or submit the Kubeflow pipeline"),
+    "pipeline": ("pipelines.cli", "run the Kubeflow pipeline locally (kfp.local) or compile it for a cluster"),
 }
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kftune.config import CONFIG_FILENAME, TrainConfig, resolve
+from kftune.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
 from kftune.data import Message, load_conversations
 from kftune.errors import KftuneError
 from kftune.registry import Registration, check_reachable
@@ -83,7 +83,18 @@ class MergedModel:
 
 def from_metadata(cls: type[T], metadata: Mapping[str, Any]) -> T:
     """Rebuild a step result from artifact metadata (extra keys a KFP backend adds are ignored)."""
-    return cls(**{f.name: metadata[f.name] for f in dataclasses.fields(cls)})
+    return cls(**{f.name: _whole_numbers_as_ints(metadata[f.name]) for f in dataclasses.fields(cls)})
+
+
+def _whole_numbers_as_ints(value: Any) -> Any:
+    """Metadata travels as a protobuf Struct, where every number is a double: 8 comes back as 8.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers_as_ints(v) for v in value]
+    return value
 
 
 def write_pointer(path: str, result: Any) -> dict[str, Any]:
@@ -184,10 +195,9 @@ def train(data: DataSplit, base_model: str, method: str, artifact_root: str, set
     """Fine-tune `base_model` on the train split (settings: the guide's config keys) and upload the result."""
     from kftune.train import run
 
-    check_train_settings(method, settings)
+    cfg = check_train_settings(method, settings)  # before downloading anything
     with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
-        paths = {"base_model": base_model, "data_path": str(fetch(data.train_uri)), "output_dir": f"{tmp}/model"}
-        cfg = resolve({**train_values(method, settings), **paths}, {}, file_label="pipeline parameters")
+        cfg = dataclasses.replace(cfg, base_model=base_model, data_path=str(fetch(data.train_uri)), output_dir=f"{tmp}/model")
         result = run(cfg)
         artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
     params = {k: getattr(cfg, k) for k in TRAIN_PARAMS}
@@ -205,7 +215,8 @@ def saved_config(model_dir: Path) -> TrainConfig:
     path = model_dir / CONFIG_FILENAME
     if not path.is_file():
         raise KftuneError(f"{model_dir} has no {CONFIG_FILENAME}; pass a model that kftune trained")
-    return TrainConfig(**json.loads(path.read_text(encoding="utf-8")))
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return TrainConfig(**{k: v for k, v in saved.items() if k in FIELDS})  # skip keys this version does not know
 
 
 @reports_errors

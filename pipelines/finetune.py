@@ -8,8 +8,12 @@ training task asks for a GPU; the Kubernetes settings below are ignored by kfp.l
 
 from kfp import dsl, kubernetes
 
-from components import evaluate, merge_adapter, register_model, train, validate_data
-from components.images import CACHE_DIR
+from components.evaluate import evaluate
+from components.images import CACHE_DIR, IMAGE_UID
+from components.merge_adapter import merge_adapter
+from components.register_model import register_model
+from components.train import train
+from components.validate_data import validate_data
 
 # Secret name -> {secret key: environment variable}. The cluster manifests create these.
 SECRETS: dict[str, dict[str, str]] = {
@@ -28,18 +32,19 @@ def _resources(task: dsl.PipelineTask, spec: dict[str, tuple[str, str]]) -> dsl.
     return task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
 
 
-def _secrets(task: dsl.PipelineTask) -> dsl.PipelineTask:
+def _secured(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Credentials as environment variables from Secrets; the images' non-root user (restricted Pod Security)."""
     for name, keys in SECRETS.items():
         kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys)
-    return task
+    return kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
 
 
 def _cpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    return _secrets(_resources(task, CPU_TASK_RESOURCES))
+    return _secured(_resources(task, CPU_TASK_RESOURCES))
 
 
 def _gpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    _secrets(_resources(task, TRAIN_RESOURCES))
+    _secured(_resources(task, TRAIN_RESOURCES))
     task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
     task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="30s", backoff_factor=2.0)
     kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
@@ -87,5 +92,5 @@ def finetune_pipeline(
     with dsl.If(method == "full", name="full-model"):
         _cpu_task(register_model(**registration)).set_caching_options(False)
     with dsl.Else(name="adapter"):
-        merged = _cpu_task(merge_adapter(model=trained.output, artifact_root=artifact_root)).after(scored)
+        merged = _cpu_task(merge_adapter(model=trained.output, artifact_root=artifact_root))
         _cpu_task(register_model(**registration, merged=merged.output)).set_caching_options(False)

@@ -12,10 +12,11 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,60 +30,55 @@ _END = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 _SHADOWING = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
 
 
-@dataclass
-class StepRun:
-    task: str  # the KFP task name, e.g. train, merge-adapter, register-model-2
-    seconds: float
-    outputs: dict[str, dict[str, Any]]  # output name -> artifact metadata
-
-    @property
-    def step(self) -> str:
-        """The step the task runs: register-model-2 is register-model in the other branch."""
-        return re.sub(r"-\d+$", "", self.task)
+# KFP task name (without the -2 KFP adds to a step's second use) -> the step's result type
+RESULTS: dict[str, type] = {"validate-data": steps.DataSplit, "train": steps.TrainedModel, "evaluate": steps.Evaluation,
+                            "merge-adapter": steps.MergedModel, "register-model": steps.Registration}
 
 
 @dataclass
 class RunSummary:
+    """What a successful run made, read back from KFP's records of each task's outputs."""
+
     run_dir: Path
     log: Path
-    tasks: list[StepRun] = field(default_factory=list)
-
-    def output(self, step: str) -> dict[str, Any] | None:
-        """The metadata of `step`'s one output artifact, or None when the step did not run."""
-        for run in self.tasks:
-            if run.step == step:
-                return next(iter(run.outputs.values()), None)
-        return None
-
-    @property
-    def registration(self) -> steps.Registration:
-        return steps.from_metadata(steps.Registration, self.output("register-model"))
+    seconds: dict[str, float]  # step -> wall time, in the order the steps ran
+    data: steps.DataSplit
+    trained: steps.TrainedModel
+    evaluation: steps.Evaluation
+    registration: steps.Registration
+    merged: steps.MergedModel | None = None  # only LoRA and QLoRA runs merge
 
     def render(self) -> str:
-        data, trained = self.output("validate-data"), self.output("train")
-        evaluation, merged, reg = self.output("evaluate"), self.output("merge-adapter"), self.output("register-model")
+        data, trained, evaluation, merged, reg = self.data, self.trained, self.evaluation, self.merged, self.registration
+        history = trained.metrics.get("loss_history") or []
+        loss = (f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f}" if len(history) > 1
+                else f"mean loss {trained.metrics.get('train_loss', float('nan')):.3f}")
         results = {
-            "validate-data": data and f"{data['train_rows']} train / {data['eval_rows']} eval rows, "
-                                      f"data sha256 {data['dataset_sha256'][:12]}",
-            "train": trained and f"{trained['method']}: loss {trained['metrics'].get('first_loss', 0):.3f} -> "
-                                 f"{trained['metrics'].get('last_loss', 0):.3f} in {trained['metrics'].get('global_steps', 0):g} steps",
-            "evaluate": evaluation and f"eval loss base {evaluation['base_eval_loss']:.3f} -> tuned {evaluation['eval_loss']:.3f} "
-                                       f"(perplexity {evaluation['base_perplexity']:.1f} -> {evaluation['perplexity']:.1f})",
-            "merge-adapter": merged and f"parity: max |logit diff| {merged['max_abs_logit_diff']:.2g}",
-            "register-model": reg and f"{reg['name']} version {reg['version']}",
+            "validate-data": f"{data.train_rows} train / {data.eval_rows} eval rows, data sha256 {data.dataset_sha256[:12]}",
+            "train": f"{trained.method}, {trained.metrics.get('global_steps', 0)} steps: {loss}",
+            "evaluate": f"eval loss base {evaluation.base_eval_loss:.3f} -> tuned {evaluation.eval_loss:.3f} "
+                        f"(perplexity {evaluation.base_perplexity:.1f} -> {evaluation.perplexity:.1f})",
+            "merge-adapter": merged and f"parity: max |logit diff| {merged.max_abs_logit_diff:.2g}",
+            "register-model": f"{reg.name} version {reg.version}",
         }
         rows = [f"  {'step':<16}{'time':>8}  result"]
-        rows += [f"  {run.step:<16}{run.seconds:>7.1f}s  {results.get(run.step) or ''}" for run in self.tasks]
-        rows.append(f"  {'total':<16}{sum(r.seconds for r in self.tasks):>7.1f}s")
-        artifacts = [("data split", data), ("trained model", trained), ("evaluation", evaluation),
-                     ("merged model", merged)]
+        rows += [f"  {step:<16}{seconds:>7.1f}s  {results[step]}" for step, seconds in self.seconds.items()]
+        rows.append(f"  {'total':<16}{sum(self.seconds.values()):>7.1f}s")
         rows += ["", "artifacts (S3, content-addressed, MANIFEST.json verified on every read):"]
-        rows += [f"  {label:<16}{meta['uri']}" for label, meta in artifacts if meta]
-        if reg:
-            rows += ["", f"registered model  {reg['name']} version {reg['version']} -> {reg['source']}"]
-            rows.append(f"MLflow run        {reg['run_url'] or reg['run_id']}")
-        rows.append(f"task logs         {self.log}")
+        rows += [f"  {label:<16}{result.uri}" for label, result in
+                 (("data split", data), ("trained model", trained), ("evaluation", evaluation), ("merged model", merged))
+                 if result]
+        rows += ["", f"registered model  {reg.name} version {reg.version} -> {reg.source}",
+                 f"MLflow run        {reg.run_url or reg.run_id}", f"task logs         {self.log}"]
+        if evaluation.tuned_sample:
+            rows += ["", "one eval prompt, answered greedily by each model:", _indent(evaluation.sample_prompt, "prompt"),
+                     _indent(evaluation.base_sample, "base"), _indent(evaluation.tuned_sample, "tuned")]
         return "\n".join(rows)
+
+
+def _indent(text: str, label: str, limit: int = 400) -> str:
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return "\n".join(f"  {label if i == 0 else '':<7}| {line}" for i, line in enumerate(text.splitlines() or [""]))
 
 
 class _TaskLog(io.TextIOBase):
@@ -148,14 +144,23 @@ def _failure(log_path: Path, kfp_message: str) -> KftuneError:
 
 
 def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSummary:
-    """Every task's output metadata from its executor_output.json (KFP's record of what a task produced)."""
-    summary = RunSummary(run_dir, log_path)
+    """Each step's result from its task's executor_output.json (KFP's record of the artifacts a task made)."""
+    results: dict[str, Any] = {}
+    step_seconds: dict[str, float] = {}
     for task, elapsed in seconds.items():
-        record = run_dir / task / "executor_output.json"
-        produced = json.loads(record.read_text()).get("artifacts", {}) if record.is_file() else {}
-        outputs = {name: entry["artifacts"][0].get("metadata", {}) for name, entry in produced.items()}
-        summary.tasks.append(StepRun(task, elapsed, outputs))
-    return summary
+        step = re.sub(r"-\d+$", "", task)  # register-model-2 is register-model in the other branch
+        record = json.loads((run_dir / task / "executor_output.json").read_text())
+        (output,) = record["artifacts"].values()
+        results[step] = steps.from_metadata(RESULTS[step], output["artifacts"][0]["metadata"])
+        step_seconds[step] = elapsed
+    return RunSummary(run_dir, log_path, step_seconds, results["validate-data"], results["train"], results["evaluate"],
+                      results["register-model"], results.get("merge-adapter"))
+
+
+def check_arguments(arguments: Mapping[str, Any]) -> None:
+    """Check the training settings among the pipeline arguments, all at once, before anything runs."""
+    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
+    steps.check_train_settings(arguments.get("method", "lora"), settings)
 
 
 def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
@@ -168,11 +173,10 @@ def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str
 
     from pipelines.finetune import finetune_pipeline
 
-    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
-    steps.check_train_settings(arguments.get("method", "lora"), settings)
+    check_arguments(arguments)
     # a folder per run, so this run's task records are the only ones in it
-    run_root = Path(pipeline_root).absolute() / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run_root.mkdir(parents=True)
+    Path(pipeline_root).mkdir(parents=True, exist_ok=True)
+    run_root = Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=pipeline_root)).absolute()
     log_path = run_root / "tasks.log"
     local.init(runner=local.SubprocessRunner(use_venv=False), raise_on_error=True, pipeline_root=str(run_root))
     with open(log_path, "w", encoding="utf-8") as file, _environment(env), warnings.catch_warnings():

@@ -1,0 +1,158 @@
+"""The whole DAG through kfp.local against the session's real SeaweedFS and MLflow server, per method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kftune.errors import KftuneError
+from kftune.stack import StackInfo, free_ports
+from kftune.storage import MANIFEST, S3, connect, download_dir, sha256_file, upload_dir, upload_file
+from pipelines.local import RunSummary, run
+
+from ..conftest import run_cli
+
+pytestmark = pytest.mark.integration
+# A few steps on the tiny model: enough to move the weights, small enough for ~1 minute a method.
+QUICK = {"max_steps": 3, "learning_rate": 1e-2, "lora_r": 8, "lora_alpha": 16, "per_device_train_batch_size": 4,
+         "gradient_accumulation_steps": 1, "max_seq_length": 256, "eval_fraction": 0.25, "sample_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def s3(stack: StackInfo) -> S3:
+    return connect(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
+
+
+@pytest.fixture(scope="module")
+def inputs(stack: StackInfo, s3: S3, tiny_model: Path, small_data: Path) -> dict[str, str]:
+    bucket = f"s3://{stack.bucket}"
+    return {"base_model": upload_dir(tiny_model, f"{bucket}/inputs/models", s3).uri,
+            "data_uri": upload_file(small_data, f"{bucket}/inputs/data", s3).uri,
+            "artifact_root": f"{bucket}/pipeline"}
+
+
+@pytest.fixture(scope="module")
+def task_env(stack: StackInfo, tmp_path_factory) -> dict[str, str]:
+    return {**stack.env(), "KFTUNE_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module", params=["full", "lora", "qlora"])
+def finished(request, inputs, task_env, tmp_path_factory) -> tuple[str, RunSummary]:
+    method = request.param
+    arguments = {**inputs, **QUICK, "method": method, "quantization_bit": 4, "registered_model_name": f"test-{method}"}
+    return method, run(arguments, task_env, tmp_path_factory.mktemp(f"root-{method}"), progress=None)
+
+
+def test_every_step_ran_and_the_adapter_methods_merged(finished):
+    method, summary = finished
+    expected = ["validate-data", "train", "evaluate"] + (["merge-adapter"] if method != "full" else []) + ["register-model"]
+    assert list(summary.seconds) == expected
+    assert all(s > 0 for s in summary.seconds.values())
+    assert summary.trained.method == method and (summary.merged is None) == (method == "full")
+    rendered = summary.render()
+    for step in expected:
+        assert step in rendered
+    assert summary.registration.run_url in rendered
+
+
+def test_artifacts_are_in_the_bucket_and_verify(finished, s3, small_data, tmp_path):
+    _, summary = finished
+    assert summary.data.dataset_sha256 == sha256_file(small_data)
+    for name, result in {"data": summary.data, "trained": summary.trained, "evaluation": summary.evaluation,
+                         "merged": summary.merged}.items():
+        if result is None:
+            continue
+        folder = result.uri.removesuffix("/evaluation.json")
+        bucket, key = folder[5:].split("/", 1)
+        assert key.rsplit("/", 1)[1] == result.sha256
+        s3.client.head_object(Bucket=bucket, Key=f"{key}/{MANIFEST}")
+        local = download_dir(folder, tmp_path / name, s3)  # checks every file against the manifest
+        assert len(list(local.iterdir())) > 1
+    report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert report["tuned"]["loss"] == pytest.approx(summary.evaluation.eval_loss)
+    assert summary.evaluation.eval_rows == summary.data.eval_rows > 0 and summary.evaluation.eval_tokens > 0
+
+
+def test_the_mlflow_run_holds_params_and_metrics(finished, stack):
+    from mlflow import MlflowClient
+
+    method, summary = finished
+    reg = summary.registration
+    run_data = MlflowClient(stack.mlflow_url).get_run(reg.run_id).data
+    params, metrics = run_data.params, run_data.metrics
+    assert params["method"] == method
+    assert params["dataset_sha256"] == summary.data.dataset_sha256
+    assert params.get("lora_r") == (None if method == "full" else "8")
+    assert params.get("quantization_bit") == ("4" if method == "qlora" else None)
+    assert params["base_model"].startswith("s3://")
+    for name in ("train_loss", "eval_loss", "base_eval_loss", "perplexity", "base_perplexity"):
+        assert name in metrics
+    assert metrics["eval_loss"] == pytest.approx(summary.evaluation.eval_loss)
+    assert ("max_abs_logit_diff" in metrics) == (method != "full")
+    assert reg.run_url.startswith(stack.mlflow_url) and reg.run_id in reg.run_url
+
+
+def test_the_registered_version_points_at_the_s3_artifact_which_loads_and_generates(finished, stack, s3, tiny_model, tmp_path):
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    method, summary = finished
+    reg = summary.registration
+    version = MlflowClient(stack.mlflow_url).get_model_version(reg.name, reg.version)
+    expected = summary.merged or summary.trained
+    assert version.source == reg.source == expected.uri
+    assert version.run_id == reg.run_id
+    assert version.tags["method"] == method and version.tags["artifact_sha256"] == expected.sha256
+
+    model_dir = download_dir(version.source, tmp_path / "registered", s3)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    _generates(model, tokenizer)
+    if method != "full":  # the adapter itself loads with peft on the base, too
+        from peft import PeftModel
+
+        adapter = download_dir(summary.trained.uri, tmp_path / "adapter", s3)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        _generates(PeftModel.from_pretrained(base, adapter), tokenizer)
+
+
+def _generates(model, tokenizer) -> None:
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "写一篇探店笔记"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+
+
+def test_a_wrong_s3_secret_fails_once_naming_s3(inputs, task_env, stack, tmp_path):
+    env = {**task_env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    with pytest.raises(KftuneError) as caught:
+        run({**inputs, **QUICK, "method": "lora"}, env, tmp_path, progress=None)
+    message = str(caught.value)
+    assert f"S3 at {stack.s3_endpoint} rejected the credentials" in message
+    assert "validate-data" in message and "Traceback" not in message and "not-the-secret" not in message
+    (log,) = tmp_path.glob("run-*/tasks.log")
+    assert stack.secret_key not in log.read_text()
+
+
+def test_a_stopped_mlflow_server_fails_early_naming_mlflow(inputs, task_env, tmp_path):
+    (port,) = free_ports(1)  # nothing listens there: a stopped server
+    env = {**task_env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    with pytest.raises(KftuneError) as caught:
+        run({**inputs, **QUICK, "method": "lora"}, env, tmp_path, progress=None)
+    message = str(caught.value)
+    assert f"cannot reach MLflow at http://127.0.0.1:{port}" in message
+    assert "validate-data" in message and "Traceback" not in message
+    assert not list(tmp_path.glob("run-*/*/train"))  # it stopped before training
+
+
+def test_the_cli_reports_bad_settings_in_one_line_before_starting_anything(stack, tmp_path):
+    proc = run_cli("-m", "kftune.cli", "pipeline", "run", "--state-dir", str(stack.state_dir), "--lora-r", "0",
+                   "--learning-rate", "2", "--pipeline-root", str(tmp_path))
+    assert proc.returncode == 2
+    assert "lora_r: must be >= 1" in proc.stderr and "learning_rate: must be in (0, 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
