@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import sys
 import tempfile
@@ -21,11 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kftune.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
-from kftune.data import Message, load_conversations
+from kftune.data import load_conversations
 from kftune.errors import KftuneError
 from kftune.registry import Registration, check_reachable
 from kftune.registry import register as register_version
-from kftune.storage import sha256_file, upload_dir
+from kftune.storage import upload_dir
 
 METHODS = ("full", "lora", "qlora")
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
@@ -128,46 +127,30 @@ def fetch(uri_or_path: str) -> Path:
     return Path(uri_or_path)
 
 
-def prompt_key(messages: list[Message]) -> str:
-    """sha256 of everything before the answer: rows asking the same thing share it."""
-    return hashlib.sha256(json.dumps(messages[:-1], ensure_ascii=False, sort_keys=True).encode()).hexdigest()
-
-
-def split(conversations: list[list[Message]], eval_fraction: float) -> tuple[list[list[Message]], list[list[Message]]]:
-    """(train, eval): the prompts with the smallest hashes go to eval, so the split is deterministic and a
-    prompt repeated in the data (with the same or another answer) never lands on both sides."""
-    keys = [prompt_key(c) for c in conversations]
-    distinct = sorted(set(keys))
-    if len(distinct) < 2:
-        raise KftuneError("the data has fewer than 2 distinct prompts; evaluation needs one held out from training")
-    held_out = set(distinct[: min(len(distinct) - 1, max(1, round(eval_fraction * len(distinct))))])
-    train = [c for c, k in zip(conversations, keys) if k not in held_out]
-    evaluation = [c for c, k in zip(conversations, keys) if k in held_out]
-    return train, evaluation
-
-
-def _write_jsonl(path: Path, conversations: list[list[Message]]) -> None:
-    path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
-
-
-@reports_errors
-def validate_data(data_uri: str, artifact_root: str, eval_fraction: float = 0.1) -> DataSplit:
-    """Check the data's schema, split it train/eval and upload both splits.
+def validate_data(
+    data_uri: str, artifact_root: str, eval_fraction: float = 0.1, base_model: str | None = None, max_seq_length: int = 512
+) -> DataSplit:
+    """Run the validation gate, upload its report and split, and stop the run when the gate fails.
 
     Also checks that MLflow answers: it is needed only at the last step, and a pipeline should
     fail in seconds, not after training, when a service is down.
     """
+    from kftune.validate import Options, validate
+
     if not 0 < eval_fraction < 1:
         raise KftuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     check_reachable()
-    path = fetch(data_uri)
-    train_rows, eval_rows = split(load_conversations(path), eval_fraction)
-    with tempfile.TemporaryDirectory(prefix="kftune-split-") as tmp:
-        _write_jsonl(Path(tmp, "train.jsonl"), train_rows)
-        _write_jsonl(Path(tmp, "eval.jsonl"), eval_rows)
-        artifact = upload_dir(tmp, f"{artifact_root}/datasets")
+    options = Options(tokenizer=base_model, max_seq_length=max_seq_length, eval_fraction=eval_fraction, progress=False)
+    with tempfile.TemporaryDirectory(prefix="kftune-validate-") as tmp:
+        report = validate(data_uri, Path(tmp, "validation"), options)
+        artifact = upload_dir(Path(tmp, "validation"), f"{artifact_root}/datasets")
+    if not report.passed:
+        raise KftuneError(
+            f"data validation gate failed for {data_uri}: {'; '.join(report.failures)}. "
+            f"Rejected rows and the report are in {artifact.uri} (rejected.jsonl, report.html)"
+        )
     return DataSplit(artifact.uri, artifact.sha256, f"{artifact.uri}/train.jsonl", f"{artifact.uri}/eval.jsonl",
-                     len(train_rows), len(eval_rows), sha256_file(path))
+                     report.train_rows, report.eval_rows, report.dataset_sha256)
 
 
 def train_values(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:

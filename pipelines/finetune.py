@@ -77,7 +77,10 @@ def finetune_pipeline(
 ) -> None:
     """method: full | lora | qlora (quantization_bit 4 or 8); lora_* and quantization_bit apply where the method uses them.
     data_uri: JSONL/JSON data, an s3:// artifact URI or a path the task can read."""
-    data = _cpu_task(validate_data(data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction))
+    data = _cpu_task(validate_data(
+        data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction,
+        base_model=base_model, max_seq_length=max_seq_length,
+    ))
     trained = _gpu_task(train(
         data=data.output, base_model=base_model, method=method, artifact_root=artifact_root,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, quantization_bit=quantization_bit,

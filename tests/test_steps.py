@@ -1,4 +1,4 @@
-"""The pipeline steps' plain-Python parts that need no S3 or MLflow: the split, the settings, the metadata round trip."""
+"""The pipeline steps' plain-Python parts that need no S3 or MLflow: the settings, the metadata round trip."""
 
 import dataclasses
 
@@ -11,24 +11,6 @@ from kftune.evaluate import assistant_loss, encode
 
 def _conversation(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-
-
-def test_split_is_deterministic_and_never_splits_a_prompt():
-    rows = [_conversation(f"shop {i % 30}", f"post {i}") for i in range(90)]  # every prompt three times
-    train, held_out = steps.split(rows, 0.2)
-    assert (train, held_out) == steps.split(list(rows), 0.2)
-    train_prompts = {r[0]["content"] for r in train}
-    eval_prompts = {r[0]["content"] for r in held_out}
-    assert not train_prompts & eval_prompts
-    assert len(eval_prompts) == 6 and len(held_out) == 18  # 20% of the 30 distinct prompts, with their repeats
-    assert len(train) + len(held_out) == len(rows)
-
-
-def test_split_keeps_one_row_on_each_side():
-    train, held_out = steps.split([_conversation("a", "x"), _conversation("b", "y")], 0.9)
-    assert len(train) == 1 and len(held_out) == 1
-    with pytest.raises(KftuneError, match="fewer than 2 distinct prompts"):
-        steps.split([_conversation("a", "x"), _conversation("a", "y")], 0.5)
 
 
 @pytest.mark.parametrize(("method", "lora_r", "bits"), [("full", None, None), ("lora", 8, None), ("qlora", 8, 8)])

@@ -150,6 +150,22 @@ def test_a_stopped_mlflow_server_fails_early_naming_mlflow(inputs, task_env, tmp
     assert not list(tmp_path.glob("run-*/*/train"))  # it stopped before training
 
 
+def test_a_failing_data_gate_stops_the_run_before_training_with_the_report_in_s3(inputs, task_env, stack, s3, small_data, tmp_path):
+    lines = small_data.read_text(encoding="utf-8").splitlines()
+    bad = tmp_path / "bad.jsonl"  # every third row broken: far above the 5% reject limit
+    bad.write_text("\n".join(line if i % 3 else line[:-5] for i, line in enumerate(lines)) + "\n", encoding="utf-8")
+    data_uri = upload_file(bad, f"s3://{stack.bucket}/inputs/bad", s3).uri
+    with pytest.raises(KftuneError) as caught:
+        run({**inputs, **QUICK, "data_uri": data_uri, "method": "lora"}, task_env, tmp_path / "root", progress=None)
+    message = str(caught.value)
+    assert "data validation gate failed" in message and "validate-data" in message, message
+    assert not list((tmp_path / "root").glob("run-*/*/train"))  # no training task started
+    report_uri = message.split("are in ", 1)[1].split(" ", 1)[0]
+    report = download_dir(report_uri, tmp_path / "report", s3)
+    rejected = [json.loads(line) for line in (report / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rejected) == len(lines[::3]) and json.loads((report / "report.json").read_text())["passed"] is False
+
+
 def test_the_cli_reports_bad_settings_in_one_line_before_starting_anything(stack, tmp_path):
     proc = run_cli("-m", "kftune.cli", "pipeline", "run", "--state-dir", str(stack.state_dir), "--lora-r", "0",
                    "--learning-rate", "2", "--pipeline-root", str(tmp_path))
