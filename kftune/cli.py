@@ -12,6 +12,7 @@ from kftune.errors import KftuneError
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate-data": ("kftune.validate", "check a data set row by row, write accepted/rejected rows, a train/eval split and a report"),
     "train": ("kftune.train", "fine-tune a model (full, LoRA or QLoRA); same as fine_tune_qwen.py"),
+    "launch": ("kftune.launch", "train with one process per GPU of this node (accelerate launch: DDP, or FSDP)"),
     "infer": ("kftune.infer", "generate with a base model and optional adapter; same as inference_lora.py"),
     "merge": ("kftune.merge", "merge a LoRA adapter into its full-precision base, with a parity check"),
     "tiny-model": ("kftune.tiny_model", "build a small random Qwen2 model and tokenizer for offline demos and tests"),

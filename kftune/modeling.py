@@ -123,7 +123,8 @@ def load_model(
         compute = torch.float32 if runtime.precision == "fp32" else runtime.dtype
         kwargs["quantization_config"] = quantization_config(quantization_bit, compute)
         kwargs["dtype"] = compute
-        kwargs["device_map"] = {"": 0} if runtime.device == "cuda" else "cpu"
+        # each process of a multi-GPU launch loads onto its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if runtime.device == "cuda" else "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as exc:

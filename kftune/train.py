@@ -6,15 +6,17 @@ trl's SFTTrainer (loss on assistant tokens only) -> save into a staging folder -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kftune.atomic import building
+from kftune.atomic import building, staging_dir
 from kftune.config import TrainConfig, parse_args
 from kftune.errors import KftuneError
 
@@ -106,6 +108,7 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
         eval_steps=cfg.eval_steps or None,
         report_to="none",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # under `kftune launch`: every trainable parameter gets a gradient
     )
 
 
@@ -142,7 +145,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     trainable, total = count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    with building(out) as staging:
+    # under `kftune launch` (accelerate/torchrun) every process trains, only the world's process zero writes
+    main = int(os.environ.get("RANK", "0")) == 0
+    with building(out) if main else contextlib.nullcontext(staging_dir(out)) as staging:
         trainer = SFTTrainer(
             model=model,
             args=sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None),
@@ -156,13 +161,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         elapsed = time.perf_counter() - started
         eval_metrics = trainer.evaluate() if eval_rows else {}
 
-        trainer.save_model(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
-        # a pickle (unsafe to load) and peft's placeholder card: neither belongs in a published model
-        for leftover in ("training_args.bin", "README.md"):
-            (staging / leftover).unlink(missing_ok=True)
-        cfg.save(staging)
+        trainer.save_model(str(staging))  # every process takes part (FSDP gathers); process zero writes
+        trainer.accelerator.wait_for_everyone()  # no process still writes a checkpoint when it is removed
         history = loss_history(trainer.state.log_history)
         metrics = {
             "method": cfg.method,
@@ -175,6 +175,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "total_params": total,
             "trainable_share": trainable / total,
             "train_rows": len(train_rows),
+            "processes": trainer.args.world_size,
             "global_steps": result.global_step,
             "train_loss": result.training_loss,
             "first_loss": history[0][1] if history else None,
@@ -183,8 +184,16 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "train_seconds": round(elapsed, 3),
             **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
         }
-        (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    log.info("saved %s run to %s (loss %.4f -> %.4f)", cfg.method, out, metrics["first_loss"] or 0, metrics["last_loss"] or 0)
+        if main:
+            tokenizer.save_pretrained(str(staging))
+            shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+            # a pickle (unsafe to load) and peft's placeholder card: neither belongs in a published model
+            for leftover in ("training_args.bin", "README.md"):
+                (staging / leftover).unlink(missing_ok=True)
+            cfg.save(staging)
+            (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if main:
+        log.info("saved %s run to %s (loss %.4f -> %.4f)", cfg.method, out, metrics["first_loss"] or 0, metrics["last_loss"] or 0)
     return TrainResult(out, metrics)
 
 

@@ -1,5 +1,5 @@
-"""`kftune pipeline run|compile`: run the DAG locally through kfp.local against the local stack, or
-compile it for a cluster.
+"""`kftune pipeline run|compile|submit|schedule`: run the DAG locally through kfp.local against the local
+stack, compile it for a cluster, or submit / schedule it on one (pipelines/submit.py).
 
 `run` takes one flag per pipeline parameter (derived from the pipeline's signature, so the two
 cannot drift apart), starts the local stack when it is not running, and stages what the tasks
@@ -46,20 +46,79 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kftune pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack")
-    for name, param in pipeline_parameters().items():
-        shown = param.default is not inspect.Parameter.empty and name not in STAGED
-        default = f" (pipeline default: {param.default})" if shown else ""
-        run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=param.annotation, metavar=name.upper(),
-                         choices=steps.METHODS if name == "method" else None, help=HELP.get(name, "") + default)
+    add_parameter_flags(run, HELP, STAGED)
     run.add_argument("--state-dir", type=Path, default=default_state_dir(),
                      help="the local stack's folder (default: $KFTUNE_STACK_DIR or ./.kftune/stack)")
     run.add_argument("--s3-port", type=int, default=StackConfig.s3_port, help="S3 port if the stack must be started")
     run.add_argument("--mlflow-port", type=int, default=StackConfig.mlflow_port, help="MLflow port if the stack must be started")
     run.add_argument("--pipeline-root", type=Path, help="where kfp.local keeps task records and logs "
                                                          "(default: runs/ next to the state folder)")
+    add_cluster_commands(commands)
     compile_ = commands.add_parser("compile", help="write the pipeline package a KFP cluster runs")
     compile_.add_argument("-o", "--output", type=Path, default=COMPILED, help=f"YAML file to write (default: {COMPILED})")
     return parser
+
+
+def add_parameter_flags(parser: argparse.ArgumentParser, help_: dict[str, str], no_default: tuple[str, ...] = ()) -> None:
+    """One flag per pipeline parameter, typed from the pipeline's signature."""
+    for name, param in pipeline_parameters().items():
+        shown = param.default is not inspect.Parameter.empty and name not in no_default
+        default = f" (pipeline default: {param.default})" if shown else ""
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=param.annotation, metavar=name.upper(),
+                            choices=steps.METHODS if name == "method" else None, help=help_.get(name, "") + default)
+
+
+def add_cluster_commands(commands: Any) -> None:
+    """`submit` and `schedule`: the same flags, plus --cron for schedule."""
+    from pipelines.submit import NAMESPACE, TOKEN_ENV
+
+    cluster_help = {**HELP, "data_uri": "a local JSONL/JSON file (uploaded to the cluster's S3 with $AWS_* credentials) "
+                                        "or an s3:// artifact URI",
+                    "base_model": "an s3:// artifact URI or a hub id"}
+    for name, what in (("submit", "start a run on a Kubeflow Pipelines cluster (once per idempotency key)"),
+                       ("schedule", "create a recurring run on a Kubeflow Pipelines cluster")):
+        cmd = commands.add_parser(name, help=what, description=f"{what}. Token: ${TOKEN_ENV} (bearer), never printed.")
+        cmd.add_argument("--host", help="KFP API URL, e.g. https://kfp.example.com/pipeline (required unless --dry-run)")
+        cmd.add_argument("--experiment", default="kftune", help="KFP experiment, created if missing (default: kftune)")
+        cmd.add_argument("--run-name", help="run name (default: kftune-<method>); the idempotency key is appended")
+        cmd.add_argument("--params", type=Path, metavar="FILE", help="JSON object of pipeline parameters; flags override it")
+        cmd.add_argument("--namespace", default=NAMESPACE, help=f"Kubernetes namespace of the runs (default: {NAMESPACE})")
+        cmd.add_argument("--force", action="store_true", help="create a new run even if one with the same key exists")
+        cmd.add_argument("--dry-run", action="store_true", help="compile and print what would be sent; contact nothing")
+        if name == "submit":
+            cmd.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
+            cmd.add_argument("--timeout-hours", type=float, default=24.0, help="--wait gives up after this (default: 24)")
+        else:
+            cmd.add_argument("--cron", required=True, help="schedule, e.g. '0 3 * * 1' (5 fields, or KFP's 6 with seconds)")
+        add_parameter_flags(cmd, cluster_help)
+
+
+def cluster_main(args: argparse.Namespace) -> int:
+    """submit / schedule: prepare offline, print it, then (unless --dry-run) send it."""
+    from pipelines import submit
+
+    given = {**submit.read_params(args.params),
+             **{k: v for k, v in vars(args).items() if k in pipeline_parameters() and v is not None}}
+    if args.command == "schedule":
+        submit.kfp_cron(args.cron)  # a bad expression fails before compiling
+    if not args.dry_run and not args.host:
+        raise KftuneError(f"--host is required to {args.command} (the KFP API URL); use --dry-run to only print")
+    sub = submit.prepare(given, args.experiment, args.run_name, args.namespace)
+    print(("would send" if args.dry_run else "sending") + f" to {args.host or '(no host)'}:\n{sub.describe()}")
+    if args.dry_run:
+        return 0
+    if args.command == "schedule":
+        outcome = submit.schedule(sub, args.host, args.cron, force=args.force)
+        verb = "created" if outcome.created else "exists already (same key; --force for another)"
+        print(f"recurring run {outcome.run_id} {verb}: {outcome.display_name}, cron {outcome.extra['cron']}")
+        return 0
+    outcome = submit.submit(sub, args.host, force=args.force, wait_s=args.timeout_hours * 3600 if args.wait else None)
+    verb = "started" if outcome.created else "exists already (same key; --force for another)"
+    print(f"run {outcome.run_id} {verb}: {outcome.display_name}")
+    if args.wait:
+        print(f"run {outcome.run_id} finished: {outcome.state}")
+        return 0 if (outcome.state or "").upper() == "SUCCEEDED" else 1
+    return 0
 
 
 def ensure_stack(args: argparse.Namespace) -> StackInfo:
@@ -119,6 +178,8 @@ def main(argv: list[str]) -> int:
 
         print(f"wrote {compile_pipeline(args.output)}")
         return 0
+    if args.command in ("submit", "schedule"):
+        return cluster_main(args)
     summary, info = run_pipeline(args)
     print(summary.render())
     print(f"\nMLflow UI: {info.mlflow_url}   stop the local stack: kftune stack down --state-dir {info.state_dir}")
