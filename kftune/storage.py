@@ -132,7 +132,7 @@ def download_dir(uri: str, local_dir: str | Path, s3: S3 | None = None) -> Path:
     Files land in a temporary sibling folder that is renamed into place only once every file
     matches the manifest, so `local_dir` is either absent or complete.
     """
-    bucket, base, _ = _split_artifact_uri(uri)
+    bucket, base, _ = split_artifact_uri(uri)
     sha = base.rsplit("/", 1)[-1]
     local_dir = Path(local_dir)
     if _is_local_copy(local_dir, sha):
@@ -164,7 +164,7 @@ def resolve_path(path_or_uri: str, cache_dir: str | Path, s3: S3 | None = None) 
     """
     if not path_or_uri.startswith("s3://"):
         return path_or_uri
-    _, base, member = _split_artifact_uri(path_or_uri)
+    _, base, member = split_artifact_uri(path_or_uri)
     local = download_dir(path_or_uri, Path(cache_dir) / base.rsplit("/", 1)[-1], s3)
     if member and not (local / member).exists():
         raise KftuneError(f"{path_or_uri}: the artifact holds no {member!r}; check the URI")
@@ -212,7 +212,7 @@ def _split_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def _split_artifact_uri(uri: str) -> tuple[str, str, str]:
+def split_artifact_uri(uri: str) -> tuple[str, str, str]:
     """s3://b/p/<sha>/sub/file -> ("b", "p/<sha>", "sub/file"): the folder is the last sha256 segment."""
     bucket, key = _split_uri(uri)
     parts = key.split("/")

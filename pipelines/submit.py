@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kftune.errors import KftuneError
-from kftune.storage import _split_artifact_uri, canonical_json, sha256_file, upload_file
+from kftune.storage import split_artifact_uri, canonical_json, sha256_file, upload_file
 
 TOKEN_ENV = "KFP_TOKEN"  # bearer token for the KFP API (e.g. `kubectl create token`, an OIDC id token)
 SERVICE_ACCOUNT = "kftune-pipeline"  # k8s/base: the pipeline pods' least-privilege ServiceAccount
@@ -89,7 +89,7 @@ def dataset_sha256(data_uri: str) -> str:
     """The data's content hash: sha256 of a local file, or the sha256 folder of an s3:// artifact URI."""
     if data_uri.startswith("s3://"):
         try:
-            _, folder, _ = _split_artifact_uri(data_uri)
+            _, folder, _ = split_artifact_uri(data_uri)
         except KftuneError:
             raise KftuneError(f"--data-uri {data_uri}: not content-addressed (no sha256 folder); give a local file "
                               "(submit uploads it) or an s3:// URI that `kftune pipeline run` or submit staged") from None
