@@ -23,6 +23,7 @@ def train(
     gradient_accumulation_steps: int,
     max_seq_length: int,
     seed: int,
+    processes: int,
     model: Output[Model],
 ):
     """Train on the train split; `model` carries the S3 URI of the adapter or full model."""
@@ -42,5 +43,5 @@ def train(
         "seed": seed,
     }
     split = steps.from_metadata(steps.DataSplit, data.metadata)
-    result = steps.train(split, base_model, method, artifact_root, settings)
+    result = steps.train(split, base_model, method, artifact_root, settings, processes)
     model.metadata.update(steps.write_pointer(model.path, result))

@@ -10,12 +10,19 @@ With one GPU (or --num-processes 1) it is plain `kftune train` in this process. 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kftune.errors import KftuneError
+
+if TYPE_CHECKING:
+    from kftune.config import TrainConfig
+    from kftune.train import TrainResult
 
 
 def gpu_count() -> int:
@@ -43,6 +50,40 @@ def command(train_argv: list[str], num_processes: int, fsdp: bool = False) -> li
     return cmd + ["--module", "kftune.cli", "train", *train_argv]
 
 
+def _env(num_processes: int, gpus: int) -> dict[str, str]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if not gpus:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    return env
+
+
+def train_on_node(cfg: TrainConfig, num_processes: int = 0, fsdp: bool = False) -> TrainResult:
+    """Train `cfg` with one process per GPU of this node (`num_processes` 0), or as many as asked.
+
+    The pipeline's training step calls this: with one process it trains in this process, with more
+    it re-executes the training command under `accelerate launch` and reads back what it wrote.
+    """
+    from kftune.config import CONFIG_FILENAME, FIELDS
+    from kftune.train import METRICS_FILENAME, TrainResult, run
+
+    gpus = gpu_count()
+    n = num_processes or max(gpus, 1)
+    if n == 1 and not fsdp:
+        return run(cfg)
+    out = Path(cfg.output_dir)
+    config_file = out.parent / f".{out.name}.launch-{CONFIG_FILENAME}"
+    # only the keys that differ from the defaults, so a full run does not read as "LoRA keys without LoRA"
+    values = {k: v for k, v in cfg.to_dict().items() if v != FIELDS[k].default}
+    config_file.write_text(json.dumps(values, ensure_ascii=False), encoding="utf-8")
+    try:
+        code = subprocess.run(command(["--config_file", str(config_file)], n, fsdp), env=_env(n, gpus)).returncode
+    finally:
+        config_file.unlink(missing_ok=True)
+    if code:
+        raise KftuneError(f"training with {n} processes under accelerate launch failed (exit code {code}); see the log above")
+    return TrainResult(out, json.loads((out / METRICS_FILENAME).read_text(encoding="utf-8")))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kftune launch", description=__doc__.splitlines()[0])
     parser.add_argument("--num-processes", "--num_processes", type=int, default=None,
@@ -59,7 +100,4 @@ def main(argv: list[str]) -> int:
         from kftune.train import main as train_main
 
         return train_main(train_argv)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if not gpus:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    return subprocess.run(command(train_argv, n, args.fsdp), env=env).returncode
+    return subprocess.run(command(train_argv, n, args.fsdp), env=_env(n, gpus)).returncode

@@ -174,14 +174,19 @@ def check_train_settings(method: str, settings: Mapping[str, Any]) -> TrainConfi
 
 
 @reports_errors
-def train(data: DataSplit, base_model: str, method: str, artifact_root: str, settings: Mapping[str, Any]) -> TrainedModel:
-    """Fine-tune `base_model` on the train split (settings: the guide's config keys) and upload the result."""
-    from kftune.train import run
+def train(
+    data: DataSplit, base_model: str, method: str, artifact_root: str, settings: Mapping[str, Any], processes: int = 0
+) -> TrainedModel:
+    """Fine-tune `base_model` on the train split (settings: the guide's config keys) and upload the result.
+
+    `processes`: 0 trains with one process per GPU of the node (DDP under accelerate launch).
+    """
+    from kftune.launch import train_on_node
 
     cfg = check_train_settings(method, settings)  # before downloading anything
     with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
         cfg = dataclasses.replace(cfg, base_model=base_model, data_path=str(fetch(data.train_uri)), output_dir=f"{tmp}/model")
-        result = run(cfg)
+        result = train_on_node(cfg, processes)
         artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
     params = {k: getattr(cfg, k) for k in TRAIN_PARAMS}
     if not cfg.uses_adapter:

@@ -21,6 +21,7 @@ SECRETS: dict[str, dict[str, str]] = {
     "kftune-mlflow": {k: k for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
 }
 GPU_RESOURCE = "nvidia.com/gpu"
+TRAIN_GPUS = 1  # GPUs of the training task's node; training runs one process per GPU (kftune launch)
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
 TRAIN_RESOURCES = {"cpu": ("4", "8"), "memory": ("32G", "64G")}  # (request, limit)
 CPU_TASK_RESOURCES = {"cpu": ("1", "4"), "memory": ("4G", "16G")}
@@ -45,7 +46,7 @@ def _cpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 def _gpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
     _secured(_resources(task, TRAIN_RESOURCES))
-    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(TRAIN_GPUS)
     task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="30s", backoff_factor=2.0)
     kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
     kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
@@ -69,6 +70,7 @@ def finetune_pipeline(
     gradient_accumulation_steps: int = 4,
     max_seq_length: int = 512,
     seed: int = 42,
+    train_processes: int = 0,
     eval_fraction: float = 0.1,
     sample_tokens: int = 160,
     registered_model_name: str = "kftune-model",
@@ -76,7 +78,8 @@ def finetune_pipeline(
     artifact_root: str = "s3://kftune/pipeline",
 ) -> None:
     """method: full | lora | qlora (quantization_bit 4 or 8); lora_* and quantization_bit apply where the method uses them.
-    data_uri: JSONL/JSON data, an s3:// artifact URI or a path the task can read."""
+    data_uri: JSONL/JSON data, an s3:// artifact URI or a path the task can read.
+    train_processes: 0 trains with one process per GPU of the training node (DDP); set TRAIN_GPUS for more GPUs."""
     data = _cpu_task(validate_data(
         data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction,
         base_model=base_model, max_seq_length=max_seq_length,
@@ -87,6 +90,7 @@ def finetune_pipeline(
         learning_rate=learning_rate, max_steps=max_steps, num_train_epochs=num_train_epochs,
         per_device_train_batch_size=per_device_train_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, max_seq_length=max_seq_length, seed=seed,
+        processes=train_processes,
     ))
     scored = _cpu_task(evaluate(data=data.output, model=trained.output, artifact_root=artifact_root,
                                 sample_tokens=sample_tokens))

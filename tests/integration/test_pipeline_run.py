@@ -172,3 +172,14 @@ def test_the_cli_reports_bad_settings_in_one_line_before_starting_anything(stack
     assert proc.returncode == 2
     assert "lora_r: must be >= 1" in proc.stderr and "learning_rate: must be in (0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_the_training_step_runs_one_process_per_device_under_accelerate_launch(inputs, task_env, s3, tmp_path):
+    """train_processes=2 on a CPU machine stands in for two GPUs: two gloo processes, one published model."""
+    arguments = {**inputs, **QUICK, "method": "lora", "train_processes": 2, "registered_model_name": "test-ddp"}
+    summary = run(arguments, task_env, tmp_path / "root", progress=None)
+    model = download_dir(summary.trained.uri, tmp_path / "model", s3)
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["global_steps"] == QUICK["max_steps"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in model.iterdir()}
+    assert summary.registration.version
