@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kftune.errors import KftuneError
+from kftune.stack import free_ports
 
 if TYPE_CHECKING:
     from kftune.config import TrainConfig
@@ -31,16 +31,10 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(train_argv: list[str], num_processes: int, fsdp: bool = False) -> list[str]:
     """The `accelerate launch` command line for `num_processes` processes on this node."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-           "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+           "--num_processes", str(num_processes), "--main_process_port", str(free_ports(1)[0])]
     # accelerate's own --cpu launches one process (several need mpirun): its multi-GPU launcher (torchrun)
     # also starts N CPU processes, which the Trainer joins over gloo when it trains on the CPU
     cmd += ["--multi_gpu"]

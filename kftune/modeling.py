@@ -56,8 +56,7 @@ def resolve_model_location(name: str, flag: str = "--base_model") -> str:
     if name.startswith("s3://"):
         from kftune.storage import resolve_path
 
-        cache = Path(os.environ.get("KFTUNE_CACHE", Path.home() / ".cache" / "kftune"))
-        return resolve_path(name, cache)
+        return resolve_path(name)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():

@@ -24,7 +24,7 @@ from kftune.data import load_conversations
 from kftune.errors import KftuneError
 from kftune.registry import Registration, check_reachable
 from kftune.registry import register as register_version
-from kftune.storage import upload_dir
+from kftune.storage import resolve_path, upload_dir
 
 METHODS = ("full", "lora", "qlora")
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
@@ -120,11 +120,7 @@ def reports_errors(step: F) -> F:
 
 def fetch(uri_or_path: str) -> Path:
     """A local path for an s3:// artifact URI (downloaded and verified once into kftune's cache) or a local path."""
-    if uri_or_path.startswith("s3://"):
-        from kftune.modeling import resolve_model_location  # its s3 branch is the cached, verified download
-
-        return Path(resolve_model_location(uri_or_path))
-    return Path(uri_or_path)
+    return Path(resolve_path(uri_or_path))
 
 
 def validate_data(

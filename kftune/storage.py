@@ -157,7 +157,12 @@ def download_dir(uri: str, local_dir: str | Path, s3: S3 | None = None) -> Path:
     return local_dir
 
 
-def resolve_path(path_or_uri: str, cache_dir: str | Path, s3: S3 | None = None) -> str:
+def default_cache_dir() -> Path:
+    """Where verified downloads are kept: `$KFTUNE_CACHE` (the images mount a volume there) or ~/.cache/kftune."""
+    return Path(os.environ.get("KFTUNE_CACHE", Path.home() / ".cache" / "kftune"))
+
+
+def resolve_path(path_or_uri: str, cache_dir: str | Path | None = None, s3: S3 | None = None) -> str:
     """A local path for an `s3://` artifact URI (downloaded and verified once into `cache_dir`).
 
     Anything else, a local path or a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`, comes back as is.
@@ -165,7 +170,7 @@ def resolve_path(path_or_uri: str, cache_dir: str | Path, s3: S3 | None = None) 
     if not path_or_uri.startswith("s3://"):
         return path_or_uri
     _, base, member = split_artifact_uri(path_or_uri)
-    local = download_dir(path_or_uri, Path(cache_dir) / base.rsplit("/", 1)[-1], s3)
+    local = download_dir(path_or_uri, Path(cache_dir or default_cache_dir()) / base.rsplit("/", 1)[-1], s3)
     if member and not (local / member).exists():
         raise KftuneError(f"{path_or_uri}: the artifact holds no {member!r}; check the URI")
     return str(local / member) if member else str(local)

@@ -387,8 +387,7 @@ def _fetch(source: str) -> Path:
     if source.startswith("s3://"):
         from kftune.storage import resolve_path
 
-        cache = Path(os.environ.get("KFTUNE_CACHE", Path.home() / ".cache" / "kftune"))
-        return Path(resolve_path(source, cache))
+        return Path(resolve_path(source))
     path = Path(source)
     if not path.is_file():
         raise KftuneError(f"{source}: data file not found; pass a JSONL or JSON array file, or an s3:// URI")
