@@ -7,13 +7,16 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from kftune.errors import KftuneError
-from kftune.stack import StackInfo, free_ports
+from kftune.stack import StackConfig, StackInfo, down, free_ports, up
 from kftune.storage import (
     MANIFEST,
     S3,
@@ -105,12 +108,17 @@ def test_flipped_byte_is_caught_and_nothing_is_left(s3: S3, dest: str, tmp_path:
     art = upload_dir(_tree(tmp_path / "src"), dest, s3)
     bucket, key = dest.split("/")[2], f"{_key(art.uri)}/sub/weights.bin"
     body = bytearray(s3.client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    body[100] ^= 0xFF
+    body[100] ^= 0xFF  # same size: only the sha256 can tell
     s3.client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
 
-    with pytest.raises(KftuneError, match=r"sub/weights\.bin at http://127\.0\.0\.1:\d+ has sha256 .* corrupt"):
+    expected = rf"{art.uri}/sub/weights\.bin at http://127\.0\.0\.1:\d+ has sha256 [0-9a-f]{{64}}, the manifest says .* corrupt"
+    with pytest.raises(KftuneError, match=expected):
         download_dir(art.uri, tmp_path / "out", s3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial or temporary folder
+    cache = tmp_path / "cache"
+    with pytest.raises(KftuneError, match=expected):
+        resolve_path(f"{art.uri}/config.json", cache, s3)  # config.json itself is intact: the whole artifact is refused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "src"]  # no partial or temporary folder
+    assert list(cache.iterdir()) == []
 
 
 def test_artifact_without_manifest_is_refused(s3: S3, dest: str, tmp_path: Path) -> None:
@@ -147,13 +155,14 @@ def test_resolve_path_downloads_once_into_the_cache(s3: S3, dest: str, tmp_path:
         assert resolve_path(unchanged, cache) == unchanged
 
 
-def test_wrong_secret_is_one_clear_error_without_retries(stack_env: StackInfo, dest: str, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("variable", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
+def test_wrong_credentials_are_one_clear_error_without_retries(variable: str, stack_env: StackInfo, dest: str,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "x.txt"
     data.write_text("x")
     uploaded = upload_file(data, dest)
-    wrong = secrets.token_hex(20)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    wrong = secrets.token_hex(20) if variable == "AWS_SECRET_ACCESS_KEY" else "KFTUNE" + secrets.token_hex(7).upper()
+    monkeypatch.setenv(variable, wrong)
     s3 = connect()
     sent = _calls(s3, "before-send.s3")
 
@@ -168,20 +177,94 @@ def test_wrong_secret_is_one_clear_error_without_retries(stack_env: StackInfo, d
         assert len(sent) == 1  # not retried
         message = str(caught.value)
         assert f"S3 at {stack_env.s3_endpoint} rejected the credentials" in message
-        assert wrong not in message and stack_env.secret_key not in message
+        for value in (wrong, stack_env.secret_key, stack_env.access_key):
+            assert value not in message
+    assert not (tmp_path / "out").exists()
 
 
-def test_unreachable_endpoint_gives_up_after_bounded_retries(stack_env: StackInfo, tmp_path: Path) -> None:
-    data = tmp_path / "x.txt"
-    data.write_text("x")
-    endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"
-    s3 = connect(endpoint)
-    sent = _calls(s3, "before-send.s3")
-    started = time.monotonic()
-    with pytest.raises(KftuneError, match=f"cannot reach S3 at {endpoint} after 4 attempts"):
-        upload_file(data, f"s3://{stack_env.bucket}/nowhere", s3)
-    assert time.monotonic() - started < 20
-    assert len(sent) == 4
+def test_a_stopped_s3_server_gives_bounded_retries_then_one_clear_error(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A throwaway stack, since the session's must stay up: upload, stop it for real, then read and write."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    cfg = StackConfig(tmp_path / "stack", *free_ports(2))
+    try:
+        info = up(cfg)
+        s3 = connect(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
+        src = _tree(tmp_path / "src")
+        art = upload_dir(src, f"s3://{info.bucket}/models", s3)
+        assert "weed" in down(cfg.state_dir)  # SeaweedFS is stopped (its port closes), not just unreachable
+        sent = _calls(s3, "before-send.s3")
+
+        (src / "config.json").write_text('{"r": 4}')  # new content: the upload has to reach the server
+        attempts = (lambda: download_dir(art.uri, tmp_path / "out", s3),
+                    lambda: upload_dir(src, f"s3://{info.bucket}/models", s3))
+        for attempt in attempts:
+            sent.clear()
+            started = time.monotonic()
+            with pytest.raises(KftuneError) as caught:
+                attempt()
+            assert time.monotonic() - started < 30
+            assert len(sent) == 4  # the first try and three retries, with botocore's backoff between them
+            assert str(caught.value).startswith(f"cannot reach S3 at {info.s3_endpoint} after 4 attempts "
+                                                "(EndpointConnectionError); check that the service runs")
+            assert info.secret_key not in str(caught.value) and info.access_key not in str(caught.value)
+        assert not (tmp_path / "out").exists()
+    finally:
+        down(cfg.state_dir)
+
+
+# Runs in a child process that the test kills: parts go one at a time, and each finished call is reported.
+_UPLOADER = """
+import dataclasses, sys
+from boto3.s3.transfer import TransferConfig
+from kftune.storage import MiB, connect, upload_dir
+s3 = connect()
+s3 = dataclasses.replace(s3, transfer=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
+                                                     max_concurrency=1))
+s3.client.meta.events.register("after-call.s3", lambda model, **_: print(model.name, flush=True))
+upload_dir(sys.argv[1], sys.argv[2], s3)
+"""
+
+
+def test_an_upload_killed_midway_is_invisible_to_readers_and_the_next_run_uploads_again(
+        s3: S3, dest: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, size in (("a.bin", 64 * 1024), ("big.bin", 20 * MiB), ("c.bin", 64 * 1024)):  # uploaded in this order
+        (src / name).write_bytes(os.urandom(size))
+    sha = hashlib.sha256(canonical_json(tree_manifest(src))).hexdigest()
+    uri, bucket = f"{dest}/{sha}", dest.split("/")[2]
+
+    child = subprocess.Popen([sys.executable, "-c", _UPLOADER, str(src), dest], stdout=subprocess.PIPE, text=True)
+    done = []
+    for line in child.stdout:
+        done.append(line.strip())
+        if done[-1] == "UploadPart":  # the first of big.bin's four parts is stored
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait()
+    child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    assert done == ["HeadObject", "PutObject", "CreateMultipartUpload", "UploadPart"]
+
+    stored = s3.client.list_objects_v2(Bucket=bucket, Prefix=f"{_key(uri)}/").get("Contents", [])
+    assert [o["Key"].rsplit("/", 1)[1] for o in stored] == ["a.bin"]  # no big.bin, no c.bin, no manifest
+    pending = s3.client.list_multipart_uploads(Bucket=bucket, Prefix=f"{_key(uri)}/").get("Uploads", [])
+    assert [u["Key"].rsplit("/", 1)[1] for u in pending] == ["big.bin"]  # killed inside it
+    cache = tmp_path / "cache"
+    with pytest.raises(KftuneError, match=rf"{uri}/MANIFEST\.json not found .* incomplete \(an interrupted upload\)"):
+        resolve_path(f"{uri}/a.bin", cache, s3)  # a.bin is complete, but only the manifest vouches for it
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+    calls = _calls(s3)
+    assert upload_dir(src, dest, s3).uri == uri
+    written = [key.rsplit("/", 1)[1] for op, key in calls if op in {"PutObject", "CompleteMultipartUpload"}]
+    assert written == ["a.bin", "big.bin", "c.bin", MANIFEST]  # all again, manifest last
+    out = download_dir(uri, tmp_path / "out", s3)
+    assert all((out / name).read_bytes() == (src / name).read_bytes() for name in ("a.bin", "big.bin", "c.bin"))
+    for upload in pending:  # what the killed process left: a real bucket would expire it by a lifecycle rule
+        s3.client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
 
 def test_missing_bucket_and_missing_artifact_are_named(s3: S3, stack_env: StackInfo, tmp_path: Path) -> None:
