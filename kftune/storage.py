@@ -74,7 +74,9 @@ def connect(
 
     Credentials come from the arguments or boto3's usual chain (the environment). Retries use
     boto3's `standard` mode, which retries throttling and connection errors but not a rejected
-    signature, so wrong credentials fail at once instead of in a retry storm.
+    signature, so wrong credentials fail at once instead of in a retry storm. A stopped server
+    fails all `max_attempts` in well under a second (backoff 50 ms x 2^i, jittered); a server that
+    accepts but never answers costs `timeout_s` per attempt.
     """
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,15 @@ def _calls(s3: S3, event: str = "before-parameter-build.s3") -> list[tuple[str, 
 
     s3.client.meta.events.register(event, record)
     return seen
+
+
+def _failure(attempt: Callable[[], object], sent: list) -> tuple[str, float, int]:
+    """Run `attempt`, which must raise KftuneError: its message, the seconds it took and the requests sent."""
+    sent.clear()
+    started = time.monotonic()
+    with pytest.raises(KftuneError) as caught:
+        attempt()
+    return str(caught.value), time.monotonic() - started, len(sent)
 
 
 def _key(uri: str) -> str:
@@ -169,13 +179,8 @@ def test_wrong_credentials_are_one_clear_error_without_retries(variable: str, st
     attempts = (lambda: upload_file(data, f"{dest}-other", s3),
                 lambda: download_dir(uploaded.uri, tmp_path / "out", s3))
     for attempt in attempts:
-        sent.clear()
-        started = time.monotonic()
-        with pytest.raises(KftuneError) as caught:
-            attempt()
-        assert time.monotonic() - started < 3
-        assert len(sent) == 1  # not retried
-        message = str(caught.value)
+        message, seconds, requests = _failure(attempt, sent)
+        assert seconds < 3 and requests == 1  # not retried
         assert f"S3 at {stack_env.s3_endpoint} rejected the credentials" in message
         for value in (wrong, stack_env.secret_key, stack_env.access_key):
             assert value not in message
@@ -200,15 +205,11 @@ def test_a_stopped_s3_server_gives_bounded_retries_then_one_clear_error(tmp_path
         attempts = (lambda: download_dir(art.uri, tmp_path / "out", s3),
                     lambda: upload_dir(src, f"s3://{info.bucket}/models", s3))
         for attempt in attempts:
-            sent.clear()
-            started = time.monotonic()
-            with pytest.raises(KftuneError) as caught:
-                attempt()
-            assert time.monotonic() - started < 30
-            assert len(sent) == 4  # the first try and three retries, with botocore's backoff between them
-            assert str(caught.value).startswith(f"cannot reach S3 at {info.s3_endpoint} after 4 attempts "
-                                                "(EndpointConnectionError); check that the service runs")
-            assert info.secret_key not in str(caught.value) and info.access_key not in str(caught.value)
+            message, seconds, requests = _failure(attempt, sent)
+            assert seconds < 30 and requests == 4  # the first try and three retries, with backoff between them
+            assert message.startswith(f"cannot reach S3 at {info.s3_endpoint} after 4 attempts "
+                                      "(EndpointConnectionError); check that the service runs")
+            assert info.secret_key not in message and info.access_key not in message
         assert not (tmp_path / "out").exists()
     finally:
         down(cfg.state_dir)
