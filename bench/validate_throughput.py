@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{rows:,} short rows, {size / rows:.0f} bytes each; {machine()}; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (other work on the machine slows every line)")
-    print(f"tokenizer {args.tokenizer or 'tiny Qwen2 (built here)'}; loading it (imports transformers and torch) "
-          f"took {startup:.1f} s once (a first load also imports transformers and torch), not counted below")
+    print(f"tokenizer {args.tokenizer or 'tiny Qwen2 (built here)'}: loading it took {startup:.1f} s, not counted "
+          "below (a fresh process also imports transformers and torch first: seconds)")
     print(f"{'what':32s} {'rows/s (best)':>14s} {'rows/s range':>19s} {'rows/CPU-s':>11s} {'vs json.loads':>14s}")
     best = {label: rows / min(wall for wall, _ in timings) for label, timings in results.items()}
     for label, timings in results.items():
