@@ -16,6 +16,7 @@ still written) and 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import heapq
@@ -28,7 +29,7 @@ import time
 import unicodedata
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +38,7 @@ from kftune.config import FIELDS as TRAIN_FIELDS
 from kftune.data import ROLES, Message, to_messages
 from kftune.atomic import building
 from kftune.errors import ConfigError, KftuneError
+from kftune.token_counting import TokenCounter, load_counter
 
 # Every rule, by its stable name (used in rejected.jsonl, warnings.jsonl and report.json).
 RULES: dict[str, str] = {
@@ -79,11 +81,21 @@ POLICY_KINDS = {"length": LENGTH_POLICIES, "pii": PII_POLICIES}
 DEFAULT_MAX_SEQ_LENGTH: int = TRAIN_FIELDS["max_seq_length"].default
 BOM = b"\xef\xbb\xbf"
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+PARALLEL_MIN_BYTES = 8 * 1024 * 1024  # smaller files are checked in-process (forking costs more than it saves)
+BLOCK_BYTES = 1 << 19  # lines per worker task, by size (about 3,000 short rows)
 EXAMPLES = 20  # rejected and warned rows shown in report.html
-MASK32, MASK64 = (1 << 32) - 1, (1 << 64) - 1
+MASK32 = (1 << 32) - 1
 
 Issue = tuple[str, str]  # (rule, message)
 _to_json = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps builds a new one per call
+_from_json = json.JSONDecoder().decode  # json.loads without its per-call checks
+_json_string = json.encoder.encode_basestring  # the C encoder of one string, as _to_json writes it
+
+
+def _messages_json(messages: list[Message]) -> str:
+    """_to_json({"messages": messages}), byte for byte, at a third of the cost (roles are checked names)."""
+    return '{"messages": [' + ", ".join(
+        f'{{"role": "{m["role"]}", "content": {_json_string(m["content"])}}}' for m in messages) + "]}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class Options:
     max_reject_fraction: float = 0.05  # the gate fails above this share of rejected rows
     min_rows: int = 10  # the gate fails with fewer accepted rows
     batch_rows: int = 1024  # rows per tokenizer call
+    workers: int = 0  # processes checking JSONL rows: 0 = one per CPU (at most 4) for files over 8 MiB, 1 = none
     progress: bool = False  # a progress bar on stderr for files over 16 MiB
 
     def __post_init__(self) -> None:
@@ -119,6 +132,8 @@ class Options:
             problems.append(f"--min-rows must be at least 0, got {self.min_rows}")
         if self.batch_rows < 1:
             problems.append(f"batch_rows must be at least 1, got {self.batch_rows}")
+        if self.workers < 0:
+            problems.append(f"--workers must be at least 0 (0: one per CPU), got {self.workers}")
         if problems:
             raise ConfigError(problems, source="validation options")
 
@@ -197,6 +212,8 @@ class _Row:
     notes: list[Issue] = field(default_factory=list)  # warnings and fixes applied
     messages: list[Message] | None = None
     tokens: int | None = None
+    keys: tuple[int, int, int] | None = None  # (prompt, answer, question) hashes for the rules across rows
+    text: str | None = None  # the accepted line, {"messages": [...]} as JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,15 +259,16 @@ class _HashingReader(io.RawIOBase):
         super().close()
 
 
-def _jsonl_rows(stream: IO[bytes]) -> Iterator[_Row | _Note]:
+def _jsonl_rows(stream: Iterable[bytes], first_line: int = 1) -> Iterator[_Row | _Note]:
     """Rows of a JSONL file; a line that can't be decoded or parsed becomes a rejected row."""
-    for number, raw in enumerate(stream, start=1):
-        if raw.startswith(BOM):
-            raw = raw[len(BOM):]
-            yield _Note(number, "parse.bom", "a UTF-8 byte-order mark starts the line; it was removed")
-        if not raw.strip():
-            yield _Note(number, "parse.blank_line", "blank line skipped; remove it")
-            continue
+    for number, raw in enumerate(stream, start=first_line):
+        if raw[:1] != b"{":  # nearly every line opens an object: no BOM, not blank
+            if raw.startswith(BOM):
+                raw = raw[len(BOM):]
+                yield _Note(number, "parse.bom", "a UTF-8 byte-order mark starts the line; it was removed")
+            if not raw.strip():
+                yield _Note(number, "parse.blank_line", "blank line skipped; remove it")
+                continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -259,7 +277,7 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[_Row | _Note]:
                 f"byte {exc.start + 1} (0x{raw[exc.start]:02x}) is not valid UTF-8; re-save the file as UTF-8")])
             continue
         try:
-            yield _Row(number, None, json.loads(text))
+            yield _Row(number, None, _from_json(text))
         except json.JSONDecodeError as exc:
             yield _Row(number, None, text.rstrip("\r\n"), problems=[(
                 "parse.invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; fix or remove the line")])
@@ -483,8 +501,13 @@ def _schema(row: _Row) -> None:
         row.messages = to_messages(obj)
 
 
+_PLAIN, _WITH_SYSTEM = ["user", "assistant"], ["system", "user", "assistant"]
+
+
 def _alternates(roles: list[str]) -> bool:
     """An optional system message, then user/assistant pairs: the one shape that needs no diagnosis."""
+    if roles == _PLAIN or roles == _WITH_SYSTEM:
+        return True
     body = roles[1:] if roles[0] == "system" else roles
     pairs = len(body) // 2
     return bool(body) and len(body) % 2 == 0 and body[::2] == ["user"] * pairs and body[1::2] == ["assistant"] * pairs
@@ -543,9 +566,9 @@ def _is_mojibake(piece: str) -> bool:
     return True
 
 
-def _content(row: _Row) -> None:
-    for i, m in enumerate(row.messages):
-        text = m["content"]
+def _content(row: _Row, suspects: list[int]) -> None:
+    for i in suspects:
+        text = row.messages[i]["content"]
         if not _SUSPECT.search(text):
             continue
         if "\ufffd" in text:
@@ -570,6 +593,8 @@ _PII = re.compile(
     r"|(?P<card_number>(?<!\d)\d(?:[ -]?\d){12,18}(?!\d))"
 )
 _EIGHT_DIGITS = re.compile(r"\d(?:[ ()-]{0,2}\d){7}")  # every number _PII looks for has at least 8 digits
+# One scan per message for anything the content and PII rules would find; clean text stops here.
+_WORTH_A_LOOK = re.compile(f"{_SUSPECT.pattern}|@|{_EIGHT_DIGITS.pattern}")
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 PII_MASKS = {"email": "[EMAIL]", "phone": "[PHONE]", "id_number": "[ID_NUMBER]", "card_number": "[CARD_NUMBER]"}
 
@@ -623,9 +648,10 @@ def _masked(value: str) -> str:
 PII_OUTCOME = {"flag": " (flagged)", "reject": "; remove it or use --policy pii=redact", "redact": "; replaced with {}"}
 
 
-def _pii(row: _Row, policy: str) -> None:
+def _pii(row: _Row, policy: str, suspects: list[int]) -> None:
     """One issue per kind of personal data per message, naming each value masked."""
-    for i, m in enumerate(row.messages):
+    for i in suspects:
+        m = row.messages[i]
         found = find_pii(m["content"])
         if not found:
             continue
@@ -659,8 +685,10 @@ def check_row(row: _Row, options: Options) -> None:
     _roles(row)
     if row.problems:
         return
-    _content(row)
-    _pii(row, options.pii_policy)
+    suspects = [i for i, m in enumerate(row.messages) if _WORTH_A_LOOK.search(m["content"])]
+    if suspects:
+        _content(row, suspects)
+        _pii(row, options.pii_policy, suspects)
     _short_response(row, options.min_response_chars)
 
 
@@ -668,10 +696,20 @@ def check_row(row: _Row, options: Options) -> None:
 # Keys for duplicates, leakage and the split.
 
 
+# Full-width punctuation NFKC maps to one ASCII character each, as it does on its own in any
+# context, so replacing it first gives the same NFKC text; most Chinese text then passes the
+# quick check, and normalising (20x slower) is left to what remains.
+_FULL_WIDTH = tuple((c, unicodedata.normalize("NFKC", c)) for c in "，！？：；（）\u3000")
+
+
 def _norm(text: str) -> str:
     """Text as compared for duplicates and leakage: NFKC, case-folded, whitespace collapsed."""
-    if not unicodedata.is_normalized("NFKC", text):  # the quick check is 40x cheaper than normalising
-        text = unicodedata.normalize("NFKC", text)
+    if not text.isascii():
+        for wide, narrow in _FULL_WIDTH:
+            if wide in text:
+                text = text.replace(wide, narrow)
+        if not unicodedata.is_normalized("NFKC", text):
+            text = unicodedata.normalize("NFKC", text)
     return " ".join(text.casefold().split())
 
 
@@ -682,164 +720,52 @@ def prompt_key(norms: list[str], roles: list[str]) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
+def _hash64(text: str) -> int:
+    """A 64-bit key for comparisons within one run; forked workers share the process's hash salt."""
+    return hash(text) & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def question_of(messages: list[Message], norms: list[str]) -> str:
     """The last user turn, normalised: the same question under another system prompt or history."""
     return next(n for m, n in zip(reversed(messages), reversed(norms)) if m["role"] == "user")
 
 
 # ---------------------------------------------------------------------------------------------
-# Token counting under the chat template.
-
-
-class TokenCounter:
-    """Tokens per conversation under a tokenizer's chat template, computed in batches.
-
-    Rendering the Jinja template row by row is slow, so a count is the template's overhead for the
-    row's sequence of roles (rendered once, with empty contents) plus its contents' tokens from one
-    batched encode. The first `check_rows` rows of each role sequence, and every row within
-    `margin` tokens of the limit, are also counted with the full template, so length decisions
-    are exact; if a sum is ever off by more than `margin`, every row is counted the slow way.
-    """
-
-    def __init__(self, tokenizer: Any, limit: int, check_rows: int = 64, margin: int = 16) -> None:
-        self.tokenizer, self.limit, self.check_rows, self.margin = tokenizer, limit, check_rows, margin
-        self.additive = True
-        self.checked = 0  # rows counted both ways
-        self.max_diff = 0  # the largest difference seen between the two
-        self._overheads: dict[tuple[str, ...], int | str] = {}
-        self._checks: Counter[tuple[str, ...]] = Counter()
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            self._lengths: Callable[[list[str]], list[int]] = lambda texts: [
-                len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-        else:
-            self._lengths = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-    def exact(self, conversations: list[list[Message]]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=False)]
-
-    def template_problem(self, roles: tuple[str, ...]) -> str | None:
-        """Why the chat template refuses this sequence of roles, or None (cached per sequence)."""
-        if roles not in self._overheads:
-            try:
-                self._overheads[roles] = self.exact([[{"role": r, "content": ""} for r in roles]])[0]
-            except Exception as exc:  # jinja raises TemplateError or whatever the template's raise_exception says
-                self._overheads[roles] = f"{type(exc).__name__}: {exc}"
-        overhead = self._overheads[roles]
-        return overhead if isinstance(overhead, str) else None
-
-    def _overhead(self, roles: tuple[str, ...]) -> int:
-        problem = self.template_problem(roles)
-        if problem:
-            raise KftuneError(f"the chat template refuses roles {', '.join(roles)}: {problem}")
-        return self._overheads[roles]
-
-    def _to_check(self, roles: tuple[str, ...], estimate: int) -> bool:
-        if estimate >= self.limit - self.margin:
-            return True
-        self._checks[roles] += 1
-        return self._checks[roles] <= self.check_rows
-
-    def count(self, conversations: list[list[Message]]) -> list[int]:
-        """Tokens of each conversation as training will see them (see the class docstring for how)."""
-        if not conversations:
-            return []
-        if not self.additive:
-            return self.exact(conversations)
-        sizes = iter(self._lengths([m["content"] for c in conversations for m in c]))
-        roles = [tuple(m["role"] for m in c) for c in conversations]
-        counts = [self._overhead(r) + sum(next(sizes) for _ in c) for r, c in zip(roles, conversations)]
-        checks = [i for i, (r, n) in enumerate(zip(roles, counts)) if self._to_check(r, n)]
-        for i, n in zip(checks, self.exact([conversations[i] for i in checks]) if checks else []):
-            self.max_diff = max(self.max_diff, abs(n - counts[i]))
-            counts[i] = n
-        self.checked += len(checks)
-        if self.max_diff > self.margin:
-            self.additive = False  # the other rows' sums can't be trusted either
-            return self.exact(conversations)
-        return counts
-
-    def truncate(self, conversation: list[Message]) -> tuple[list[Message], int] | None:
-        """The conversation with its final answer cut to fit the limit, or None when the prompt alone doesn't."""
-        total = self.exact([conversation])[0]
-        ids = self.tokenizer.encode(conversation[-1]["content"], add_special_tokens=False)
-        keep = len(ids) - (total - self.limit)
-        while keep > 0:
-            text = self.tokenizer.decode(ids[:keep]).rstrip("\ufffd")  # a cut inside a character
-            if not text.strip():
-                return None
-            cut = conversation[:-1] + [{"role": "assistant", "content": text}]
-            n = self.exact([cut])[0]
-            if n <= self.limit:
-                return cut, n
-            keep -= n - self.limit
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        method = "chat template per row" if not self.additive else "template overhead + batched content tokens"
-        return {"method": method, "checked_rows": self.checked, "max_abs_diff": self.max_diff, "margin": self.margin}
-
-
-def load_counter(location: str, limit: int) -> TokenCounter:
-    """A TokenCounter for a base model or tokenizer folder, hub id or s3:// URI."""
-    from kftune.modeling import load_tokenizer, resolve_model_location
-
-    folder = Path(location).expanduser()
-    if location.startswith("s3://") or not folder.is_dir():  # an artifact, a hub id, or a path that isn't there
-        folder = resolve_model_location(location, flag="--base_model/--tokenizer")
-    tokenizer = load_tokenizer(str(folder))  # a tokenizer folder needs no config.json
-    if not tokenizer.chat_template:
-        raise KftuneError(f"{location}: the tokenizer has no chat template, so lengths can't be counted as in "
-                          "training; pass the base model (--base_model) or a tokenizer with a chat template")
-    return TokenCounter(tokenizer, limit)
-
-
-# ---------------------------------------------------------------------------------------------
 # The gate: rows in, files out.
 
 
-class _Gate:
-    """Applies the batch-level rules (length, leakage, duplicates) and writes each row where it belongs."""
+class _Checker:
+    """Everything that looks at one row at a time, ending with its keys and its accepted line.
 
-    def __init__(self, options: Options, name: str, folder: Path, counter: TokenCounter | None,
-                 external: set[int] | None) -> None:
-        self.options, self.name, self.folder = options, name, folder
-        self.counter, self.external = counter, external
-        self.files = {k: open(folder / f"{k}.jsonl", "w", encoding="utf-8") for k in ("accepted", "rejected", "warnings")}
-        self.rule_rows: Counter[str] = Counter()
-        self.rows_in = self.accepted = self.rejected = self.warned = 0
-        self.fatal: str | None = None
-        self.examples: dict[str, list[dict]] = {"rejected": [], "warnings": []}
-        self.seen: dict[int, int] = {}  # prompt key -> answer hash << 32 | line of its first row (one int: ~100 B)
-        self.repeats: dict[tuple[int, int], int] = {}  # (prompt, answer) -> line, for answers after the first
-        self.prompt_keys, self.question_keys, self.lines = array("Q"), array("q"), array("Q")  # per accepted row
-        self.lengths: Counter[int] = Counter()
+    It holds no state across rows that matters for the result, so rows can be checked in
+    worker processes (see `_parallel_rows`) and come back in order to the gate."""
 
-    def where(self, line: int) -> str:
-        return f"{self.name}:{line}"
+    def __init__(self, options: Options, counter: TokenCounter | None, external: set[int] | None) -> None:
+        self.options, self.counter, self.external = options, counter, external
 
-    def add(self, batch: list[_Row]) -> None:
-        """Row rules, then token counts for the whole batch in one tokenizer call, then the rules
-        across rows in file order (so the first of two duplicates is the one kept), then write."""
+    def check(self, batch: list[_Row]) -> list[_Row]:
+        """Row rules, then token counts for the whole batch in one tokenizer call, then the keys."""
         for row in batch:
             check_row(row, self.options)
         if self.counter:
             self._lengths([r for r in batch if not r.problems])
         for row in batch:
             if not row.problems:
-                self._corpus_rules(row)
-            self._write(row)
+                self._keys(row)
+        return batch
 
     def _lengths(self, rows: list[_Row]) -> None:
         counter, limit = self.counter, self.options.max_seq_length
-        live = []
+        live, roles = [], []
         for row in rows:
-            problem = counter.template_problem(tuple(m["role"] for m in row.messages))
+            row_roles = tuple(m["role"] for m in row.messages)
+            problem = counter.template_problem(row_roles)
             if problem:
                 row.problems.append(("roles.template_error", f"the chat template refuses this row ({problem})"))
             else:
                 live.append(row)
-        for row, n in zip(live, counter.count([r.messages for r in live])):
+                roles.append(row_roles)
+        for row, n in zip(live, counter.count([r.messages for r in live], roles)):
             row.tokens = n
             if n <= limit:
                 continue
@@ -854,9 +780,9 @@ class _Gate:
                 row.messages, row.tokens = cut
                 row.notes.append(("length.too_long", f"{message}; the final answer was cut to {row.tokens} tokens"))
 
-    def _corpus_rules(self, row: _Row) -> None:
-        """Rules on the final, normalised text: the response repeating the prompt, overlap with the
-        external eval set, and duplicates (the first row wins; later ones name its line)."""
+    def _keys(self, row: _Row) -> None:
+        """Rules on the final, normalised text (the response repeating the prompt, overlap with the
+        external eval set), then the hashes the duplicate and split rules compare, and the line."""
         messages = row.messages
         norms = [_norm(m["content"]) for m in messages]
         roles = [m["role"] for m in messages]
@@ -864,12 +790,43 @@ class _Gate:
             row.problems.append(("content.response_equals_prompt", f"{_label(row, -1)} repeats the prompt "
                                                                    f"{_label(row, -2)}; write a real answer"))
             return
-        question = hash(question_of(messages, norms))  # in-run comparisons only, so the salted hash will do
+        question = _hash64(question_of(messages, norms))
         if self.external is not None and question in self.external:
             row.problems.append(("leakage.external_eval", "the question also appears in the external eval set "
                                                           "(--eval-data); drop it from one of them"))
             return
-        prompt, answer = prompt_key(norms, roles), hash(norms[-1]) & MASK64
+        row.keys = prompt_key(norms, roles), _hash64(norms[-1]), question
+        row.text = _messages_json(messages)
+
+
+class _Gate:
+    """Applies the rules across rows (duplicates) in file order and writes each row where it belongs."""
+
+    def __init__(self, options: Options, name: str, folder: Path) -> None:
+        self.options, self.name, self.folder = options, name, folder
+        self.files = {k: open(folder / f"{k}.jsonl", "w", encoding="utf-8") for k in ("accepted", "rejected", "warnings")}
+        self.rule_rows: Counter[str] = Counter()
+        self.rows_in = self.accepted = self.rejected = self.warned = 0
+        self.fatal: str | None = None
+        self.examples: dict[str, list[dict]] = {"rejected": [], "warnings": []}
+        self.seen: dict[int, int] = {}  # prompt key -> answer hash << 32 | line of its first row (one int: ~100 B)
+        self.repeats: dict[tuple[int, int], int] = {}  # (prompt, answer) -> line, for answers after the first
+        self.prompt_keys, self.question_keys, self.lines = array("Q"), array("Q"), array("Q")  # per accepted row
+        self.lengths: Counter[int] = Counter()
+
+    def where(self, line: int) -> str:
+        return f"{self.name}:{line}"
+
+    def add(self, rows: list[_Row]) -> None:
+        """Checked rows, in file order (so the first of two duplicates is the one kept)."""
+        for row in rows:
+            if not row.problems:
+                self._duplicates(row)
+            self._write(row)
+
+    def _duplicates(self, row: _Row) -> None:
+        """The first row wins; later ones name its line."""
+        prompt, answer, question = row.keys
         first = self.seen.get(prompt)
         if first is None:
             self.seen[prompt] = answer << 32 | min(row.line, MASK32)
@@ -909,12 +866,13 @@ class _Gate:
             self.rejected += 1
             rule, message = row.problems[0]
             problems = [{"rule": r, "message": m} for r, m in row.problems]
-            self._record("rejected", place | {"rule": rule, "message": message, "problems": problems, "row": row.raw})
+            raw = _from_json(row.raw.decode()) if isinstance(row.raw, bytes) else row.raw  # see _parallel_rows
+            self._record("rejected", place | {"rule": rule, "message": message, "problems": problems, "row": raw})
             return
         self.accepted += 1
         if row.tokens is not None:
             self.lengths[row.tokens] += 1
-        self.files["accepted"].write(_to_json({"messages": row.messages}) + "\n")
+        self.files["accepted"].write(row.text + "\n")
 
     def close(self) -> None:
         for f in self.files.values():
@@ -1006,7 +964,7 @@ def _external_questions(source: str) -> tuple[set[int], int]:
                 if row.problems or not any(m.get("role") == "user" for m in row.messages):
                     unusable += 1
                 else:
-                    questions.add(hash(question_of(row.messages, [_norm(m["content"]) for m in row.messages])))
+                    questions.add(_hash64(question_of(row.messages, [_norm(m["content"]) for m in row.messages])))
         except _BrokenFile as exc:
             raise KftuneError(f"--eval-data {source}:{exc.line}: {exc.message}") from None
     return questions, unusable
@@ -1049,11 +1007,94 @@ def _batches(gate: _Gate, items: Iterator[_Row | _Note]) -> Iterator[list[_Row]]
         yield batch
 
 
-def _run(gate: _Gate, path: Path, progress: bool) -> tuple[str, str]:
-    """Stream the file through the gate, batch by batch; returns (sha256, format)."""
+# ---------------------------------------------------------------------------------------------
+# Checking rows in worker processes: the main process reads blocks of lines and keeps the rules
+# across rows and the writing; forked workers parse and check the blocks, a few in flight at a
+# time (bounded memory), and the results are taken in file order, so the output is the same.
+
+_worker_checker: _Checker | None = None
+
+
+def _start_worker(checker: _Checker) -> None:
+    global _worker_checker
+    _worker_checker = checker  # inherited through fork, not pickled
+
+
+def _check_block(first_line: int, lines: list[bytes]) -> tuple[list[_Row | _Note], dict[str, Any] | None]:
+    """Parse and check one block of JSONL lines; returns its items and the worker's token-count stats.
+
+    An accepted row travels back as its line's bytes instead of the parsed object (cheaper to
+    pickle); the gate parses it again only if it turns out to be a duplicate."""
+    checker = _worker_checker
+    items = list(_jsonl_rows(lines, first_line))
+    rows = [item for item in items if isinstance(item, _Row)]
+    for start in range(0, len(rows), checker.options.batch_rows):
+        checker.check(rows[start:start + checker.options.batch_rows])
+    for row in rows:
+        if not row.problems:
+            row.raw, row.messages = lines[row.line - first_line].removeprefix(BOM), None
+    counter = checker.counter
+    return items, ({"pid": os.getpid(), **counter.stats, "slow_reason": counter.slow_reason} if counter else None)
+
+
+def _workers(options: Options, size: int) -> int:
+    """Worker processes for a JSONL file: options.workers, or by default one per usable CPU (at
+    most 4) for files of PARALLEL_MIN_BYTES and more; 1 means check in this process."""
+    if options.workers:
+        return options.workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, 4) if size >= PARALLEL_MIN_BYTES else 1
+
+
+def _parallel_batches(gate: _Gate, checker: _Checker, stream: io.BufferedReader,
+                      workers: int) -> Iterator[list[_Row]]:
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker, and no fork warning from tokenizers
+    stats: dict[int, dict[str, Any]] = {}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_start_worker, initargs=(checker,)) as pool:
+            pending: collections.deque[Future] = collections.deque()
+            next_line = 1
+            while True:
+                while len(pending) <= workers and (lines := stream.readlines(BLOCK_BYTES)):
+                    pending.append(pool.submit(_check_block, next_line, lines))
+                    next_line += len(lines)
+                if not pending:
+                    break
+                items, worker_stats = pending.popleft().result()
+                if worker_stats:
+                    stats[worker_stats.pop("pid")] = worker_stats
+                rows = []
+                for item in items:
+                    if isinstance(item, _Note):
+                        gate.note(item)
+                    else:
+                        rows.append(item)
+                yield rows
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    if checker.counter:
+        checker.counter.absorb(list(stats.values()))
+
+
+def _run(gate: _Gate, checker: _Checker, path: Path, options: Options) -> tuple[str, str]:
+    """Stream the file through the checker and the gate, batch by batch; returns (sha256, format)."""
     with _open(path) as (stream, reader, data_format):
-        bar = _progress(path.stat().st_size, progress)
-        for batch in _batches(gate, _rows(stream, data_format)):
+        size = path.stat().st_size
+        bar = _progress(size, options.progress)
+        workers = _workers(options, size) if data_format == "jsonl" else 1
+        if workers > 1:
+            batches = _parallel_batches(gate, checker, stream, workers)
+        else:
+            batches = (checker.check(batch) for batch in _batches(gate, _rows(stream, data_format)))
+        for batch in batches:
             gate.add(batch)
             if bar:
                 bar.update(reader.bytes_read - bar.n)
@@ -1087,9 +1128,9 @@ def validate(source: str | os.PathLike, out_dir: str | os.PathLike, options: Opt
     counter = load_counter(options.tokenizer, options.max_seq_length) if options.tokenizer else None
     external, unusable = _external_questions(options.eval_data) if options.eval_data else (None, 0)
     with building(out_dir) as tmp:
-        gate = _Gate(options, name, tmp, counter, external)
+        gate = _Gate(options, name, tmp)
         try:
-            sha256, data_format = _run(gate, path, options.progress)
+            sha256, data_format = _run(gate, _Checker(options, counter, external), path, options)
             train_rows, eval_rows, split_failures = gate.split()
         finally:
             gate.close()
@@ -1217,6 +1258,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="the gate fails with fewer accepted rows")
     parser.add_argument("--min-response-chars", "--min_response_chars", metavar="N", type=int,
                         default=defaults.min_response_chars, help="shorter final answers are rejected")
+    parser.add_argument("--workers", metavar="N", type=int, default=defaults.workers,
+                        help="processes checking rows of a JSONL file (0: one per CPU, at most 4, for files "
+                             "over 8 MiB; 1: none)")
     return parser
 
 
@@ -1227,7 +1271,7 @@ def main(argv: list[str]) -> int:
         tokenizer=args.base_model or args.tokenizer, max_seq_length=args.max_seq_length,
         length_policy=policies.get("length", "reject"), pii_policy=policies.get("pii", "flag"),
         min_response_chars=args.min_response_chars, eval_fraction=args.eval_fraction, eval_data=args.eval_data,
-        max_reject_fraction=args.max_reject_fraction, min_rows=args.min_rows, progress=True,
+        max_reject_fraction=args.max_reject_fraction, min_rows=args.min_rows, workers=args.workers, progress=True,
     )
     report = validate(args.data, args.out, options)
     print(report.summary())

@@ -193,11 +193,62 @@ def test_token_counts_match_the_chat_template(counter):
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c  "},
          {"role": "assistant", "content": "\td"}],
         [{"role": "user", "content": "长" * 300}, {"role": "assistant", "content": "答" * 10}],
+        [{"role": "user", "content": "编号 12 3\t4  5\n6"}, {"role": "assistant", "content": "<|im_end|> 7"}],
+        [{"role": "user", "content": "cafe\u0301 1\u0301 Ａ\u030a ①²"}, {"role": "assistant", "content": "e\u0301 "}],
     ]
-    plain = TokenCounter(counter.tokenizer, limit=10_000, check_rows=0)
+    fast = TokenCounter(counter.tokenizer, limit=10_000, check_rows=0)  # no cross-checks: the fast path alone
     for c in conversations:
-        plain.template_problem(tuple(m["role"] for m in c))
-    assert plain.count(conversations) == plain.exact(conversations)
+        fast.template_problem(tuple(m["role"] for m in c))
+    assert fast.count(conversations) == fast.exact(conversations)
+    assert fast.describe()["fast_rows"] == len(conversations) - 1  # the row holding an added token is rendered
+
+
+def real_conversations() -> list[list[dict]]:
+    """The committed sample data, the external alpaca data (when present) and benchmark-style rows."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from validate_throughput import write_rows
+
+    with tempfile.TemporaryDirectory(prefix="kftune-test-tokens-") as tmp:
+        write_rows(Path(tmp) / "short.jsonl", 500)
+        rows = read_jsonl(Path(tmp) / "short.jsonl") + read_jsonl(REPO / "data" / "store_xhs_sft_samples.jsonl")
+    if EXTERNAL_ALPACA.is_file():
+        rows += json.loads(EXTERNAL_ALPACA.read_text(encoding="utf-8"))
+    return [m for m in map(to_messages, rows) if all(t["content"].strip() for t in m)]
+
+
+def test_fast_token_counts_equal_apply_chat_template_on_real_data(counter):
+    conversations = real_conversations()
+    fast = TokenCounter(counter.tokenizer, limit=10_000, check_rows=0)
+    assert fast.count(conversations) == fast.exact(conversations)
+    stats = fast.describe()
+    assert stats["fast_rows"] == len(conversations) and stats["method"].startswith("chat template pieces")
+
+
+PIECES = list("ab Z'sS 12０9\n\t\r 。，!?你好咖啡①😀\u3000\u00a0\u0301") + ["<|im_end|>"]  # NFD accents, added tokens
+TRICKY = st.lists(st.sampled_from(PIECES), min_size=1, max_size=30).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(TRICKY, TRICKY), min_size=1, max_size=3), st.one_of(st.none(), TRICKY))
+def test_fast_token_counts_equal_apply_chat_template_on_random_rows(counter, turns, system):
+    conversation = [{"role": "system", "content": system}] if system else []
+    for question, answer in turns:
+        conversation += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    fast = TokenCounter(counter.tokenizer, limit=10_000, check_rows=0)
+    assert fast.count([conversation]) == fast.exact([conversation])
+
+
+def test_a_template_that_edits_contents_is_rendered_row_by_row(counter):
+    from kftune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(counter.tokenizer.name_or_path)
+    tokenizer.chat_template = counter.tokenizer.chat_template.replace("message['content'] + '<|im_end|>' }}",
+                                                                      "message['content'] | trim + '<|im_end|>' }}")
+    assert tokenizer.chat_template != counter.tokenizer.chat_template
+    trimming = TokenCounter(tokenizer, limit=10_000, check_rows=0)
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  padded answer  "}]
+    assert trimming.describe()["method"].startswith("chat template per row")
+    assert trimming.count([conversation]) == trimming.exact([conversation])
 
 
 def long_answer(n: int = 400) -> dict:
@@ -351,6 +402,29 @@ def test_output_is_replaced_whole_and_foreign_folders_are_refused(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_worker_processes_give_the_same_outputs(tmp_path, tiny_model, monkeypatch):
+    """Rows checked in forked workers, a few lines per block, come back in order: same files, same report."""
+    import kftune.validate as gate_module
+
+    rows = distinct_rows(60) + [GOOD[0], RULE_FIXTURES["duplicate.exact"], b"", RULE_FIXTURES["pii.email"],
+                                RULE_FIXTURES["schema.missing_field"], RULE_FIXTURES["duplicate.conflicting_answer"],
+                                long_answer()] + distinct_rows(30, tag="b") + distinct_rows(5)
+    data = write(tmp_path / "data.jsonl", rows)
+    monkeypatch.setattr(gate_module, "BLOCK_BYTES", 300)  # many blocks, several in flight
+    reports = {w: validate(data, tmp_path / f"w{w}", Options(tokenizer=str(tiny_model), max_seq_length=LIMIT,
+                                                             workers=w, min_rows=1)) for w in (1, 2)}
+    for name in ("accepted", "rejected", "train", "eval"):
+        assert (tmp_path / "w1" / f"{name}.jsonl").read_bytes() == (tmp_path / "w2" / f"{name}.jsonl").read_bytes()
+    warnings = [sorted((tmp_path / f"w{w}" / "warnings.jsonl").read_text().splitlines()) for w in (1, 2)]
+    assert warnings[0] == warnings[1]
+    one, two = (reports[w].to_dict() for w in (1, 2))
+    for report in (one, two):
+        report.pop("seconds"), report.pop("out_dir"), report["options"].pop("workers")
+    for key in ("checked_rows", "chunk_lookups", "chunk_misses"):  # per worker, and per batch
+        one["token_counting"].pop(key), two["token_counting"].pop(key)
+    assert one == two and one["rejected"] == 8 and one["token_counting"]["fast_rows"] == one["rows_in"] - 1
+
+
 # --- no valid row lost: a property over random mixes ---------------------------------------------------
 
 TEXT = st.text(alphabet=st.sampled_from("abcxyz 0123456789，。！？你好咖啡店笔记推荐很好安静"), max_size=40)
@@ -485,5 +559,6 @@ def test_throughput_benchmark_runs(tiny_model):
     proc = run_cli("bench/validate_throughput.py", "--quick", "--tokenizer", str(tiny_model))
     assert proc.returncode == 0, proc.stderr
     lines = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
-    assert {"json.loads per line (baseline)", "gate, no tokenizer", "gate + batched tokenizer"} <= set(lines)
+    assert {"json.loads per line (baseline)", "gate, no tokenizer", "gate + tokenizer (workers)",
+            "gate + tokenizer, one process"} <= set(lines)
     assert "target 50,000 rows/s with the tokenizer:" in proc.stdout
