@@ -32,7 +32,7 @@ ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as
 TRAIN_PARAMS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "quantization_bit", "learning_rate", "max_steps",
                 "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "seed")
 TRAIN_METRICS = ("train_loss", "first_loss", "last_loss", "global_steps", "train_rows", "trainable_params",
-                 "total_params", "train_seconds")
+                 "total_params", "train_seconds", "train_tokens", "tokens_per_second", "peak_memory_bytes")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
