@@ -62,6 +62,12 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def experiment_id_for(client: Any, name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
 def register(
     name: str,
     source: str,
@@ -84,8 +90,7 @@ def register(
 
     try:
         client = MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = experiment_id_for(client, experiment)
         run = client.create_run(experiment_id, run_name=f"{name}-{params.get('method', 'model')}")
         run_id = run.info.run_id
         now = int(time.time() * 1000)

@@ -11,6 +11,7 @@ merges and registers like a single run's model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import tempfile
@@ -136,8 +137,6 @@ def _int_or_none(value: Any) -> int | None:
 def _check_pairing(candidates: Sequence[Mapping[str, Any]], trained: Sequence[TrainedModel],
                    evaluations: Sequence[Evaluation]) -> None:
     """The three lists must describe the same candidates in the same order (KFP collects in loop order)."""
-    import json
-
     if not len(candidates) == len(trained) == len(evaluations):
         raise KftuneError(f"the sweep collected {len(trained)} trained models and {len(evaluations)} evaluations "
                           f"for {len(candidates)} candidates; every branch must train and evaluate once")
@@ -160,8 +159,7 @@ def compare(data: DataSplit, candidates: Sequence[Mapping[str, Any]], trained: S
     _check_pairing(candidates, trained, evaluations)
     rows = [candidate_row(c, t, e) for c, t, e in zip(candidates, trained, evaluations, strict=True)]
     comparison = comparing.rank(rows, primary_metric)
-    place = {row.name: i for i, row in enumerate(rows)}
-    winner = place[comparison.winner.name]
+    winner = [row.name for row in rows].index(comparison.winner.name)
     with tempfile.TemporaryDirectory(prefix="kftune-sweep-") as tmp:
         files = comparing.write_reports(comparison, tmp)
         if html_path:
@@ -180,10 +178,10 @@ def log_to_mlflow(experiment: str, comparison: comparing.Comparison, reports: Pa
                   results: Mapping[str, tuple[TrainedModel, Evaluation]], report_uri: str) -> tuple[str, str]:
     """A parent run holding the table and the winner, and one child run per candidate; returns (parent id, URL)."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
-    from kftune.registry import check_reachable, run_url
+    from kftune.registry import check_reachable, experiment_id_for, run_url
 
     uri = check_reachable()
     now = int(time.time() * 1000)
@@ -195,8 +193,7 @@ def log_to_mlflow(experiment: str, comparison: comparing.Comparison, reports: Pa
     winner = comparison.winner
     try:
         client = MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = experiment_id_for(client, experiment)
         parent = client.create_run(experiment_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={"kftune.sweep": "parent"}).info.run_id
         client.log_batch(parent, metrics=numbers({"candidates": len(comparison.rows),
