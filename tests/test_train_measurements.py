@@ -9,9 +9,8 @@ from kftune.measure import peak_memory
 from kftune.modeling import load_tokenizer
 from kftune.train import run
 
+pytestmark = pytest.mark.slow  # trains a few seconds
 MAX_LENGTH = 256  # above every row's length: trl drops rows truncation leaves without assistant tokens
-
-
 BALLAST = 2**30
 
 
