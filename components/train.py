@@ -25,8 +25,11 @@ def train(
     seed: int,
     processes: int,
     model: Output[Model],
+    lora_target_modules: str = "",
 ):
-    """Train on the train split; `model` carries the S3 URI of the adapter or full model."""
+    """Train on the train split; `model` carries the S3 URI of the adapter or full model.
+
+    lora_target_modules: comma-separated module names; empty: every linear layer but the LM head."""
     from kftune import steps
 
     settings = {
@@ -41,6 +44,7 @@ def train(
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "max_seq_length": max_seq_length,
         "seed": seed,
+        "lora_target_modules": lora_target_modules or None,
     }
     split = steps.from_metadata(steps.DataSplit, data.metadata)
     result = steps.train(split, base_model, method, artifact_root, settings, processes)

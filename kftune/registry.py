@@ -84,7 +84,7 @@ def register(
 
     try:
         client = MlflowClient(uri)
-        experiment_id = _experiment_id(client, experiment)
+        experiment_id = experiment_id_for(client, experiment)
         run = client.create_run(experiment_id, run_name=f"{name}-{params.get('method', 'model')}")
         run_id = run.info.run_id
         now = int(time.time() * 1000)
@@ -107,7 +107,7 @@ def register(
     return Registration(name, str(version.version), run_id, run_url(uri, experiment_id, run_id), source)
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def experiment_id_for(client: Any, name: str) -> str:
     """The id of experiment `name`, created if missing; a concurrent run may create it first, so re-read then.
 
     Measured: of 16 processes registering at once into a new experiment, one lost that race with

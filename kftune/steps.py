@@ -29,10 +29,11 @@ from kftune.storage import resolve_path, upload_dir
 METHODS = ("full", "lora", "qlora")
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
 # what a model's MLflow run records of its training config (None for keys its method does not use)
-TRAIN_PARAMS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "quantization_bit", "learning_rate", "max_steps",
-                "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "seed")
+TRAIN_PARAMS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "quantization_bit",
+                "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "max_seq_length", "seed")
 TRAIN_METRICS = ("train_loss", "first_loss", "last_loss", "global_steps", "train_rows", "trainable_params",
-                 "total_params", "train_seconds")
+                 "total_params", "train_seconds", "train_tokens", "tokens_per_second", "peak_memory_bytes")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -185,6 +186,7 @@ def train(
         result = train_on_node(cfg, processes)
         artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
     params = {k: getattr(cfg, k) for k in TRAIN_PARAMS}
+    params["lora_target_modules"] = ",".join(result.metrics.get("target_modules") or []) or None  # as resolved
     if not cfg.uses_adapter:
         params.update({k: None for k in params if k.startswith("lora_")})
     if not cfg.use_qlora:

@@ -107,6 +107,7 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
         eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps or None,
         report_to="none",
+        include_num_input_tokens_seen="non_padding",  # real tokens trained on, for tokens/s
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # under `kftune launch`: every trainable parameter gets a gradient
     )
@@ -122,6 +123,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
     """
     from kftune.data import load_conversations, to_dataset
+    from kftune.measure import peak_memory, reset_peak_memory
     from kftune.modeling import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
 
     # everything that can fail on bad input is checked before anything heavy is imported or written
@@ -141,6 +143,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         raise KftuneError(f"{cfg.base_model}: the tokenizer has no chat template; use an instruct/chat model")
 
     log.info("method %s on %s (%s), %d training rows", cfg.method, runtime.device, runtime.precision, len(train_rows))
+    reset_peak_memory(runtime.device)  # the peak of loading and training this model, nothing before
     model, targets = build_model(cfg, runtime, location)
     trainable, total = count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -159,6 +162,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         started = time.perf_counter()
         result = trainer.train()
         elapsed = time.perf_counter() - started
+        peak, tokens = peak_memory(runtime.device), trainer.state.num_input_tokens_seen
         eval_metrics = trainer.evaluate() if eval_rows else {}
 
         trainer.save_model(str(staging))  # every process takes part (FSDP gathers); process zero writes
@@ -182,6 +186,10 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "last_loss": history[-1][1] if history else None,
             "loss_history": history,
             "train_seconds": round(elapsed, 3),
+            "train_tokens": tokens,  # non-padding input tokens, all processes
+            "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+            "peak_memory_bytes": peak.bytes,  # this process's (process zero's device's) peak
+            "peak_memory_source": peak.source,
             **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
         }
         if main:

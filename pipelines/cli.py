@@ -1,23 +1,29 @@
-"""`kftune pipeline run|compile|submit|schedule`: run the DAG locally through kfp.local against the local
-stack, compile it for a cluster, or submit / schedule it on one (pipelines/submit.py).
+"""`kftune pipeline run|sweep|compile|submit|schedule`: run the DAG (or the method x rank sweep) locally
+through kfp.local against the local stack, compile it for a cluster, or submit / schedule it on one
+(pipelines/submit.py). `--pipeline sweep` makes compile, submit and schedule work on the sweep.
 
-`run` takes one flag per pipeline parameter (derived from the pipeline's signature, so the two
-cannot drift apart), starts the local stack when it is not running, and stages what the tasks
-need in S3: local files are uploaded, and without --base-model / --data-uri the tiny demo model
-(built once from the committed sample data) and that data are used, so it works offline.
+`run` and `sweep` take one flag per pipeline parameter (derived from the pipeline's signature, so
+the two cannot drift apart), start the local stack when it is not running, and stage what the
+tasks need in S3: local files are uploaded, and without --base-model / --data-uri the tiny demo
+model (built once from the committed sample data) and that data are used, so they work offline.
 """
 
 import argparse
+import functools
 import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 from kftune import steps
+from kftune.compare import DIRECTIONS
 from kftune.errors import KftuneError
 from kftune.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
 from kftune.storage import S3, connect, upload_dir, upload_file
-from pipelines.local import RunSummary, check_arguments, run
+from kftune.sweep import SWEEP_METHODS, TARGET_PRESETS
+from pipelines.compile import PIPELINES, compile_pipeline, pipeline_function
+from pipelines.local import RunSummary, SweepSummary, check_arguments, check_sweep_arguments, run, run_sweep
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "store_xhs_sft_samples.jsonl"
 # Wide enough that LoRA on its random weights learns the post format in ~300 CPU steps (measured:
@@ -31,44 +37,81 @@ HELP = {
     "quantization_bit": "QLoRA bits, 4 or 8",
     "artifact_root": "where the tasks store their artifacts; default: s3://<stack bucket>/pipeline",
     "sample_tokens": "length of the base-vs-tuned sample answer evaluate writes (0: none)",
+    "methods": "the sweep's methods, space-separated: full, lora, qlora4, qlora8 (full trains once, whatever the ranks)",
+    "ranks": "LoRA ranks, space-separated, e.g. 8 16",
+    "target_presets": "LoRA target modules, space-separated presets: all, attention, mlp, auto (every linear layer)",
+    "primary_metric": "what the sweep's winner is chosen by",
 }
 STAGED = ("data_uri", "base_model", "artifact_root")  # defaults set here, for the local stack
-COMPILED = Path("build/finetune.yaml")
+CHOICES = {"method": steps.METHODS, "methods": tuple(SWEEP_METHODS), "target_presets": tuple(TARGET_PRESETS),
+           "primary_metric": tuple(DIRECTIONS)}
+LOCAL_PARALLELISM = 1  # sweep branches at once here: one at a time keeps each one's time and memory its own
 
 
-def pipeline_parameters() -> dict[str, inspect.Parameter]:
-    from pipelines.finetune import finetune_pipeline
+@functools.cache
+def pipeline_parameters(pipeline: str = "finetune") -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(pipeline_function(pipeline).pipeline_func).parameters)
 
-    return dict(inspect.signature(finetune_pipeline.pipeline_func).parameters)
+
+def chosen_pipeline(argv: list[str]) -> str:
+    """`--pipeline NAME` among the arguments (finetune when absent), read first because the flags depend on it."""
+    pre = argparse.ArgumentParser(prog="kftune pipeline", add_help=False)
+    pre.add_argument("--pipeline", choices=PIPELINES, default="finetune")
+    return pre.parse_known_args(argv)[0].pipeline
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(pipeline: str = "finetune") -> argparse.ArgumentParser:
+    """The parser; `pipeline` (see `chosen_pipeline`) decides the parameter flags of submit and schedule."""
     parser = argparse.ArgumentParser(prog="kftune pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack")
     add_parameter_flags(run, HELP, STAGED)
-    run.add_argument("--state-dir", type=Path, default=default_state_dir(),
-                     help="the local stack's folder (default: $KFTUNE_STACK_DIR or ./.kftune/stack)")
-    run.add_argument("--s3-port", type=int, default=StackConfig.s3_port, help="S3 port if the stack must be started")
-    run.add_argument("--mlflow-port", type=int, default=StackConfig.mlflow_port, help="MLflow port if the stack must be started")
-    run.add_argument("--pipeline-root", type=Path, help="where kfp.local keeps task records and logs "
-                                                         "(default: runs/ next to the state folder)")
-    add_cluster_commands(commands)
+    add_local_flags(run)
+    sweep = commands.add_parser("sweep", help="run the method x rank sweep on this machine through kfp.local "
+                                              "against the local stack")
+    add_parameter_flags(sweep, HELP, STAGED, pipeline="sweep")
+    add_local_flags(sweep)
+    sweep.add_argument("--parallelism", type=int, default=LOCAL_PARALLELISM,
+                       help=f"branches at once (default: {LOCAL_PARALLELISM}, so timings and memory are each branch's own)")
+    add_cluster_commands(commands, pipeline)
     compile_ = commands.add_parser("compile", help="write the pipeline package a KFP cluster runs")
-    compile_.add_argument("-o", "--output", type=Path, default=COMPILED, help=f"YAML file to write (default: {COMPILED})")
+    add_pipeline_choice(compile_)
+    compile_.add_argument("-o", "--output", type=Path, help="YAML file to write (default: build/<pipeline>.yaml)")
     return parser
 
 
-def add_parameter_flags(parser: argparse.ArgumentParser, help_: dict[str, str], no_default: tuple[str, ...] = ()) -> None:
-    """One flag per pipeline parameter, typed from the pipeline's signature."""
-    for name, param in pipeline_parameters().items():
+def add_local_flags(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                     help="the local stack's folder (default: $KFTUNE_STACK_DIR or ./.kftune/stack)")
+    cmd.add_argument("--s3-port", type=int, default=StackConfig.s3_port, help="S3 port if the stack must be started")
+    cmd.add_argument("--mlflow-port", type=int, default=StackConfig.mlflow_port, help="MLflow port if the stack must be started")
+    cmd.add_argument("--pipeline-root", type=Path, help="where kfp.local keeps task records and logs "
+                                                         "(default: runs/ next to the state folder)")
+
+
+def add_pipeline_choice(cmd: argparse.ArgumentParser) -> None:
+    from pipelines.sweep import PARALLELISM
+
+    cmd.add_argument("--pipeline", choices=PIPELINES, default="finetune",
+                     help="finetune (one method, the default) or sweep (methods x ranks, the winner registered)")
+    cmd.add_argument("--parallelism", type=int, help=f"sweep only: training branches at once (default: {PARALLELISM}; "
+                                                     "0: no limit)")
+
+
+def add_parameter_flags(parser: argparse.ArgumentParser, help_: dict[str, str], no_default: tuple[str, ...] = (),
+                        pipeline: str = "finetune") -> None:
+    """One flag per pipeline parameter, typed from the pipeline's signature (a list parameter takes several values)."""
+    for name, param in pipeline_parameters(pipeline).items():
         shown = param.default is not inspect.Parameter.empty and name not in no_default
-        default = f" (pipeline default: {param.default})" if shown else ""
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=param.annotation, metavar=name.upper(),
-                            choices=steps.METHODS if name == "method" else None, help=help_.get(name, "") + default)
+        default = " (pipeline default: {})".format(" ".join(map(str, param.default)) if isinstance(param.default, list)
+                                                   else param.default) if shown else ""
+        many = typing.get_origin(param.annotation) is list
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=name.upper(), nargs="+" if many else None,
+                            type=typing.get_args(param.annotation)[0] if many else param.annotation,
+                            choices=CHOICES.get(name), help=help_.get(name, "") + default)
 
 
-def add_cluster_commands(commands: Any) -> None:
+def add_cluster_commands(commands: Any, pipeline: str = "finetune") -> None:
     """`submit` and `schedule`: the same flags, plus --cron for schedule."""
     from pipelines.submit import NAMESPACE, TOKEN_ENV
 
@@ -85,12 +128,13 @@ def add_cluster_commands(commands: Any) -> None:
         cmd.add_argument("--namespace", default=NAMESPACE, help=f"Kubernetes namespace of the runs (default: {NAMESPACE})")
         cmd.add_argument("--force", action="store_true", help="create a new run even if one with the same key exists")
         cmd.add_argument("--dry-run", action="store_true", help="compile and print what would be sent; contact nothing")
+        add_pipeline_choice(cmd)
         if name == "submit":
             cmd.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
             cmd.add_argument("--timeout-hours", type=float, default=24.0, help="--wait gives up after this (default: 24)")
         else:
             cmd.add_argument("--cron", required=True, help="schedule, e.g. '0 3 * * 1' (5 fields, or KFP's 6 with seconds)")
-        add_parameter_flags(cmd, cluster_help)
+        add_parameter_flags(cmd, cluster_help, pipeline=pipeline)
 
 
 def cluster_main(args: argparse.Namespace) -> int:
@@ -98,12 +142,13 @@ def cluster_main(args: argparse.Namespace) -> int:
     from pipelines import submit
 
     given = {**submit.read_params(args.params),
-             **{k: v for k, v in vars(args).items() if k in pipeline_parameters() and v is not None}}
+             **{k: v for k, v in vars(args).items() if k in pipeline_parameters(args.pipeline) and v is not None}}
     if args.command == "schedule":
         submit.kfp_cron(args.cron)  # a bad expression fails before compiling
     if not args.dry_run and not args.host:
         raise KftuneError(f"--host is required to {args.command} (the KFP API URL); use --dry-run to only print")
-    sub = submit.prepare(given, args.experiment, args.run_name, args.namespace)
+    sub = submit.prepare(given, args.experiment, args.run_name, args.namespace, pipeline=args.pipeline,
+                         parallelism=args.parallelism)
     print(("would send" if args.dry_run else "sending") + f" to {args.host or '(no host)'}:\n{sub.describe()}")
     if args.dry_run:
         return 0
@@ -149,10 +194,10 @@ def stage(value: str, s3: S3, dest: str) -> str:
     return value
 
 
-def run_pipeline(args: argparse.Namespace) -> tuple[RunSummary, StackInfo]:
-    """Check the settings, make sure the stack runs and the inputs are in S3, then run."""
-    arguments: dict[str, Any] = {k: v for k, v in vars(args).items() if k in pipeline_parameters() and v is not None}
-    check_arguments(arguments)  # before starting anything
+def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tuple[dict[str, Any], StackInfo]:
+    """Check the settings, make sure the stack runs and the inputs are in S3; the pipeline's arguments."""
+    arguments: dict[str, Any] = {k: v for k, v in vars(args).items() if k in pipeline_parameters(pipeline) and v is not None}
+    (check_sweep_arguments if pipeline == "sweep" else check_arguments)(arguments)  # before starting anything
     data = arguments.get("data_uri") or str(SAMPLE_DATA)
     if not data.startswith("s3://") and not Path(data).expanduser().is_file():
         raise KftuneError(f"--data-uri {data}: no such file; give a JSONL/JSON file or an s3:// URI")
@@ -167,20 +212,31 @@ def run_pipeline(args: argparse.Namespace) -> tuple[RunSummary, StackInfo]:
     base = base or str(demo_model(args.state_dir.parent / "demo-model"))
     arguments["base_model"] = stage(base, s3, f"s3://{info.bucket}/inputs/models")
     arguments.setdefault("artifact_root", f"s3://{info.bucket}/pipeline")
-    summary = run(arguments, info.env(), args.pipeline_root or args.state_dir.parent / "runs")
-    return summary, info
+    return arguments, info
+
+
+def run_pipeline(args: argparse.Namespace) -> tuple[RunSummary, StackInfo]:
+    """The fine-tuning DAG through kfp.local, inputs staged."""
+    arguments, info = local_arguments(args)
+    return run(arguments, info.env(), args.pipeline_root or args.state_dir.parent / "runs"), info
+
+
+def sweep_locally(args: argparse.Namespace) -> tuple[SweepSummary, StackInfo]:
+    """The sweep through kfp.local, inputs staged."""
+    arguments, info = local_arguments(args, "sweep")
+    root = args.pipeline_root or args.state_dir.parent / "runs"
+    return run_sweep(arguments, info.env(), root, parallelism=args.parallelism), info
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(chosen_pipeline(argv)).parse_args(argv)
     if args.command == "compile":
-        from pipelines.compile import compile_pipeline
-
-        print(f"wrote {compile_pipeline(args.output)}")
+        path = compile_pipeline(args.output or Path(f"build/{args.pipeline}.yaml"), args.pipeline, args.parallelism)
+        print(f"wrote {path}")
         return 0
     if args.command in ("submit", "schedule"):
         return cluster_main(args)
-    summary, info = run_pipeline(args)
+    summary, info = sweep_locally(args) if args.command == "sweep" else run_pipeline(args)
     print(summary.render())
     print(f"\nMLflow UI: {info.mlflow_url}   stop the local stack: kftune stack down --state-dir {info.state_dir}")
     return 0

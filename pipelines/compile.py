@@ -1,15 +1,36 @@
-"""Compile the DAG into the YAML package a Kubeflow Pipelines cluster runs."""
+"""Compile a pipeline (the fine-tuning DAG or the sweep) into the YAML package a Kubeflow Pipelines cluster runs."""
 
 from pathlib import Path
+from typing import Any
+
+from kftune.errors import KftuneError
+
+PIPELINES = ("finetune", "sweep")
 
 
-def compile_pipeline(path: str | Path) -> Path:
+def pipeline_function(name: str = "finetune", parallelism: int | None = None) -> Any:
+    """The pipeline called `name`; `parallelism` caps the sweep's concurrent branches (default: sweep.PARALLELISM)."""
+    if name == "finetune":
+        if parallelism is not None:
+            raise KftuneError("--parallelism applies to the sweep pipeline only (--pipeline sweep)")
+        from pipelines.finetune import finetune_pipeline
+
+        return finetune_pipeline
+    if name == "sweep":
+        from pipelines.sweep import PARALLELISM, build
+
+        if parallelism is not None and parallelism < 0:
+            raise KftuneError(f"--parallelism {parallelism}: give 0 (no limit) or more")
+        return build(PARALLELISM if parallelism is None else parallelism)
+    raise KftuneError(f"unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}")
+
+
+def compile_pipeline(path: str | Path, name: str = "finetune", parallelism: int | None = None) -> Path:
     """Write the compiled pipeline (pipeline spec + Kubernetes platform spec) to `path`."""
     from kfp import compiler
 
-    from pipelines.finetune import finetune_pipeline
-
+    pipeline = pipeline_function(name, parallelism)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(finetune_pipeline, str(path))
+    compiler.Compiler().compile(pipeline, str(path))
     return path

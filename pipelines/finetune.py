@@ -7,6 +7,7 @@ training task asks for a GPU; the Kubernetes settings below are ignored by kfp.l
 """
 
 from kfp import dsl, kubernetes
+from kfp.dsl.pipeline_channel import ConditionOperation, PipelineChannel
 
 from components.evaluate import evaluate
 from components.images import CACHE_DIR, IMAGE_UID
@@ -54,6 +55,23 @@ def _gpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def merge_and_register(is_full: ConditionOperation, data: PipelineChannel, trained: PipelineChannel,
+                       evaluation: PipelineChannel, registered_model_name: PipelineChannel,
+                       experiment_name: PipelineChannel, artifact_root: PipelineChannel) -> None:
+    """Register the trained model when `is_full`, else merge the adapter into its base first and register that.
+
+    `is_full` compares a pipeline parameter or a task's return value: kfp.local resolves a condition
+    on a NamedTuple field to false without a word.
+    """
+    registration = {"data": data, "trained": trained, "evaluation": evaluation,
+                    "registered_model_name": registered_model_name, "experiment_name": experiment_name}
+    with dsl.If(is_full, name="full-model"):
+        _cpu_task(register_model(**registration)).set_caching_options(False)
+    with dsl.Else(name="adapter"):
+        merged = _cpu_task(merge_adapter(model=trained, artifact_root=artifact_root))
+        _cpu_task(register_model(**registration, merged=merged.output)).set_caching_options(False)
+
+
 @dsl.pipeline(name="kftune-finetune", description="Fine-tune a causal LM (full, LoRA or QLoRA), evaluate, merge, register")
 def finetune_pipeline(
     data_uri: str,
@@ -94,10 +112,6 @@ def finetune_pipeline(
     ))
     scored = _cpu_task(evaluate(data=data.output, model=trained.output, artifact_root=artifact_root,
                                 sample_tokens=sample_tokens))
-    registration = {"data": data.output, "trained": trained.output, "evaluation": scored.output,
-                    "registered_model_name": registered_model_name, "experiment_name": experiment_name}
-    with dsl.If(method == "full", name="full-model"):
-        _cpu_task(register_model(**registration)).set_caching_options(False)
-    with dsl.Else(name="adapter"):
-        merged = _cpu_task(merge_adapter(model=trained.output, artifact_root=artifact_root))
-        _cpu_task(register_model(**registration, merged=merged.output)).set_caching_options(False)
+    merge_and_register(method == "full", data.output, trained.output, scored.output, registered_model_name,
+                       experiment_name, artifact_root)
+

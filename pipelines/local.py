@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from kftune import steps
 from kftune.errors import KftuneError
+from kftune.sweep import SweepResult
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([\w-]+)'")
@@ -149,9 +150,8 @@ def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSum
     step_seconds: dict[str, float] = {}
     for task, elapsed in seconds.items():
         step = re.sub(r"-\d+$", "", task)  # register-model-2 is register-model in the other branch
-        record = json.loads((run_dir / task / "executor_output.json").read_text())
-        (output,) = record["artifacts"].values()
-        results[step] = steps.from_metadata(RESULTS[step], output["artifacts"][0]["metadata"])
+        (metadata,) = _outputs(run_dir / task).values()
+        results[step] = steps.from_metadata(RESULTS[step], metadata)
         step_seconds[step] = elapsed
     return RunSummary(run_dir, log_path, step_seconds, results["validate-data"], results["train"], results["evaluate"],
                       results["register-model"], results.get("merge-adapter"))
@@ -169,11 +169,18 @@ def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str
 
     Training settings are checked first, so a bad one fails at once, not after the data step.
     """
-    from kfp import local
-
     from pipelines.finetune import finetune_pipeline
 
     check_arguments(arguments)
+    run_dir, seconds, log_path = _run_locally(finetune_pipeline, arguments, env, pipeline_root, progress)
+    return _collect(run_dir, seconds, log_path)
+
+
+def _run_locally(pipeline: Any, arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
+                 progress: TextIO | None) -> tuple[Path, dict[str, float], Path]:
+    """Run `pipeline(**arguments)` through kfp.local; (kfp.local's run folder, seconds per task, task log)."""
+    from kfp import local
+
     # a folder per run, so this run's task records are the only ones in it
     Path(pipeline_root).mkdir(parents=True, exist_ok=True)
     run_root = Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=pipeline_root)).absolute()
@@ -187,9 +194,79 @@ def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str
         tee = _TaskLog(file, progress)
         try:
             with contextlib.redirect_stdout(tee):
-                finetune_pipeline(**arguments)
+                pipeline(**arguments)
         except RuntimeError as exc:
             file.flush()
             raise _failure(log_path, str(exc)) from None
     (run_dir,) = [p for p in run_root.iterdir() if p.is_dir()]  # kfp.local's <pipeline>-<time> folder
-    return _collect(run_dir, tee.seconds, log_path)
+    return run_dir, tee.seconds, log_path
+
+
+@dataclass
+class SweepSummary:
+    """What a successful sweep made: the comparison, the winner and its registration."""
+
+    run_dir: Path
+    log: Path
+    seconds: float  # the whole run, wall time
+    data: steps.DataSplit
+    sweep: SweepResult
+    winner: steps.TrainedModel
+    registration: steps.Registration
+    merged: steps.MergedModel | None = None
+
+    def render(self) -> str:
+        reg, result = self.registration, self.sweep
+        merged = f", merged (parity: max |logit diff| {self.merged.max_abs_logit_diff:.2g})" if self.merged else ""
+        return "\n".join([
+            f"sweep of {result.candidates} candidates on {self.data.train_rows} train / {self.data.eval_rows} eval rows "
+            f"in {self.seconds:.0f}s", "", result.table,
+            f"winner            {result.winner} ({self.winner.method}{merged})",
+            f"registered model  {reg.name} version {reg.version} -> {reg.source}",
+            f"comparison        {result.uri}/comparison.{{md,json,html,png}}",
+            f"MLflow sweep run  {result.parent_run_url or result.parent_run_id} (one child run per candidate)",
+            f"MLflow model run  {reg.run_url or reg.run_id}", f"task logs         {self.log}"])
+
+
+def check_sweep_arguments(arguments: Mapping[str, Any]) -> None:
+    """The sweep's lists, its primary metric and every candidate's training settings, all at once."""
+    from kftune import sweep
+
+    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
+    defaults = _sweep_defaults()
+    sweep.check(*(arguments.get(k, defaults[k]) for k in ("methods", "ranks", "target_presets")), settings,
+                primary_metric=arguments.get("primary_metric", defaults["primary_metric"]))
+
+
+def _sweep_defaults() -> dict[str, Any]:
+    import inspect
+
+    from pipelines.sweep import sweep_pipeline
+
+    return {k: p.default for k, p in inspect.signature(sweep_pipeline.pipeline_func).parameters.items()}
+
+
+def run_sweep(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path, parallelism: int = 1,
+              progress: TextIO | None = sys.stderr) -> SweepSummary:
+    """Run the sweep pipeline through kfp.local; `parallelism` branches at once (1: timings undisturbed)."""
+    from pipelines.sweep import build
+
+    check_sweep_arguments(arguments)
+    started = time.monotonic()
+    run_dir, _, log_path = _run_locally(build(parallelism), arguments, env, pipeline_root, progress)
+    seconds = time.monotonic() - started
+    outputs = {task.name: _outputs(task) for task in run_dir.iterdir() if (task / "executor_output.json").is_file()}
+    compared = outputs["compare-candidates"]
+    (register,) = [out["registered"] for name, out in outputs.items() if name.startswith("register-model")]
+    merged = outputs.get("merge-adapter", {}).get("merged")
+    return SweepSummary(run_dir, log_path, seconds, steps.from_metadata(steps.DataSplit, outputs["validate-data"]["data"]),
+                        steps.from_metadata(SweepResult, compared["report"]),
+                        steps.from_metadata(steps.TrainedModel, compared["winner"]),
+                        steps.from_metadata(steps.Registration, register),
+                        steps.from_metadata(steps.MergedModel, merged) if merged else None)
+
+
+def _outputs(task_dir: Path) -> dict[str, dict[str, Any]]:
+    """A task's output artifacts' metadata by output name, from KFP's record of what it made."""
+    record = json.loads((task_dir / "executor_output.json").read_text())
+    return {name: output["artifacts"][0]["metadata"] for name, output in record.get("artifacts", {}).items()}

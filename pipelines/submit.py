@@ -1,4 +1,4 @@
-"""Submit the fine-tuning DAG to a Kubeflow Pipelines cluster, once per idempotency key.
+"""Submit the fine-tuning DAG (or the sweep) to a Kubeflow Pipelines cluster, once per idempotency key.
 
 The pipeline is uploaded once and versioned by the sha256 of its compiled YAML, so an unchanged
 DAG adds no version. Every run carries an idempotency key, sha256(git commit + dataset sha256 +
@@ -109,14 +109,15 @@ def idempotency_key(commit: str, data_sha: str, cfg_hash: str) -> str:
     return hashlib.sha256(f"{commit}\n{data_sha}\n{cfg_hash}".encode()).hexdigest()[:16]
 
 
-def resolve_parameters(given: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_parameters(given: Mapping[str, Any], pipeline: str = "finetune") -> dict[str, Any]:
     """Pipeline defaults overlaid with the given values, each coerced to its declared type; all problems at once."""
     import inspect
+    import typing
 
     from pipelines.cli import pipeline_parameters
-    from pipelines.local import check_arguments
+    from pipelines.local import check_arguments, check_sweep_arguments
 
-    declared = pipeline_parameters()
+    declared = pipeline_parameters(pipeline)
     problems = [f"unknown pipeline parameter {k!r} (known: {', '.join(declared)})" for k in given if k not in declared]
     resolved: dict[str, Any] = {}
     for name, param in declared.items():
@@ -124,17 +125,25 @@ def resolve_parameters(given: Mapping[str, Any]) -> dict[str, Any]:
         if value is inspect.Parameter.empty:
             problems.append(f"{name} is required (--{name.replace('_', '-')} or a key in --params)")
             continue
+        many = typing.get_origin(param.annotation) is list
+        kind = typing.get_args(param.annotation)[0] if many else param.annotation
         try:
-            typed = param.annotation(value)
-            if param.annotation is int and float(value) != typed:
-                raise ValueError
-            resolved[name] = typed
+            if many and not isinstance(value, list):
+                raise TypeError
+            resolved[name] = [_typed(kind, v) for v in value] if many else _typed(kind, value)
         except (TypeError, ValueError):
-            problems.append(f"{name}: {value!r} is not a {param.annotation.__name__}")
+            problems.append(f"{name}: {value!r} is not a {'list of ' if many else ''}{kind.__name__}")
     if problems:
         raise KftuneError("; ".join(problems))
-    check_arguments(resolved)
+    (check_sweep_arguments if pipeline == "sweep" else check_arguments)(resolved)
     return resolved
+
+
+def _typed(kind: type, value: Any) -> Any:
+    typed = kind(value)
+    if kind is int and float(value) != typed:
+        raise ValueError
+    return typed
 
 
 def read_params(path: Path | None) -> dict[str, Any]:
@@ -152,11 +161,12 @@ def read_params(path: Path | None) -> dict[str, Any]:
 
 
 def prepare(given: Mapping[str, Any], experiment: str, run_name: str | None, namespace: str = NAMESPACE,
-            package: Path = Path("build/finetune.yaml")) -> Submission:
-    """Resolve the parameters, compute the key and compile the DAG: everything a submit sends, offline."""
+            package: Path | None = None, pipeline: str = "finetune", parallelism: int | None = None) -> Submission:
+    """Resolve the parameters, compute the key and compile the DAG (or the sweep): everything a submit sends, offline."""
     from pipelines.compile import compile_pipeline
 
-    parameters = resolve_parameters(given)
+    package = package or Path(f"build/{pipeline}.yaml")
+    parameters = resolve_parameters(given, pipeline)
     data_uri = parameters["data_uri"]
     data_sha = dataset_sha256(data_uri)
     key = idempotency_key(git_commit(), data_sha, config_hash(parameters))
@@ -167,13 +177,13 @@ def prepare(given: Mapping[str, Any], experiment: str, run_name: str | None, nam
         stage_dest = f"s3://{bucket}/inputs/data"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compile_pipeline(package)
+        compile_pipeline(package, pipeline, parallelism)
     import yaml
 
     name = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))["pipelineInfo"]["name"]
     version = sha256_file(package)[:16]
     return Submission(package=package, pipeline_name=name, version_name=version, parameters=parameters, key=key,
-                      experiment=experiment, run_name=run_name or f"kftune-{parameters['method']}",
+                      experiment=experiment, run_name=run_name or f"kftune-{parameters.get('method', pipeline)}",
                       namespace=namespace, stage_data=stage_data, stage_dest=stage_dest)
 
 
@@ -230,7 +240,7 @@ def ensure_version(client: Any, sub: Submission) -> tuple[str, str]:
             pipeline_id = pipelines[0].pipeline_id
         else:
             pipeline_id = client.upload_pipeline(str(sub.package), pipeline_name=sub.pipeline_name,
-                                                 description="kftune fine-tuning DAG", namespace=sub.namespace).pipeline_id
+                                                 description=f"kftune: {sub.pipeline_name}", namespace=sub.namespace).pipeline_id
         versions = client.list_pipeline_versions(pipeline_id, filter=_filter("display_name", sub.version_name))
         for version in versions.pipeline_versions or []:
             return pipeline_id, version.pipeline_version_id

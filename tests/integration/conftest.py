@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from kftune.stack import StackConfig, StackInfo, down, free_ports, up
+from kftune.storage import S3, connect, upload_dir, upload_file
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +38,23 @@ def stack_env(stack: StackInfo, monkeypatch: pytest.MonkeyPatch) -> StackInfo:
     for name, value in stack.env().items():
         monkeypatch.setenv(name, value)
     return stack
+
+
+@pytest.fixture(scope="module")
+def s3(stack: StackInfo) -> S3:
+    return connect(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
+
+
+@pytest.fixture(scope="module")
+def inputs(stack: StackInfo, s3: S3, tiny_model: Path, small_data: Path) -> dict[str, str]:
+    """The tiny model and the small data set in the stack's bucket: what a pipeline run reads."""
+    bucket = f"s3://{stack.bucket}"
+    return {"base_model": upload_dir(tiny_model, f"{bucket}/inputs/models", s3).uri,
+            "data_uri": upload_file(small_data, f"{bucket}/inputs/data", s3).uri,
+            "artifact_root": f"{bucket}/pipeline"}
+
+
+@pytest.fixture(scope="module")
+def task_env(stack: StackInfo, tmp_path_factory) -> dict[str, str]:
+    """The environment pipeline tasks run with: the stack's endpoints and keys, and a cache of their own."""
+    return {**stack.env(), "KFTUNE_CACHE": str(tmp_path_factory.mktemp("cache"))}

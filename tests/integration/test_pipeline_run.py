@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from kftune.errors import KftuneError
-from kftune.stack import StackInfo, free_ports
-from kftune.storage import MANIFEST, S3, connect, download_dir, sha256_file, upload_dir, upload_file
+from kftune.stack import free_ports
+from kftune.storage import MANIFEST, download_dir, sha256_file, upload_file
 from pipelines.local import RunSummary, run
 
 from ..conftest import run_cli
@@ -19,24 +18,6 @@ pytestmark = pytest.mark.integration
 # A few steps on the tiny model: enough to move the weights, small enough for ~1 minute a method.
 QUICK = {"max_steps": 3, "learning_rate": 1e-2, "lora_r": 8, "lora_alpha": 16, "per_device_train_batch_size": 4,
          "gradient_accumulation_steps": 1, "max_seq_length": 256, "eval_fraction": 0.25, "sample_tokens": 8}
-
-
-@pytest.fixture(scope="module")
-def s3(stack: StackInfo) -> S3:
-    return connect(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
-
-
-@pytest.fixture(scope="module")
-def inputs(stack: StackInfo, s3: S3, tiny_model: Path, small_data: Path) -> dict[str, str]:
-    bucket = f"s3://{stack.bucket}"
-    return {"base_model": upload_dir(tiny_model, f"{bucket}/inputs/models", s3).uri,
-            "data_uri": upload_file(small_data, f"{bucket}/inputs/data", s3).uri,
-            "artifact_root": f"{bucket}/pipeline"}
-
-
-@pytest.fixture(scope="module")
-def task_env(stack: StackInfo, tmp_path_factory) -> dict[str, str]:
-    return {**stack.env(), "KFTUNE_CACHE": str(tmp_path_factory.mktemp("cache"))}
 
 
 @pytest.fixture(scope="module", params=["full", "lora", "qlora"])

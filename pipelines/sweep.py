@@ -1,0 +1,84 @@
+"""The method x rank sweep: validate once, train and evaluate every candidate in parallel branches,
+compare them, then merge and register the winner as the fine-tuning DAG registers its model.
+
+The candidates are planned at run time (`plan_sweep`), so methods, ranks and target-module
+presets stay pipeline parameters; full fine-tuning is one candidate, not one per rank. Each
+branch's training task asks for its own GPU (pipelines/finetune.py's `_gpu_task`); `parallelism`
+caps how many branches, so how many GPU nodes, run at once. KFP fixes it when compiling, so it
+is an argument of `build`, not a run parameter.
+"""
+
+from typing import List
+
+from kfp import dsl
+
+from components.compare_candidates import compare_candidates
+from components.evaluate import evaluate
+from components.plan_sweep import plan_sweep
+from components.train import train
+from components.validate_data import validate_data
+from pipelines.finetune import _cpu_task, _gpu_task, merge_and_register
+
+PARALLELISM = 4  # training branches at once on a cluster (`kftune pipeline compile --pipeline sweep --parallelism N`)
+
+
+def build(parallelism: int = PARALLELISM):
+    """The sweep pipeline with at most `parallelism` branches at once (0: no limit)."""
+
+    @dsl.pipeline(name="kftune-sweep", description="Train and compare full, LoRA and QLoRA candidates over ranks and "
+                                                    "target modules; merge and register the winner")
+    def sweep_pipeline(
+        data_uri: str,
+        methods: List[str] = ["lora", "qlora4", "full"],
+        ranks: List[int] = [8, 16],
+        target_presets: List[str] = ["all"],
+        primary_metric: str = "eval_loss",
+        base_model: str = "Qwen/Qwen2.5-0.5B-Instruct",
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        learning_rate: float = 2e-4,
+        max_steps: int = -1,
+        num_train_epochs: float = 1.0,
+        per_device_train_batch_size: int = 4,
+        gradient_accumulation_steps: int = 4,
+        max_seq_length: int = 512,
+        seed: int = 42,
+        train_processes: int = 0,
+        eval_fraction: float = 0.1,
+        sample_tokens: int = 160,
+        registered_model_name: str = "kftune-model",
+        experiment_name: str = "kftune",
+        artifact_root: str = "s3://kftune/pipeline",
+    ) -> None:
+        """methods: full, lora, qlora4, qlora8. ranks: LoRA ranks (full trains once). target_presets: all,
+        attention, mlp or auto (every linear layer). primary_metric: what the winner is chosen by (eval_loss,
+        perplexity; rougeL, chrf once the evaluate step scores them). The rest is shared by every candidate."""
+        data = _cpu_task(validate_data(
+            data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction,
+            base_model=base_model, max_seq_length=max_seq_length,
+        ))
+        candidates = _cpu_task(plan_sweep(methods=methods, ranks=ranks, target_presets=target_presets))
+        with dsl.ParallelFor(candidates.output, parallelism=parallelism, name="candidates") as candidate:
+            trained = _gpu_task(train(
+                data=data.output, base_model=base_model, method=candidate.method, artifact_root=artifact_root,
+                lora_r=candidate.rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                quantization_bit=candidate.bits, lora_target_modules=candidate.targets,
+                learning_rate=learning_rate, max_steps=max_steps, num_train_epochs=num_train_epochs,
+                per_device_train_batch_size=per_device_train_batch_size,
+                gradient_accumulation_steps=gradient_accumulation_steps, max_seq_length=max_seq_length, seed=seed,
+                processes=train_processes,
+            ))
+            scored = _cpu_task(evaluate(data=data.output, model=trained.output, artifact_root=artifact_root,
+                                        sample_tokens=sample_tokens))
+        best = _cpu_task(compare_candidates(
+            data=data.output, candidates=candidates.output, trained=dsl.Collected(trained.output),
+            evaluations=dsl.Collected(scored.output), primary_metric=primary_metric,
+            experiment_name=experiment_name, artifact_root=artifact_root,
+        )).set_caching_options(False)  # it logs to MLflow: a cached result would log nothing
+        merge_and_register(best.outputs["Output"] == "full", data.output, best.outputs["winner"],
+                           best.outputs["winner_evaluation"], registered_model_name, experiment_name, artifact_root)
+
+    return sweep_pipeline
+
+
+sweep_pipeline = build()

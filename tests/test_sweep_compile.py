@@ -1,0 +1,82 @@
+"""The compiled sweep package (`kftune pipeline compile --pipeline sweep`), read back as a cluster would read it."""
+
+import pytest
+import yaml
+
+from pipelines.finetune import SECRETS
+from pipelines.sweep import PARALLELISM
+
+from .conftest import run_cli
+
+
+def compiled(tmp_path, *flags: str) -> tuple[dict, dict]:
+    out = tmp_path / "sweep.yaml"
+    proc = run_cli("-m", "kftune.cli", "pipeline", "compile", "--pipeline", "sweep", *flags, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> tuple[dict, dict]:
+    return compiled(tmp_path_factory.mktemp("sweep"), "--parallelism", "3")
+
+
+def _loop(spec: dict) -> tuple[dict, dict]:
+    """(the ParallelFor task in the root DAG, its body's tasks)."""
+    (task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    return task, spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+
+
+def test_each_branch_trains_with_its_own_gpu_and_the_loop_runs_at_most_parallelism_branches(package):
+    spec, k8s = package
+    loop, body = _loop(spec)
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 3}
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--plan-sweep-Output"}
+    assert set(body) == {"train", "evaluate"}  # one training task per iteration, so one GPU request per branch
+    executors = spec["deploymentSpec"]["executors"]
+    with_gpu = {name for name, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+    assert with_gpu == {body["train"]["componentRef"]["name"].replace("comp-", "exec-")} == {"exec-train"}
+    accelerator = executors["exec-train"]["container"]["resources"]["accelerator"]
+    assert (accelerator["resourceCount"], accelerator["resourceType"]) == ("1", "nvidia.com/gpu")
+    assert body["train"]["retryPolicy"]["maxRetryCount"] >= 1
+    assert k8s["exec-train"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    # the branch's settings come from its loop item
+    params = body["train"]["inputs"]["parameters"]
+    assert {name: params[name]["parameterExpressionSelector"] for name in ("method", "lora_r", "quantization_bit",
+                                                                          "lora_target_modules")} == {
+        "method": 'parseJson(string_value)["method"]', "lora_r": 'parseJson(string_value)["rank"]',
+        "quantization_bit": 'parseJson(string_value)["bits"]', "lora_target_modules": 'parseJson(string_value)["targets"]'}
+
+
+def test_parallelism_defaults_to_the_modules_limit(tmp_path):
+    spec, _ = compiled(tmp_path)
+    assert _loop(spec)[0]["iteratorPolicy"] == {"parallelismLimit": PARALLELISM}
+
+
+def test_compare_collects_every_branch_and_the_winner_alone_is_merged_and_registered(package):
+    spec, _ = package
+    root = spec["root"]["dag"]["tasks"]
+    loop_name = next(name for name, t in root.items() if "parameterIterator" in t)
+    inputs = root["compare-candidates"]["inputs"]
+    assert inputs["artifacts"]["trained"]["taskOutputArtifact"]["producerTask"] == loop_name
+    assert inputs["artifacts"]["evaluations"]["taskOutputArtifact"]["producerTask"] == loop_name
+    assert inputs["parameters"]["candidates"]["taskOutputParameter"]["producerTask"] == "plan-sweep"
+    (branches,) = [name for name in root if name.startswith("condition-branches")]
+    assert "compare-candidates" in root[branches]["dependentTasks"]
+    conditions = {}
+    for name, task in spec["components"][root[branches]["componentRef"]["name"]]["dag"]["tasks"].items():
+        body = spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+        conditions[task["triggerPolicy"]["condition"]] = set(body)
+    winner_is_full = "inputs.parameter_values['pipelinechannel--compare-candidates-Output'] == 'full'"
+    assert conditions == {winner_is_full: {"register-model"}, f"!({winner_is_full})": {"merge-adapter", "register-model-2"}}
+
+
+def test_every_task_gets_the_credentials_from_secrets_and_no_task_but_training_targets_gpu_nodes(package):
+    spec, k8s = package
+    assert set(spec["deploymentSpec"]["executors"]) == set(k8s)
+    for name, config in k8s.items():
+        got = {s["secretName"]: {m["secretKey"]: m["envVar"] for m in s["keyToEnv"]} for s in config["secretAsEnv"]}
+        assert got == SECRETS, name
+        assert ("nodeSelector" in config) == (name == "exec-train")
+    assert not [p for p in spec["root"]["inputDefinitions"]["parameters"] if "secret" in p or "password" in p]
