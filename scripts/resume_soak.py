@@ -38,6 +38,7 @@ SHORT_RUN = ["--max_steps", str(MAX_STEPS), "--save_steps", "1", "--per_device_t
 METHOD_FLAGS = {"lora": ["--use_lora", "--lora_r", "4", "--lora_dropout", "0.1", "--learning_rate", "1e-2"],
                 "full": ["--learning_rate", "1e-3"]}
 PUBLISHED = "published to"  # kftune's log line after each checkpoint reaches the store
+STARTED = "training from step 0"  # logged as a run without checkpoints starts training
 
 
 def train_argv(method: str, model: Path, data: Path, out: Path, checkpoint_uri: str | None = None) -> list[str]:
@@ -66,10 +67,12 @@ def kill_during_training(argv: list[str], after_published: int, fraction: float,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(timeout_s, proc.kill)
     watchdog.start()
-    published, stamps, tail = 0, [time.perf_counter()], []
+    published, stamps, tail = 0, [], []
     try:
         for line in proc.stderr:
             tail = (tail + [line])[-40:]
+            if STARTED in line:
+                stamps.append(time.perf_counter())
             if PUBLISHED not in line:
                 continue
             published += 1
