@@ -81,9 +81,10 @@ class Store:
 
     @classmethod
     def for_run(cls, cfg: TrainConfig) -> Store:
-        base = cfg.checkpoint_uri.rstrip("/") if cfg.checkpoint_uri.startswith("s3://") else str(Path(cfg.checkpoint_uri).expanduser())
-        root = f"{base}/{run_key(cfg)}"
-        return cls(root, connect() if root.startswith("s3://") else None)
+        uri = cfg.checkpoint_uri
+        if uri.startswith("s3://"):
+            return cls(f"{uri.rstrip('/')}/{run_key(cfg)}", connect())
+        return cls(str(Path(uri).expanduser() / run_key(cfg)))
 
     def listed(self) -> list[tuple[int, str]]:
         """(step, location) of every checkpoint with a manifest, newest first; not yet verified."""
