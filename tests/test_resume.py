@@ -102,7 +102,7 @@ TRIALS = [("lora", None), ("full", None), ("lora", None), ("lora", "no-manifest"
 def test_killed_training_restarts_and_ends_bit_identical(trial, method, damage, tiny_model, small_data, references,
                                                          tmp_path, one_thread):
     rng = random.Random(7000 + trial)
-    after = rng.randint(2 if damage else 1, soak.MAX_STEPS - 2)
+    after = rng.randint(2 if damage else 1, soak.LAST_KILL)
     out, store_uri = tmp_path / "out", str(tmp_path / "checkpoints")
     argv = soak.train_argv(method, tiny_model, small_data, out, store_uri)
 

@@ -29,7 +29,7 @@ def test_killed_training_resumes_from_s3_through_the_cli(stack_env, tiny_model, 
     out, store_uri = tmp_path / "out", f"s3://{stack_env.bucket}/resume-{uuid.uuid4().hex[:8]}"
     argv = soak.train_argv("lora", tiny_model, small_data, out, store_uri)
 
-    published = soak.kill_during_training(argv, rng.randint(1, soak.MAX_STEPS - 2), rng.random())
+    published = soak.kill_during_training(argv, rng.randint(1, soak.LAST_KILL), rng.random())
     store = Store.for_run(parse_args(argv))
     newest = store.listed()[0][0]
     assert newest >= published >= 1 and not out.exists()
