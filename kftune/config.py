@@ -61,6 +61,9 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 where the device supports it, else fp32), bf16, fp32 or fp16 (CUDA only)")
     logging_steps: int = _f(10, "steps between loss log lines")
     save_steps: int = _f(200, "steps between checkpoints")
+    checkpoint_uri: str | None = _f(
+        None, "s3:// prefix or local folder where each checkpoint is kept; a restart resumes from the newest complete one"
+    )
     eval_steps: int = _f(0, "steps between evaluations on eval_data_path; 0 evaluates only at the end")
     trust_remote_code: bool = _f(False, "allow custom model code from the model folder (off: safer)")
 
@@ -169,6 +172,8 @@ def range_problems(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         p.append("data_path: required")
     if not cfg.output_dir:
         p.append("output_dir: required")
+    if cfg.checkpoint_uri is not None and not cfg.checkpoint_uri.strip("/ "):
+        p.append("checkpoint_uri: empty; give an s3:// prefix or a local folder, or null for no checkpoints kept")
     # contradictions: settings that only mean something with another one
     if cfg.eval_steps > 0 and not cfg.eval_data_path:
         p.append("eval_steps is > 0 but eval_data_path is not set: give eval_data_path or set eval_steps to 0")

@@ -28,7 +28,7 @@ def has_tokenizer_files(folder: str | None) -> bool:
 
 def load_for_inference(base_model: str, lora_model: str | None = None, bits: int | None = None, precision: str = "auto"):
     """(model, tokenizer) ready for generation; the adapter's saved tokenizer wins over the base's."""
-    from kftune.modeling import load_model, load_tokenizer, pick_runtime, resolve_model_location
+    from kftune.modeling import load_adapter, load_model, load_tokenizer, pick_runtime, resolve_model_location
 
     runtime = pick_runtime(precision)
     base = resolve_model_location(base_model)
@@ -38,9 +38,7 @@ def load_for_inference(base_model: str, lora_model: str | None = None, bits: int
     tokenizer = load_tokenizer(adapter if has_tokenizer_files(adapter) else base)
     model = load_model(base, runtime, quantization_bit=bits)
     if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter)
         match_adapter_dtype(model, adapter)
     model.eval()
     return model, tokenizer

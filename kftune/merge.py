@@ -46,10 +46,8 @@ def probe_batch(tokenizer) -> dict:
 
 def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = DEFAULT_TOLERANCE, save_dtype: str = "auto") -> MergeResult:
     """Merge, check parity, save safetensors + tokenizer; output_dir appears only if parity holds."""
-    from peft import PeftModel
-
     from kftune.infer import has_tokenizer_files
-    from kftune.modeling import load_model, load_tokenizer, pick_runtime, resolve_model_location
+    from kftune.modeling import load_adapter, load_model, load_tokenizer, pick_runtime, resolve_model_location
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -61,7 +59,7 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
     tokenizer = load_tokenizer(adapter if has_tokenizer_files(adapter) else base)
 
     runtime = pick_runtime("fp32")
-    model = PeftModel.from_pretrained(load_model(base, runtime, dtype=torch.float32), adapter).eval()
+    model = load_adapter(load_model(base, runtime, dtype=torch.float32), adapter).eval()
     batch = probe_batch(tokenizer).to(model.device)
     with torch.inference_mode():
         adapter_logits = model(**batch).logits.float()

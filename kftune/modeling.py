@@ -117,7 +117,9 @@ def load_model(
     """from_pretrained with an explicit dtype (transformers 5 keeps the checkpoint's otherwise)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": dtype or runtime.dtype, "trust_remote_code": trust_remote_code}
+    check_safetensors(location)
+    # use_safetensors: a hub repo without safetensors is refused too, never unpickled
+    kwargs: dict = {"dtype": dtype or runtime.dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if quantization_bit:
         compute = torch.float32 if runtime.precision == "fp32" else runtime.dtype
         kwargs["quantization_config"] = quantization_config(quantization_bit, compute)
@@ -133,6 +135,28 @@ def load_model(
     if quantization_bit == 4:
         disable_cpu_bf16_repack(model)
     return model
+
+
+def check_safetensors(location: str, flag: str = "--base_model") -> None:
+    """Weights load from safetensors only: unpickling a pytorch_model.bin can run any code it carries."""
+    folder = Path(location)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    found = f" (it holds {', '.join(pickles)})" if pickles else ""
+    raise KftuneError(
+        f"{location}: no .safetensors weights{found}; kftune loads weights from safetensors only, because a pickle "
+        f"can run code when loaded. Convert the weights where you trust them (save_pretrained with "
+        f"safe_serialization=True) or check {flag}"
+    )
+
+
+def load_adapter(model, location: str):
+    """`model` with the LoRA adapter in `location` (a local folder, from its adapter_model.safetensors)."""
+    from peft import PeftModel
+
+    check_safetensors(location, "--lora_model")
+    return PeftModel.from_pretrained(model, location)
 
 
 def disable_cpu_bf16_repack(model) -> None:

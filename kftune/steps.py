@@ -182,7 +182,9 @@ def train(
 
     cfg = check_train_settings(method, settings)  # before downloading anything
     with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
-        cfg = dataclasses.replace(cfg, base_model=base_model, data_path=str(fetch(data.train_uri)), output_dir=f"{tmp}/model")
+        # checkpoints go to <artifact_root>/checkpoints/<run key>: a retry of this step resumes from them
+        cfg = dataclasses.replace(cfg, base_model=base_model, data_path=str(fetch(data.train_uri)), output_dir=f"{tmp}/model",
+                                  checkpoint_uri=f"{artifact_root}/checkpoints")
         result = train_on_node(cfg, processes)
         artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
     params = {k: getattr(cfg, k) for k in TRAIN_PARAMS}

@@ -178,6 +178,36 @@ def resolve_path(path_or_uri: str, cache_dir: str | Path | None = None, s3: S3 |
     return str(local / member) if member else str(local)
 
 
+def list_artifacts(prefix: str, s3: S3 | None = None) -> list[str]:
+    """URIs of the artifact folders anywhere under `prefix` that hold a manifest (not yet verified).
+
+    A folder whose upload was cut short has no manifest and is not listed.
+    """
+    s3 = s3 or connect()
+    bucket, key = _split_uri(prefix)
+    found = []
+    with _s3_errors(s3, prefix):
+        for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/".lstrip("/")):
+            for item in page.get("Contents", []):
+                folder, _, name = item["Key"].rpartition("/")
+                if name == MANIFEST and _SHA256.fullmatch(folder.rsplit("/", 1)[-1]):
+                    found.append(f"s3://{bucket}/{folder}")
+    return sorted(found)
+
+
+def delete_tree(prefix: str, s3: S3 | None = None) -> int:
+    """Delete every object under `prefix`, manifests first, so no folder ever looks complete while half gone."""
+    s3 = s3 or connect()
+    bucket, key = _split_uri(prefix)
+    with _s3_errors(s3, prefix):
+        keys = [item["Key"] for page in s3.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{key}/".lstrip("/")) for item in page.get("Contents", [])]
+        keys.sort(key=lambda k: k.rsplit("/", 1)[-1] != MANIFEST)
+        for k in keys:  # one by one: manifests must be gone before any file they vouch for
+            s3.client.delete_object(Bucket=bucket, Key=k)
+    return len(keys)
+
+
 def _files(local_dir: str | Path) -> dict[str, Path]:
     """Relative POSIX path -> file, for every file under `local_dir`."""
     root = Path(local_dir)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
     """
+    from kftune.checkpoints import PublishCheckpoints, Store, step_of
     from kftune.data import load_conversations, to_dataset
     from kftune.measure import peak_memory, reset_peak_memory
     from kftune.modeling import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
@@ -144,23 +146,29 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     log.info("method %s on %s (%s), %d training rows", cfg.method, runtime.device, runtime.precision, len(train_rows))
     reset_peak_memory(runtime.device)  # the peak of loading and training this model, nothing before
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA's initial weights are random: seeded, a run is reproducible (and a restart matches it)
     model, targets = build_model(cfg, runtime, location)
     trainable, total = count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # under `kftune launch` (accelerate/torchrun) every process trains, only the world's process zero writes
     main = int(os.environ.get("RANK", "0")) == 0
-    with building(out) if main else contextlib.nullcontext(staging_dir(out)) as staging:
+    store = Store.for_run(cfg) if cfg.checkpoint_uri else None
+    with (building(out) if main else contextlib.nullcontext(staging_dir(out)) as staging,
+          tempfile.TemporaryDirectory(prefix="kftune-resume-") as downloads):
+        resume = store.latest(Path(downloads)) if store else None  # refuses a checkpoint that is unsafe to load
         trainer = SFTTrainer(
             model=model,
             args=sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None),
             train_dataset=to_dataset(train_rows),
             eval_dataset=to_dataset(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
         )
         started = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         elapsed = time.perf_counter() - started
         peak, tokens = peak_memory(runtime.device), trainer.state.num_input_tokens_seen
         eval_metrics = trainer.evaluate() if eval_rows else {}
@@ -181,6 +189,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "train_rows": len(train_rows),
             "processes": trainer.args.world_size,
             "global_steps": result.global_step,
+            "resumed_from_step": step_of(resume) if resume else None,
             "train_loss": result.training_loss,
             "first_loss": history[0][1] if history else None,
             "last_loss": history[-1][1] if history else None,
@@ -200,6 +209,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
                 (staging / leftover).unlink(missing_ok=True)
             cfg.save(staging)
             (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if main and store:
+        store.clear()  # the output is in place: the run's checkpoints have served their purpose
     if main:
         log.info("saved %s run to %s (loss %.4f -> %.4f)", cfg.method, out, metrics["first_loss"] or 0, metrics["last_loss"] or 0)
     return TrainResult(out, metrics)
