@@ -27,7 +27,6 @@ log = logging.getLogger("kftune")
 FINGERPRINT_FILENAME = "kftune_fingerprint.json"
 ALLOW_FLAG = "--allow-template-mismatch"
 PROBE = "为这家店写一篇小红书探店笔记。Café ＡＢＣ 123 #探店  \n\tthe end ✨"
-PROBE_CHAT = [{"role": "system", "content": "s"}, {"role": "user", "content": PROBE}, {"role": "assistant", "content": "好"}]
 
 
 def _sha(data: Any) -> str:
@@ -39,11 +38,10 @@ def compute(tokenizer) -> dict[str, str]:
     template = tokenizer.chat_template or ""
     if isinstance(template, dict):  # several named templates
         template = json.dumps(template, sort_keys=True, ensure_ascii=False)
-    rendered = tokenizer.apply_chat_template(PROBE_CHAT, tokenize=False) if template else ""
     content = {
         "vocab": sorted(tokenizer.get_vocab().items()),
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "probe_ids": tokenizer(PROBE + rendered, add_special_tokens=True)["input_ids"],
+        "probe_ids": tokenizer(PROBE, add_special_tokens=True)["input_ids"],
     }
     parts = {"chat_template": hashlib.sha256(template.encode()).hexdigest(), "tokenizer": _sha(content)}
     return {**parts, "fingerprint": _sha(parts)}

@@ -34,7 +34,7 @@ def render(*, name: str, kind: str, base_model: str, lineage: Mapping[str, Any],
     metric_lines = "\n".join(f"| {label} | {_value(base[key])} | {_value(tuned[key])} |"
                              for key, label in _ROWS if key in tuned and key in base)
     settings = evaluation.get("settings", {})
-    loader = _adapter_loading(base_model) if kind == "adapter" else _model_loading()
+    loader = _adapter_loading(base_model, name) if kind == "adapter" else _model_loading(name)
     return f"""# {name}
 
 A {'LoRA adapter' if kind == 'adapter' else 'causal language model'} fine-tuned with kftune ({method}) from `{base_model}`.
@@ -70,8 +70,8 @@ through `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.
 """
 
 
-def _model_loading() -> str:
-    return """With transformers, from a local copy of this folder:
+def _model_loading(name: str) -> str:
+    return f"""With transformers, from a local copy of this folder:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,12 +83,12 @@ With MLflow, the version's source is this folder in S3:
 
 ```python
 import mlflow
-version = mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion")
+version = mlflow.MlflowClient().get_model_version_by_alias("{name}", "champion")
 print(version.source)  # s3://... ; `kftune infer --base_model <source>` chats with it
 ```"""
 
 
-def _adapter_loading(base_model: str) -> str:
+def _adapter_loading(base_model: str, name: str) -> str:
     return f"""With transformers and peft (the adapter sits on `{base_model}`):
 
 ```python
@@ -103,6 +103,6 @@ With MLflow, the version's source is this folder in S3 and its tag `base_model` 
 
 ```python
 import mlflow
-version = mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion")
+version = mlflow.MlflowClient().get_model_version_by_alias("{name}", "champion")
 print(version.source, version.tags["base_model"])
 ```"""

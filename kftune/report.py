@@ -23,7 +23,7 @@ body{font-family:system-ui,"Noto Sans CJK SC","Noto Color Emoji",sans-serif;marg
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ddd;padding:4px 8px;vertical-align:top}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}.better{color:#087f23;font-weight:600}
-.samples td{white-space:pre-wrap;max-width:320px;font-size:13px}.ok{color:#087f23}.no{color:#b00020}
+.samples td{white-space:pre-wrap;overflow-wrap:anywhere;max-width:320px;font-size:13px}.ok{color:#087f23}.no{color:#b00020}
 .meta td:first-child{color:#666}.note{color:#666;font-style:italic}img{max-width:100%}
 """
 

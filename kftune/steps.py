@@ -244,6 +244,14 @@ def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int 
         (first.get("prompt") or [{"content": ""}])[-1]["content"], first.get("base_output", ""), first.get("tuned_output", ""))
 
 
+def copy_report(evaluation: Evaluation, path: str) -> None:
+    """The evaluation's report.html at `path` (a KFP HTML output), so the run's UI shows it."""
+    import shutil
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(fetch(f"{evaluation.uri}/report.html"), path)
+
+
 @reports_errors
 def merge(model_uri: str, artifact_root: str) -> MergedModel:
     """Merge a LoRA/QLoRA adapter into its full-precision base (parity-checked) and upload the merged model."""

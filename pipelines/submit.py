@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -74,15 +73,12 @@ class Outcome:
 
 def git_commit(repo: Path = REPO) -> str:
     """The commit being submitted: git's HEAD, else $GITHUB_SHA (a CI checkout without .git)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    if os.environ.get("GITHUB_SHA"):
-        return os.environ["GITHUB_SHA"]
-    raise KftuneError(f"no git commit found in {repo} and $GITHUB_SHA is unset; submit from a git checkout")
+    from kftune.promote import git_commit as head
+
+    commit = head(repo)
+    if not commit:
+        raise KftuneError(f"no git commit found in {repo} and $GITHUB_SHA is unset; submit from a git checkout")
+    return commit
 
 
 def dataset_sha256(data_uri: str) -> str:
