@@ -16,6 +16,7 @@ the evaluation `kftune evaluate` wrote for it. Registering it:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -160,7 +161,7 @@ def register(
     registry.set_alias(mlflow, name, CHALLENGER, number)
 
     champion = registry.version_by_alias(mlflow, name, CHAMPION)
-    champion_metrics, label = None, ""
+    champion_metrics, label, note = None, "the champion", ()
     if champion is not None and str(champion.version) != number:
         label = f"champion version {champion.version}"
         if champion.tags.get("eval_key") == evaluation["eval_key"]:
@@ -168,11 +169,12 @@ def register(
         elif rescore is not None:
             log.info("the champion (version %s) was scored on other eval data or settings: scoring it again", champion.version)
             champion_metrics = dict(rescore(champion))
-            label += " (scored again on this eval data)"
+            note = (f"{label} was scored again on this eval data (its stored metrics are for other data or settings)",)
         else:
             champion_metrics = {}  # nothing comparable: decide() refuses to promote over it
-            label += " (scored on other eval data; nothing to compare)"
-    decision = gate.decide(tuned, base, champion_metrics, metric=metric, margin=margin, champion_label=label or "the champion")
+            note = (f"{label} was scored on other eval data or settings and could not be scored again",)
+    decision = gate.decide(tuned, base, champion_metrics, metric=metric, margin=margin, champion_label=label)
+    decision = dataclasses.replace(decision, reasons=decision.reasons + note)
     if decision.promote:
         registry.set_alias(mlflow, name, CHAMPION, number)
     registry.tag_version(mlflow, name, number, {
