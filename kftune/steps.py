@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kftune.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
-from kftune.data import load_conversations
 from kftune.errors import KftuneError
 from kftune.gate import DEFAULT_MARGIN, DEFAULT_METRIC
 from kftune.registry import Registration, check_reachable
@@ -274,7 +273,8 @@ def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel,
     on `metric` (kftune.promote; the returned Registration carries the decision and its reasons).
     Registering the same artifact again returns the existing version.
     """
-    from kftune.promote import lineage, register as register_candidate, rescorer
+    from kftune.promote import lineage, rescorer
+    from kftune.promote import register as register_candidate
 
     model = merged or trained
     evaluation_dir = fetch(evaluation.uri)

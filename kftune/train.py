@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kftune import fingerprint
 from kftune.atomic import building, staging_dir
 from kftune.config import TrainConfig, parse_args
-from kftune import fingerprint
 from kftune.errors import KftuneError
 
 log = logging.getLogger("kftune")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kftune.errors import KftuneError
-from kftune.storage import split_artifact_uri, canonical_json, sha256_file, upload_file
+from kftune.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
 
 TOKEN_ENV = "KFP_TOKEN"  # bearer token for the KFP API (e.g. `kubectl create token`, an OIDC id token)
 SERVICE_ACCOUNT = "kftune-pipeline"  # k8s/base: the pipeline pods' least-privilege ServiceAccount

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from kftune import steps
 from kftune.stack import StackInfo
 from kftune.storage import connect, download_dir, upload_dir, upload_file
+
+from ..conftest import assert_generates
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAME = "promotion-test"
@@ -161,9 +162,4 @@ def test_the_champion_loads_through_the_registry_and_generates(good, worse, env)
     from kftune.registry import load_registered
 
     model, tokenizer = load_registered(f"models:/{NAME}@champion")
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "写一篇探店笔记"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+    assert_generates(model, tokenizer)
