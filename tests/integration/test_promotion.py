@@ -18,7 +18,7 @@ from kftune import steps
 from kftune.stack import StackInfo
 from kftune.storage import connect, download_dir, upload_dir, upload_file
 
-from ..conftest import assert_generates
+from ..conftest import assert_generates, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAME = "promotion-test"
@@ -163,3 +163,28 @@ def test_the_champion_loads_through_the_registry_and_generates(good, worse, env)
 
     model, tokenizer = load_registered(f"models:/{NAME}@champion")
     assert_generates(model, tokenizer)
+
+
+def test_an_adapter_version_loads_on_its_base_by_number(good, worse, env, client):
+    from peft import PeftModel
+
+    from kftune.registry import load_registered
+
+    (adapter,) = [v for v in client.search_model_versions(f"name = '{NAME}'") if v.tags.get("kind") == "adapter"]
+    model, tokenizer = load_registered(f"models:/{NAME}/{adapter.version}")
+    assert isinstance(model, PeftModel)
+    assert_generates(model, tokenizer)
+
+
+def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
+    _, evaluation, merged, _ = worse
+    args = ["-m", "kftune.cli", "register", "--model", merged.uri, "--evaluation", evaluation.uri,
+            "--name", "promotion-cli", "--experiment", "promotion-test", "--dataset_sha256", "f" * 64]
+    first = run_cli(*args, env=env.env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.startswith("promotion-cli version 1: champion; eval_loss")  # the first beats only its base
+    again = run_cli(*args, env=env.env())
+    assert again.returncode == 0 and again.stdout.startswith("promotion-cli version 1 (already registered): champion")
+    local = run_cli("-m", "kftune.cli", "register", "--model", str(tmp_path), "--evaluation", str(tmp_path),
+                    "--name", "x", env=env.env())
+    assert local.returncode == 2 and "pass --artifact_root" in local.stderr and "Traceback" not in local.stderr
