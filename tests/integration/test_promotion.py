@@ -182,9 +182,11 @@ def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
             "--name", "promotion-cli", "--experiment", "promotion-test", "--dataset_sha256", "f" * 64]
     first = run_cli(*args, env=env.env())
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.startswith("promotion-cli version 1: champion; eval_loss")  # the first beats only its base
+    # its last line is the decision (MLflow prints the run's link before it)
+    assert first.stdout.splitlines()[-1].startswith("promotion-cli version 1: champion; eval_loss")  # beats its base
     again = run_cli(*args, env=env.env())
-    assert again.returncode == 0 and again.stdout.startswith("promotion-cli version 1 (already registered): champion")
+    assert again.returncode == 0
+    assert again.stdout.splitlines()[-1].startswith("promotion-cli version 1 (already registered): champion")
     local = run_cli("-m", "kftune.cli", "register", "--model", str(tmp_path), "--evaluation", str(tmp_path),
                     "--name", "x", env=env.env())
     assert local.returncode == 2 and "pass --artifact_root" in local.stderr and "Traceback" not in local.stderr
