@@ -100,6 +100,48 @@ def _existing(mlflow, name: str, version) -> Registration:
                         reasons=reasons, champion=str(champion.version) if champion else "", existing=True)
 
 
+def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir, evaluation, artifact_root,
+                 lineage_tags, params, train_metrics, loss_history, data_stats):
+    """Model card into a copy of the artifact, a run with the evaluation's files, a version tagged with it all."""
+    from kftune.evaluate import METRICS_FILENAME, REPORT_FILENAME, SAMPLES_FILENAME
+    from kftune.modelcard import render
+    from kftune.storage import resolve_path
+
+    model_dir = Path(resolve_path(model_uri))
+    kind = "adapter" if (model_dir / "adapter_config.json").is_file() else "model"
+    tuned, base = evaluation["tuned"], evaluation["base"]
+    tags = {**lineage_tags, "kind": kind, "artifact_sha256": model_sha256, "candidate_uri": model_uri,
+            "eval_key": evaluation["eval_key"], "eval_sha256": evaluation["eval_sha256"],
+            **{f"{METRIC_TAG}{k}": tuned[k] for k in TAGGED_METRICS if k in tuned},
+            **{f"base.{k}": base[k] for k in TAGGED_METRICS if k in base}}
+    card = render(name=name, kind=kind, base_model=lineage_tags.get("base_model", evaluation["base_model"]),
+                  lineage=lineage_tags, evaluation=evaluation, data=data_stats)
+    source, carded_sha = _carded_copy(model_dir, card, f"{artifact_root.rstrip('/')}/registered")
+    metrics = {**(train_metrics or {}), **{k: tuned[k] for k in TAGGED_METRICS if k in tuned},
+               **{f"base_{k}": base[k] for k in TAGGED_METRICS if k in base}}
+    files = [evaluation_dir / f for f in (METRICS_FILENAME, SAMPLES_FILENAME, REPORT_FILENAME)
+             if (evaluation_dir / f).is_file()]
+    run_id, url = registry.log_run(mlflow, experiment, f"{name}-{lineage_tags.get('method', kind)}",
+                                   params={**(params or {}), **lineage_tags}, metrics=metrics, tags=tags,
+                                   loss_history=loss_history or [], artifacts=files)
+    version = registry.create_version(mlflow, name, source, run_id, {**tags, "registered_sha256": carded_sha})
+    return version, run_id, url
+
+
+def _champion_metrics(champion, eval_key: str, rescore: Rescore | None) -> tuple[dict | None, str, tuple[str, ...]]:
+    """(the champion's metrics on the candidate's eval data or None without a champion, its label, a note)."""
+    if champion is None:
+        return None, "the champion", ()
+    label = f"champion version {champion.version}"
+    if champion.tags.get("eval_key") == eval_key:
+        return _metrics_of(champion), label, ()
+    if rescore is None:  # nothing comparable: decide() refuses to promote over it
+        return {}, label, (f"{label} was scored on other eval data or settings and could not be scored again",)
+    log.info("the champion (version %s) was scored on other eval data or settings: scoring it again", champion.version)
+    return dict(rescore(champion)), label, (
+        f"{label} was scored again on this eval data (its stored metrics are for other data or settings)",)
+
+
 def register(
     name: str,
     *,
@@ -122,9 +164,7 @@ def register(
     `rescore` scores the champion on this candidate's eval data when its stored metrics are for
     other eval data or settings; without it such a champion is not replaced.
     """
-    from kftune.evaluate import METRICS_FILENAME, REPORT_FILENAME, SAMPLES_FILENAME
-    from kftune.modelcard import render
-    from kftune.storage import resolve_path
+    from kftune.evaluate import METRICS_FILENAME
 
     gate.decide({metric: 1.0}, {metric: 2.0}, None, metric=metric, margin=margin)  # a bad metric or margin fails first
     evaluation = json.loads((evaluation_dir / METRICS_FILENAME).read_text(encoding="utf-8"))
@@ -135,44 +175,20 @@ def register(
         print(result.decision(), flush=True)
         return result
 
-    model_dir = Path(resolve_path(model_uri))
-    kind = "adapter" if (model_dir / "adapter_config.json").is_file() else "model"
-    tuned, base = evaluation["tuned"], evaluation["base"]
-    tags = {**lineage_tags, "kind": kind, "artifact_sha256": model_sha256, "candidate_uri": model_uri,
-            "eval_key": evaluation["eval_key"], "eval_sha256": evaluation["eval_sha256"],
-            **{f"{METRIC_TAG}{k}": tuned[k] for k in TAGGED_METRICS if k in tuned},
-            **{f"base.{k}": base[k] for k in TAGGED_METRICS if k in base}}
     if found is None:
-        card = render(name=name, kind=kind, base_model=lineage_tags.get("base_model", evaluation["base_model"]),
-                      lineage=lineage_tags, evaluation=evaluation, data=data_stats)
-        source, carded_sha = _carded_copy(model_dir, card, f"{artifact_root.rstrip('/')}/registered")
-        metrics = {**(train_metrics or {}),
-                   **{k: tuned[k] for k in TAGGED_METRICS if k in tuned},
-                   **{f"base_{k}": base[k] for k in TAGGED_METRICS if k in base}}
-        files = [evaluation_dir / f for f in (METRICS_FILENAME, SAMPLES_FILENAME, REPORT_FILENAME)
-                 if (evaluation_dir / f).is_file()]
-        run_id, url = registry.log_run(mlflow, experiment, f"{name}-{lineage_tags.get('method', kind)}",
-                                       params={**(params or {}), **lineage_tags}, metrics=metrics, tags=tags,
-                                       loss_history=loss_history or [], artifacts=files)
-        version = registry.create_version(mlflow, name, source, run_id, {**tags, "registered_sha256": carded_sha})
+        version, run_id, url = _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir,
+                                            evaluation, artifact_root, lineage_tags, params, train_metrics,
+                                            loss_history, data_stats)
     else:  # registered before, but the gate never ran (the earlier registration was interrupted)
-        version, run_id, url, source = found, found.run_id, "", found.source
+        version, run_id, url = found, found.run_id, ""
     number = str(version.version)
     registry.set_alias(mlflow, name, CHALLENGER, number)
 
+    tuned, base = evaluation["tuned"], evaluation["base"]
     champion = registry.version_by_alias(mlflow, name, CHAMPION)
-    champion_metrics, label, note = None, "the champion", ()
-    if champion is not None and str(champion.version) != number:
-        label = f"champion version {champion.version}"
-        if champion.tags.get("eval_key") == evaluation["eval_key"]:
-            champion_metrics = _metrics_of(champion)
-        elif rescore is not None:
-            log.info("the champion (version %s) was scored on other eval data or settings: scoring it again", champion.version)
-            champion_metrics = dict(rescore(champion))
-            note = (f"{label} was scored again on this eval data (its stored metrics are for other data or settings)",)
-        else:
-            champion_metrics = {}  # nothing comparable: decide() refuses to promote over it
-            note = (f"{label} was scored on other eval data or settings and could not be scored again",)
+    if champion is not None and str(champion.version) == number:
+        champion = None
+    champion_metrics, label, note = _champion_metrics(champion, evaluation["eval_key"], rescore)
     decision = gate.decide(tuned, base, champion_metrics, metric=metric, margin=margin, champion_label=label)
     decision = dataclasses.replace(decision, reasons=decision.reasons + note)
     if decision.promote:
@@ -180,10 +196,10 @@ def register(
     registry.tag_version(mlflow, name, number, {
         "gate.decision": "champion" if decision.promote else "challenger", "gate.reasons": "\n".join(decision.reasons),
         "gate.metric": metric, "gate.margin": margin,
-        "gate.compared_with": str(champion.version) if champion is not None and str(champion.version) != number else "none",
+        "gate.compared_with": str(champion.version) if champion is not None else "none",
     }, run_id=run_id)
     now_champion = number if decision.promote else (str(champion.version) if champion is not None else "")
-    result = Registration(name, number, run_id or "", url, source, promoted=decision.promote,
+    result = Registration(name, number, run_id or "", url, version.source, promoted=decision.promote,
                           reasons=list(decision.reasons), champion=now_champion, existing=found is not None)
     print(result.decision(), flush=True)
     return result
