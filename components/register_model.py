@@ -1,4 +1,4 @@
-"""Component: an MLflow run with the lineage, and a model version whose source is the S3 artifact."""
+"""Component: an MLflow model version with lineage, model card and evaluation; `champion` moves only if it wins."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -13,10 +13,15 @@ def register_model(
     evaluation: Input[Metrics],
     registered_model_name: str,
     experiment_name: str,
+    artifact_root: str,
+    primary_metric: str,
+    promotion_margin: float,
+    git_commit: str,
+    pipeline_run: str,
     registered: Output[Model],
     merged: Input[Model] = None,
 ):
-    """Register `merged` when given (LoRA, QLoRA), else `trained` (full fine-tuning)."""
+    """Register `merged` when given (LoRA, QLoRA), else `trained` (full fine-tuning); the decision is in the metadata."""
     from kftune import steps
 
     result = steps.register(
@@ -26,5 +31,7 @@ def register_model(
         steps.from_metadata(steps.TrainedModel, trained.metadata),
         steps.from_metadata(steps.Evaluation, evaluation.metadata),
         steps.from_metadata(steps.MergedModel, merged.metadata) if merged is not None else None,
+        artifact_root=artifact_root, metric=primary_metric, margin=promotion_margin, git_commit=git_commit,
+        pipeline_run=pipeline_run,
     )
     registered.metadata.update(steps.write_pointer(registered.path, result))

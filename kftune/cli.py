@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("kftune.launch", "train with one process per GPU of this node (accelerate launch: DDP, or FSDP)"),
     "infer": ("kftune.infer", "generate with a base model and optional adapter; same as inference_lora.py"),
     "merge": ("kftune.merge", "merge a LoRA adapter into its full-precision base, with a parity check"),
+    "evaluate": ("kftune.evaluate", "score a base and a tuned model on held-out data: loss, ROUGE-L/chrF, checks, report"),
+    "register": ("kftune.promote", "register a candidate in MLflow; move `champion` to it only when it wins"),
     "tiny-model": ("kftune.tiny_model", "build a small random Qwen2 model and tokenizer for offline demos and tests"),
     "sample-data": ("kftune.sample_data", "write the deterministic synthetic Xiaohongshu SFT data set"),
     "stack": ("kftune.stack", "start, stop or show the local SeaweedFS S3 + MLflow stack"),

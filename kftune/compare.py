@@ -19,11 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kftune.errors import KftuneError
+from kftune.gate import DIRECTIONS  # metric -> True when higher is better; the names are Evaluation fields
 
-# metric -> True when higher is better. The names are the Evaluation fields that hold them.
-DIRECTIONS: dict[str, bool] = {"eval_loss": False, "perplexity": False, "rougeL": True, "chrf": True}
 QUALITY_COLUMNS: dict[str, str] = {"eval_loss": "eval loss", "perplexity": "perplexity", "rougeL": "ROUGE-L",
-                                   "chrf": "chrF"}
+                                   "chrf": "chrF", "checks_pass_rate": "checks passed"}
 NOT_MEASURED = "n/a"
 MEMORY_NOTE = ("peak memory: the training process's own peak, torch.cuda.max_memory_allocated on a GPU, "
                "the RSS high-water mark on a CPU")

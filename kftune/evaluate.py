@@ -1,18 +1,40 @@
-"""Eval loss and perplexity on assistant tokens only, scored the way training scored them.
+"""`kftune evaluate`: the base and the tuned model scored on the same held-out data, the same way.
 
+Loss: eval loss and perplexity on assistant tokens only, scored the way training scored them.
 Training (trl, `assistant_only_loss=True`) learns only the assistant's tokens of a chat rendered
 with a template that marks them with `{% generation %}`; scoring every token would mix in the
 prompt, which neither model was asked to predict. So the same template and mask are used here,
 and the loss is a token-weighted mean over the whole split (perplexity is its exponential).
+
+Generations: greedy answers to the first N eval prompts, scored against the reference answers
+with character-level ROUGE-L and chrF and a set of output checks (kftune.scoring). Both models
+are prompted with the tokenizer and chat template the tuned model was trained with, checked
+against its stored fingerprint. Writes metrics.json, samples.jsonl and report.html.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from kftune.data import Message
 from kftune.errors import KftuneError
+
+log = logging.getLogger("kftune")
+
+METRICS_FILENAME = "metrics.json"
+SAMPLES_FILENAME = "samples.jsonl"
+REPORT_FILENAME = "report.html"
+DEFAULT_MAX_SEQ_LENGTH = 512
 
 
 @dataclass(frozen=True)
@@ -77,3 +99,237 @@ def assistant_loss(model, tokenizer, conversations: list[list[Message]], max_len
         raise KftuneError("the eval split has no assistant tokens to score (all truncated away?); raise max_seq_length")
     loss = total / tokens
     return LossResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens, rows=len(encoded))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides the numbers besides the models and the data; part of the eval key."""
+
+    max_seq_length: int | None = None  # None: the tuned model's training max_seq_length (else 512)
+    samples: int = 8  # greedy generations scored (the first N eval prompts)
+    max_new_tokens: int = 256
+    repetition_penalty: float = 1.1
+    batch_size: int = 8  # not in the key: it does not change the numbers
+    checks: str | None = None  # kftune.scoring.load_checks spec; None: the default checks
+
+    def key(self, eval_sha256: str) -> str:
+        """sha256 of the eval data and every setting that changes a score: equal keys, comparable metrics."""
+        from kftune.scoring import load_checks
+
+        fields = {**dataclasses.asdict(self), "checks": [c.name for c in load_checks(self.checks)], "eval": eval_sha256}
+        fields.pop("batch_size")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model to score: a full/merged model folder, or an adapter on `base_model`."""
+
+    folder: Path
+    base_model: str  # what the adapter sits on, or the base the model was tuned from
+    adapter: bool
+    bits: int | None  # a QLoRA adapter is scored on its base quantized as in training
+    method: str | None
+    max_seq_length: int | None  # from its training config
+
+
+def describe(model: str, base_model: str | None = None) -> Candidate:
+    """Resolve `model` (adapter folder, merged/full folder or s3:// URI) and what it was trained from."""
+    from kftune.config import CONFIG_FILENAME
+    from kftune.modeling import resolve_model_location
+
+    folder = Path(resolve_model_location(model, "--model"))
+    if not folder.is_dir():
+        raise KftuneError(f"--model {model}: not a model folder; give an adapter or model folder or an s3:// URI")
+    saved = {}
+    if (folder / CONFIG_FILENAME).is_file():
+        saved = json.loads((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    adapter = (folder / "adapter_config.json").is_file()
+    base = base_model or saved.get("base_model")
+    if not base:
+        raise KftuneError(f"--model {model} records no base model (no {CONFIG_FILENAME}); pass --base_model")
+    qlora = saved.get("use_qlora", False)
+    method = "qlora" if qlora else "lora" if saved.get("use_lora") else "full" if saved else None
+    return Candidate(folder, base, adapter, saved.get("quantization_bit") if adapter and qlora else None, method,
+                     saved.get("max_seq_length"))
+
+
+def training_tokenizer(candidate: Candidate, allow_template_mismatch: bool = False):
+    """The tokenizer the candidate was trained with, checked against its fingerprint; the base's must match too."""
+    from kftune import fingerprint
+    from kftune.infer import has_tokenizer_files
+    from kftune.modeling import load_tokenizer, resolve_model_location
+
+    base_location = resolve_model_location(candidate.base_model)
+    base_tokenizer = load_tokenizer(base_location)
+    fingerprint.check(candidate.folder, base_tokenizer, f"the base model's tokenizer ({candidate.base_model})",
+                      allow_template_mismatch)
+    if not has_tokenizer_files(str(candidate.folder)):
+        return base_tokenizer
+    tokenizer = load_tokenizer(str(candidate.folder))
+    fingerprint.check(candidate.folder, tokenizer, f"the tokenizer saved in {candidate.folder}", allow_template_mismatch)
+    return tokenizer
+
+
+def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """(metrics, generated outputs) of one loaded model on the eval conversations."""
+    from kftune.infer import generate_reply
+    from kftune.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
+
+    loss = assistant_loss(model, tokenizer, list(conversations), settings.max_seq_length, settings.batch_size)
+    gen = {"max_new_tokens": settings.max_new_tokens, "do_sample": False, "repetition_penalty": settings.repetition_penalty,
+           "temperature": None, "top_p": None, "top_k": None}
+    prompts = conversations[: settings.samples]
+    outputs = [generate_reply(model, tokenizer, c[:-1], gen)[0] for c in prompts]
+    metrics: dict[str, Any] = {"eval_loss": loss.loss, "perplexity": loss.perplexity, "eval_tokens": loss.tokens}
+    if outputs:
+        references = [c[-1]["content"] for c in prompts]
+        checks = load_checks(settings.checks)
+        rouge = rouge_l(outputs, references)
+        metrics["rougeL"] = sum(rouge) / len(rouge)
+        metrics["chrf"] = chrf(outputs, references)[0]
+        rates = pass_rates([run_checks(checks, o) for o in outputs], checks)
+        metrics["checks"] = rates
+        metrics["checks_pass_rate"] = rates.get("all", 0.0)
+    return metrics, outputs
+
+
+def score_candidate(candidate: Candidate, tokenizer, conversations: Sequence[list[Message]], settings: Settings,
+                    as_base: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Load the candidate (or, with `as_base`, its base alone, quantized the same way), score it, free it."""
+    from kftune.infer import load_for_inference
+
+    adapter = str(candidate.folder) if candidate.adapter else None
+    location = candidate.base_model if (as_base or adapter) else str(candidate.folder)
+    model, _ = load_for_inference(location, None if as_base else adapter, candidate.bits)
+    try:
+        return score(model, tokenizer, conversations, settings)
+    finally:
+        del model
+        gc.collect()
+
+
+def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: str | None = None,
+             settings: Settings | None = None, validation: str | None = None,
+             allow_template_mismatch: bool = False) -> dict[str, Any]:
+    """Score the base and the tuned model; write metrics.json, samples.jsonl and report.html into `output_dir`.
+
+    `validation`: the validation step's report.json (or its folder), for the report's token-length histogram.
+    """
+    from kftune.atomic import building
+    from kftune.data import load_conversations
+    from kftune.report import write_report
+    from kftune.storage import resolve_path, sha256_file
+
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise KftuneError(f"{out}: output_dir already exists and is not empty; choose another --output_dir")
+    candidate = describe(model, base_model)
+    settings = settings or Settings()
+    if settings.max_seq_length is None:
+        settings = dataclasses.replace(settings, max_seq_length=candidate.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
+    if settings.samples < 0 or settings.max_new_tokens < 1 or settings.max_seq_length < 1:
+        raise KftuneError("--samples must be >= 0, --max_new_tokens and --max_seq_length >= 1")
+    eval_path = resolve_path(eval_data)
+    conversations = load_conversations(eval_path)
+    tokenizer = training_tokenizer(candidate, allow_template_mismatch)
+    eval_sha256 = sha256_file(eval_path)
+
+    log.info("scoring the base model %s on %d eval rows", candidate.base_model, len(conversations))
+    base, base_outputs = score_candidate(candidate, tokenizer, conversations, settings, as_base=True)
+    log.info("scoring the tuned model %s", model)
+    tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings)
+
+    from kftune import fingerprint
+    from kftune.scoring import load_checks, pass_rates, run_checks
+
+    checks = load_checks(settings.checks)
+    prompts = conversations[: settings.samples]
+    samples = [{"prompt": c[:-1], "reference": c[-1]["content"], "base_output": b, "tuned_output": t,
+                "base_checks": run_checks(checks, b), "tuned_checks": run_checks(checks, t)}
+               for c, b, t in zip(prompts, base_outputs, tuned_outputs, strict=True)]
+    metrics = {
+        "model": model, "base_model": candidate.base_model, "kind": "adapter" if candidate.adapter else "model",
+        "method": candidate.method, "eval_data": eval_data, "eval_sha256": eval_sha256, "eval_rows": len(conversations),
+        "eval_key": settings.key(eval_sha256), "settings": {**dataclasses.asdict(settings), "check_names": [c.name for c in checks]},
+        "template_fingerprint": fingerprint.compute(tokenizer)["fingerprint"],
+        "base": base, "tuned": tuned,
+        "reference_checks": pass_rates([run_checks(checks, c[-1]["content"]) for c in prompts], checks),
+    }
+    training = candidate.folder / "metrics.json"
+    with building(out) as staging:
+        (staging / METRICS_FILENAME).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (staging / SAMPLES_FILENAME).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples),
+                                                encoding="utf-8")
+        write_report(staging / REPORT_FILENAME, metrics, samples,
+                     training=json.loads(training.read_text(encoding="utf-8")) if training.is_file() else None,
+                     validation=_validation_report(validation))
+    log.info("eval loss base %.4f -> tuned %.4f; written to %s", base["eval_loss"], tuned["eval_loss"], out)
+    return metrics
+
+
+def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None = None) -> dict[str, Any]:
+    """The tuned-side metrics of `model` on the eval data and with the settings an earlier evaluation recorded,
+    so a registered champion can be compared with a new candidate like for like."""
+    from kftune.data import load_conversations
+    from kftune.storage import resolve_path
+
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    recorded = {k: v for k, v in evaluation["settings"].items() if k in fields}
+    settings = Settings(**recorded)
+    candidate = describe(model, base_model)
+    conversations = load_conversations(resolve_path(evaluation["eval_data"]))
+    tokenizer = training_tokenizer(candidate)
+    return score_candidate(candidate, tokenizer, conversations, settings)[0]
+
+
+def _validation_report(location: str | None) -> dict[str, Any] | None:
+    if not location:
+        return None
+    from kftune.storage import resolve_path
+
+    path = Path(resolve_path(location))
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise KftuneError(f"--validation {location}: no report.json there; give the validate-data output folder")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kftune.fingerprint import ALLOW_FLAG
+
+    p = argparse.ArgumentParser(prog="kftune evaluate", description="Score a base and a tuned model on the same "
+                                "held-out data: loss on assistant tokens, ROUGE-L/chrF and checks on greedy answers.")
+    p.add_argument("--model", required=True, help="the tuned model: adapter folder, merged/full model folder or s3:// URI")
+    p.add_argument("--base_model", help="its base (default: the base recorded in the model's kftune_config.json)")
+    p.add_argument("--eval_data", required=True, help="held-out data (JSONL/JSON, alpaca or messages; local or s3://)")
+    p.add_argument("--output_dir", default="./eval_output", help="where metrics.json, samples.jsonl and report.html go")
+    p.add_argument("--samples", type=int, default=Settings.samples, help="prompts answered greedily and scored")
+    p.add_argument("--max_new_tokens", type=int, default=Settings.max_new_tokens)
+    p.add_argument("--max_seq_length", type=int, help="tokens per scored row (default: the training config's)")
+    p.add_argument("--batch_size", type=int, default=Settings.batch_size)
+    p.add_argument("--checks", help="output checks: comma list of built-in names (title, hashtag, length) or "
+                                    "module:attribute; default: all built-in ones")
+    p.add_argument("--validation", help="validate-data output folder or report.json, for the token-length histogram")
+    p.add_argument(ALLOW_FLAG, "--allow_template_mismatch", dest="allow_template_mismatch", action="store_true",
+                   help="go on when the tokenizer or chat template differs from the one the model was trained with")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings(max_seq_length=args.max_seq_length, samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        checks=args.checks)
+    metrics = evaluate(args.model, args.eval_data, args.output_dir, base_model=args.base_model, settings=settings,
+                       validation=args.validation, allow_template_mismatch=args.allow_template_mismatch)
+    print(format_table(metrics))
+    return 0
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """base vs tuned, one metric a row."""
+    rows = [f"{'metric':<18}{'base':>12}{'tuned':>12}"]
+    for name in ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate"):
+        if name in metrics["tuned"]:
+            rows.append(f"{name:<18}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}")
+    return "\n".join(rows)

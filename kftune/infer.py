@@ -26,16 +26,36 @@ def has_tokenizer_files(folder: str | None) -> bool:
     return bool(folder) and Path(folder, "tokenizer_config.json").is_file()
 
 
-def load_for_inference(base_model: str, lora_model: str | None = None, bits: int | None = None, precision: str = "auto"):
+def checked_tokenizer(model_dir: str, base: str | None = None, allow_template_mismatch: bool = False):
+    """The tokenizer to prompt the model in `model_dir` with: its own saved one, else the base's.
+
+    Every tokenizer involved (that one, and the base's) must match the fingerprint saved with the
+    model at training, unless `allow_template_mismatch`; a folder kftune did not train is not checked.
+    """
+    from kftune import fingerprint
+    from kftune.modeling import load_tokenizer
+
+    own = has_tokenizer_files(model_dir)
+    tokenizer = load_tokenizer(model_dir if own or not base else base)
+    where = f"the tokenizer saved in {model_dir}" if own or not base else f"the base model's tokenizer ({base})"
+    fingerprint.check(model_dir, tokenizer, where, allow_template_mismatch)
+    if base and own and base != model_dir:
+        fingerprint.check(model_dir, load_tokenizer(base), f"the base model's tokenizer ({base})", allow_template_mismatch)
+    return tokenizer
+
+
+def load_for_inference(base_model: str, lora_model: str | None = None, bits: int | None = None, precision: str = "auto",
+                       allow_template_mismatch: bool = False):
     """(model, tokenizer) ready for generation; the adapter's saved tokenizer wins over the base's."""
-    from kftune.modeling import load_adapter, load_model, load_tokenizer, pick_runtime, resolve_model_location
+    from kftune.modeling import load_adapter, load_model, pick_runtime, resolve_model_location
 
     runtime = pick_runtime(precision)
     base = resolve_model_location(base_model)
     adapter = resolve_model_location(lora_model, "--lora_model") if lora_model else None
     if adapter and not Path(adapter, "adapter_config.json").is_file():
         raise KftuneError(f"{lora_model}: no adapter_config.json; --lora_model must be a LoRA output folder")
-    tokenizer = load_tokenizer(adapter if has_tokenizer_files(adapter) else base)
+    tokenizer = checked_tokenizer(adapter, base, allow_template_mismatch) if adapter else \
+        checked_tokenizer(base, None, allow_template_mismatch)
     model = load_model(base, runtime, quantization_bit=bits)
     if adapter:
         model = load_adapter(model, adapter)
@@ -129,6 +149,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--repetition_penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
+    p.add_argument("--allow-template-mismatch", "--allow_template_mismatch", dest="allow_template_mismatch",
+                   action="store_true", help="go on when the tokenizer or chat template differs from the training one")
     return p
 
 
@@ -149,7 +171,8 @@ def main(argv: list[str]) -> int:
     args = build_parser("inference_lora.py").parse_args(argv)
     gen_kwargs = generation_kwargs(args)
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
-    model, tokenizer = load_for_inference(args.base_model, args.lora_model, bits, args.precision)
+    model, tokenizer = load_for_inference(args.base_model, args.lora_model, bits, args.precision,
+                                          args.allow_template_mismatch)
     if args.seed is not None:
         from transformers import set_seed
 

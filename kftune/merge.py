@@ -18,6 +18,8 @@ import torch
 
 from kftune.atomic import building
 from kftune.errors import KftuneError
+from kftune.fingerprint import ALLOW_FLAG, FINGERPRINT_FILENAME
+from kftune.train import METRICS_FILENAME
 
 log = logging.getLogger("kftune")
 
@@ -44,10 +46,11 @@ def probe_batch(tokenizer) -> dict:
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
-def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = DEFAULT_TOLERANCE, save_dtype: str = "auto") -> MergeResult:
+def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = DEFAULT_TOLERANCE, save_dtype: str = "auto",
+          allow_template_mismatch: bool = False) -> MergeResult:
     """Merge, check parity, save safetensors + tokenizer; output_dir appears only if parity holds."""
-    from kftune.infer import has_tokenizer_files
-    from kftune.modeling import load_adapter, load_model, load_tokenizer, pick_runtime, resolve_model_location
+    from kftune.infer import checked_tokenizer
+    from kftune.modeling import load_adapter, load_model, pick_runtime, resolve_model_location
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -56,7 +59,7 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
     adapter = resolve_model_location(lora_model, "--lora_model")
     if not Path(adapter, "adapter_config.json").is_file():
         raise KftuneError(f"{lora_model}: no adapter_config.json; --lora_model must be a LoRA output folder")
-    tokenizer = load_tokenizer(adapter if has_tokenizer_files(adapter) else base)
+    tokenizer = checked_tokenizer(adapter, base, allow_template_mismatch)
 
     runtime = pick_runtime("fp32")
     model = load_adapter(load_model(base, runtime, dtype=torch.float32), adapter).eval()
@@ -81,7 +84,7 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
     with building(out) as staging:
         merged.to(dtype).save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        for carried in ("kftune_config.json",):
+        for carried in ("kftune_config.json", FINGERPRINT_FILENAME, METRICS_FILENAME):
             if Path(adapter, carried).is_file():
                 shutil.copy2(Path(adapter, carried), staging / carried)
         report = {"base_model": base_model, "lora_model": lora_model, "max_abs_logit_diff": diff, "tolerance": tolerance, "saved_dtype": str(dtype).removeprefix("torch.")}
@@ -97,6 +100,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--output_dir", required=True, help="where the merged model is written")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max |logit difference| allowed")
     p.add_argument("--save_dtype", choices=list(SAVE_DTYPES), default="auto", help="auto keeps the base's dtype")
+    p.add_argument(ALLOW_FLAG, "--allow_template_mismatch", dest="allow_template_mismatch", action="store_true",
+                   help="go on when the base's tokenizer or chat template differs from the one the adapter was trained with")
     args = p.parse_args(argv)
-    merge(args.base_model, args.lora_model, args.output_dir, args.tolerance, args.save_dtype)
+    merge(args.base_model, args.lora_model, args.output_dir, args.tolerance, args.save_dtype, args.allow_template_mismatch)
     return 0

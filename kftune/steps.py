@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -20,10 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kftune.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
-from kftune.data import load_conversations
 from kftune.errors import KftuneError
+from kftune.gate import DEFAULT_MARGIN, DEFAULT_METRIC
 from kftune.registry import Registration, check_reachable
-from kftune.registry import register as register_version
 from kftune.storage import resolve_path, upload_dir
 
 METHODS = ("full", "lora", "qlora")
@@ -61,14 +61,21 @@ class TrainedModel:
 
 @dataclass(frozen=True)
 class Evaluation:
-    uri: str  # evaluation.json
+    uri: str  # the evaluation folder: metrics.json, samples.jsonl, report.html
     sha256: str
+    eval_key: str  # sha256 of the eval data and scoring settings: equal keys, comparable numbers
     base_eval_loss: float
     eval_loss: float
     base_perplexity: float
     perplexity: float
     eval_rows: int
     eval_tokens: int
+    base_rougeL: float | None  # None when no samples were generated
+    rougeL: float | None
+    base_chrf: float | None
+    chrf: float | None
+    base_checks_pass_rate: float | None
+    checks_pass_rate: float | None
     sample_prompt: str
     base_sample: str
     tuned_sample: str
@@ -170,6 +177,13 @@ def check_train_settings(method: str, settings: Mapping[str, Any]) -> TrainConfi
     return resolve({**placeholders, **train_values(method, settings)}, {}, file_label="pipeline parameters")
 
 
+def eval_every(cfg: TrainConfig, data: DataSplit, points: int = 10) -> int:
+    """Steps between evaluations during training so the report's eval-loss curve has about `points` points."""
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * math.ceil(data.train_rows / per_step))
+    return max(1, total // points)
+
+
 @reports_errors
 def train(
     data: DataSplit, base_model: str, method: str, artifact_root: str, settings: Mapping[str, Any], processes: int = 0
@@ -184,6 +198,7 @@ def train(
     with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
         # checkpoints go to <artifact_root>/checkpoints/<run key>: a retry of this step resumes from them
         cfg = dataclasses.replace(cfg, base_model=base_model, data_path=str(fetch(data.train_uri)), output_dir=f"{tmp}/model",
+                                  eval_data_path=str(fetch(data.eval_uri)), eval_steps=cfg.eval_steps or eval_every(cfg, data),
                                   checkpoint_uri=f"{artifact_root}/checkpoints")
         result = train_on_node(cfg, processes)
         artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
@@ -208,44 +223,36 @@ def saved_config(model_dir: Path) -> TrainConfig:
 
 
 @reports_errors
-def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int = 8, sample_tokens: int = 160) -> Evaluation:
-    """Eval loss and perplexity (assistant tokens only) of the base and the tuned model on the eval split,
-    plus one greedy answer from each to the first eval prompt.
+def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int = 8, sample_tokens: int = 256,
+             samples: int = 8, validation_uri: str | None = None) -> Evaluation:
+    """Score the base and the tuned model on the eval split (kftune.evaluate) and upload metrics.json,
+    samples.jsonl and report.html; `validation_uri`: the validation artifact, for the report's histogram.
 
     A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
     difference is the adapter's alone.
     """
-    import gc
+    from kftune.evaluate import Settings
+    from kftune.evaluate import evaluate as score_both
 
-    from kftune.evaluate import assistant_loss
-    from kftune.infer import generate_reply, load_for_inference
-
-    model_dir = fetch(model_uri)
-    cfg = saved_config(model_dir)
-    conversations = load_conversations(fetch(eval_uri))
-    prompt = conversations[0][:-1]
-    gen = {"max_new_tokens": sample_tokens, "do_sample": False, "repetition_penalty": 1.1,
-           "temperature": None, "top_p": None, "top_k": None}
-    bits = cfg.quantization_bit if cfg.use_qlora else None
-
-    def score(base: str, adapter: str | None) -> tuple[Any, str]:
-        model, tokenizer = load_for_inference(base, adapter, bits)
-        result = assistant_loss(model, tokenizer, conversations, cfg.max_seq_length, batch_size)
-        sample = generate_reply(model, tokenizer, prompt, gen)[0] if sample_tokens > 0 else ""
-        del model
-        gc.collect()
-        return result, sample
-
-    base, base_sample = score(cfg.base_model, None)
-    tuned, tuned_sample = score(cfg.base_model, str(model_dir)) if cfg.uses_adapter else score(str(model_dir), None)
-    report = {"model_uri": model_uri, "eval_uri": eval_uri, "base_model": cfg.base_model, "method": cfg.method,
-              "base": dataclasses.asdict(base), "tuned": dataclasses.asdict(tuned),
-              "sample": {"prompt": prompt, "base": base_sample, "tuned": tuned_sample}}
+    settings = Settings(samples=samples, max_new_tokens=max(sample_tokens, 1), batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
-        Path(tmp, "evaluation.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        artifact = upload_dir(tmp, f"{artifact_root}/evaluations")
-    return Evaluation(f"{artifact.uri}/evaluation.json", artifact.sha256, base.loss, tuned.loss, base.perplexity,
-                      tuned.perplexity, tuned.rows, tuned.tokens, prompt[-1]["content"], base_sample, tuned_sample)
+        metrics = score_both(model_uri, eval_uri, f"{tmp}/evaluation", settings=settings, validation=validation_uri)
+        first = json.loads((Path(tmp, "evaluation", "samples.jsonl").read_text(encoding="utf-8").splitlines() or ["{}"])[0])
+        artifact = upload_dir(f"{tmp}/evaluation", f"{artifact_root}/evaluations")
+    base, tuned = metrics["base"], metrics["tuned"]
+    return Evaluation(
+        artifact.uri, artifact.sha256, metrics["eval_key"], base["eval_loss"], tuned["eval_loss"], base["perplexity"],
+        tuned["perplexity"], metrics["eval_rows"], tuned["eval_tokens"], base.get("rougeL"), tuned.get("rougeL"),
+        base.get("chrf"), tuned.get("chrf"), base.get("checks_pass_rate"), tuned.get("checks_pass_rate"),
+        (first.get("prompt") or [{"content": ""}])[-1]["content"], first.get("base_output", ""), first.get("tuned_output", ""))
+
+
+def copy_report(evaluation: Evaluation, path: str) -> None:
+    """The evaluation's report.html at `path` (a KFP HTML output), so the run's UI shows it."""
+    import shutil
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(fetch(f"{evaluation.uri}/report.html"), path)
 
 
 @reports_errors
@@ -262,16 +269,38 @@ def merge(model_uri: str, artifact_root: str) -> MergedModel:
 
 @reports_errors
 def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel, evaluation: Evaluation,
-             merged: MergedModel | None = None) -> Registration:
-    """Register the merged model (LoRA, QLoRA) or the trained one (full) in MLflow, with its lineage."""
+             merged: MergedModel | None = None, *, artifact_root: str, metric: str = DEFAULT_METRIC,
+             margin: float = DEFAULT_MARGIN,
+             git_commit: str = "", pipeline_run: str = "") -> Registration:
+    """Register the merged model (LoRA, QLoRA) or the trained one (full) with its lineage, model card and
+    evaluation, and move `champion` to it only when it beats its base by `margin` and the current champion
+    on `metric` (kftune.promote; the returned Registration carries the decision and its reasons).
+    Registering the same artifact again returns the existing version.
+    """
+    from kftune.promote import lineage, rescorer
+    from kftune.promote import register as register_candidate
+
     model = merged or trained
-    params = {"method": trained.method, **trained.params, "dataset_sha256": data.dataset_sha256,
-              "dataset_uri": data.uri, "train_rows": data.train_rows, "eval_rows": data.eval_rows}
+    evaluation_dir = fetch(evaluation.uri)
+    tags = lineage(fetch(model.uri), dataset_sha256=data.dataset_sha256, git_commit=git_commit, pipeline_run=pipeline_run)
+    tags |= {"trained_uri": trained.uri, "evaluation_uri": evaluation.uri, "dataset_uri": data.uri}
+    params = {"method": trained.method, **trained.params, "train_rows": data.train_rows, "eval_rows": data.eval_rows}
     metrics = {k: v for k, v in trained.metrics.items() if k != "loss_history"}
-    metrics |= {k: getattr(evaluation, k) for k in ("base_eval_loss", "eval_loss", "base_perplexity", "perplexity")}
     if merged:
         metrics["max_abs_logit_diff"] = merged.max_abs_logit_diff
-    tags = {"method": trained.method, "base_model": trained.params["base_model"], "dataset_sha256": data.dataset_sha256,
-            "artifact_sha256": model.sha256, "trained_uri": trained.uri, "evaluation_uri": evaluation.uri}
-    return register_version(name, model.uri, experiment=experiment, params=params, metrics=metrics, tags=tags,
-                            loss_history=[(int(s), float(v)) for s, v in trained.metrics.get("loss_history", [])])
+    return register_candidate(
+        name, experiment=experiment, model_uri=model.uri, model_sha256=model.sha256, evaluation_dir=evaluation_dir,
+        artifact_root=artifact_root, lineage_tags=tags, params=params, train_metrics=metrics,
+        loss_history=[(int(s), float(v)) for s, v in trained.metrics.get("loss_history", [])],
+        data_stats=data_statistics(data), metric=metric, margin=margin, rescore=rescorer(evaluation_dir))
+
+
+def data_statistics(data: DataSplit) -> dict[str, Any]:
+    """Rows, sha256 and token lengths of the training data, from the validation report, for the model card."""
+    stats: dict[str, Any] = {"train_rows": data.train_rows, "eval_rows": data.eval_rows,
+                             "dataset_sha256": data.dataset_sha256}
+    report = fetch(data.uri) / "report.json"
+    lengths = json.loads(report.read_text(encoding="utf-8")).get("token_lengths") if report.is_file() else None
+    if lengths:
+        stats |= {f"tokens_{k}": lengths[k] for k in ("mean", "p50", "p90", "max") if k in lengths}
+    return stats

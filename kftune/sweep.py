@@ -24,6 +24,7 @@ from typing import Any
 from kftune import compare as comparing
 from kftune.config import SEVEN_PROJECTIONS
 from kftune.errors import ConfigError, KftuneError
+from kftune.evaluate import METRICS_FILENAME
 from kftune.steps import DataSplit, Evaluation, TrainedModel, check_train_settings, fetch, reports_errors
 from kftune.storage import upload_dir
 
@@ -143,10 +144,10 @@ def _check_pairing(candidates: Sequence[Mapping[str, Any]], trained: Sequence[Tr
     for candidate, model, evaluation in zip(candidates, trained, evaluations, strict=True):
         rank = model.params.get("lora_r")
         same = model.method == candidate["method"] and (candidate["method"] == "full" or rank == int(candidate["rank"]))
-        report = json.loads(Path(fetch(evaluation.uri)).read_text(encoding="utf-8"))
-        if not same or report["model_uri"] != model.uri:
+        report = json.loads(Path(fetch(evaluation.uri), METRICS_FILENAME).read_text(encoding="utf-8"))
+        if not same or report["model"] != model.uri:
             raise KftuneError(f"sweep candidate {candidate['name']}: the collected model ({model.method}, r={rank}) "
-                              f"or its evaluation ({report['model_uri']}) is not this candidate's")
+                              f"or its evaluation ({report['model']}) is not this candidate's")
 
 
 @reports_errors

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kftune import fingerprint
 from kftune.atomic import building, staging_dir
 from kftune.config import TrainConfig, parse_args
 from kftune.errors import KftuneError
@@ -114,8 +115,8 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
     )
 
 
-def loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
-    return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+def loss_history(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
+    return [(entry["step"], entry[key]) for entry in log_history if key in entry]
 
 
 def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
@@ -194,6 +195,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "first_loss": history[0][1] if history else None,
             "last_loss": history[-1][1] if history else None,
             "loss_history": history,
+            "eval_loss_history": loss_history(trainer.state.log_history, "eval_loss"),
             "train_seconds": round(elapsed, 3),
             "train_tokens": tokens,  # non-padding input tokens, all processes
             "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
@@ -203,6 +205,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         }
         if main:
             tokenizer.save_pretrained(str(staging))
+            fingerprint.write(staging, tokenizer, cfg.base_model)  # infer/merge/evaluate refuse another template
             shutil.rmtree(staging / "checkpoints", ignore_errors=True)
             # a pickle (unsafe to load) and peft's placeholder card: neither belongs in a published model
             for leftover in ("training_args.bin", "README.md"):

@@ -19,6 +19,7 @@ from typing import Any
 from kftune import steps
 from kftune.compare import DIRECTIONS
 from kftune.errors import KftuneError
+from kftune.promote import git_commit
 from kftune.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
 from kftune.storage import S3, connect, upload_dir, upload_file
 from kftune.sweep import SWEEP_METHODS, TARGET_PRESETS
@@ -36,11 +37,14 @@ HELP = {
     "method": "full, lora or qlora",
     "quantization_bit": "QLoRA bits, 4 or 8",
     "artifact_root": "where the tasks store their artifacts; default: s3://<stack bucket>/pipeline",
-    "sample_tokens": "length of the base-vs-tuned sample answer evaluate writes (0: none)",
+    "sample_tokens": "max new tokens of each greedy answer evaluate scores",
+    "eval_samples": "eval prompts answered greedily by the base and the tuned model and scored (0: none)",
+    "primary_metric": "the metric the promotion gate (and a sweep's ranking) compares: eval_loss, perplexity, rougeL, chrf or checks_pass_rate",
+    "promotion_margin": "how much the candidate must beat its base by, as a fraction of the base's value",
+    "git_commit": "tagged on the registered version; default: this checkout's HEAD",
     "methods": "the sweep's methods, space-separated: full, lora, qlora4, qlora8 (full trains once, whatever the ranks)",
     "ranks": "LoRA ranks, space-separated, e.g. 8 16",
     "target_presets": "LoRA target modules, space-separated presets: all, attention, mlp, auto (every linear layer)",
-    "primary_metric": "what the sweep's winner is chosen by",
 }
 STAGED = ("data_uri", "base_model", "artifact_root")  # defaults set here, for the local stack
 CHOICES = {"method": steps.METHODS, "methods": tuple(SWEEP_METHODS), "target_presets": tuple(TARGET_PRESETS),
@@ -212,6 +216,7 @@ def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tup
     base = base or str(demo_model(args.state_dir.parent / "demo-model"))
     arguments["base_model"] = stage(base, s3, f"s3://{info.bucket}/inputs/models")
     arguments.setdefault("artifact_root", f"s3://{info.bucket}/pipeline")
+    arguments.setdefault("git_commit", git_commit(Path(__file__).resolve().parents[1]))
     return arguments, info
 
 

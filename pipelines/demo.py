@@ -37,7 +37,9 @@ def main(argv: list[str]) -> int:
     print(f"""
 Look at it in MLflow: {info.mlflow_url}
   the run (params, metrics, loss curve): {reg.run_url}
-  the model: Models -> {reg.name} -> version {reg.version}; its source is the merged model in S3 above
+  the model: Models -> {reg.name} -> version {reg.version} (alias {'champion' if reg.promoted else 'challenger'}); its source is
+    the merged model plus its model card (README.md) in S3; the run's artifacts hold report.html
+  or in Python: kftune.registry.load_registered("models:/{reg.name}@champion")
 Try the tuned model:
   set -a; . {info.state_dir}/credentials.env; set +a; export AWS_ENDPOINT_URL={info.s3_endpoint}
   {kftune} infer --base_model {reg.source}

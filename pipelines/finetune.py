@@ -55,16 +55,16 @@ def _gpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def merge_and_register(is_full: ConditionOperation, data: PipelineChannel, trained: PipelineChannel,
-                       evaluation: PipelineChannel, registered_model_name: PipelineChannel,
-                       experiment_name: PipelineChannel, artifact_root: PipelineChannel) -> None:
+def merge_and_register(is_full: ConditionOperation, trained: PipelineChannel, artifact_root: PipelineChannel,
+                       **registration: PipelineChannel) -> None:
     """Register the trained model when `is_full`, else merge the adapter into its base first and register that.
 
+    `registration`: the register_model arguments besides the model (data, evaluation, the gate's settings).
     `is_full` compares a pipeline parameter or a task's return value: kfp.local resolves a condition
     on a NamedTuple field to false without a word.
     """
-    registration = {"data": data, "trained": trained, "evaluation": evaluation,
-                    "registered_model_name": registered_model_name, "experiment_name": experiment_name}
+    registration |= {"trained": trained, "artifact_root": artifact_root,
+                     "pipeline_run": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
     with dsl.If(is_full, name="full-model"):
         _cpu_task(register_model(**registration)).set_caching_options(False)
     with dsl.Else(name="adapter"):
@@ -90,14 +90,21 @@ def finetune_pipeline(
     seed: int = 42,
     train_processes: int = 0,
     eval_fraction: float = 0.1,
-    sample_tokens: int = 160,
+    sample_tokens: int = 256,
+    eval_samples: int = 8,
+    primary_metric: str = "eval_loss",
+    promotion_margin: float = 0.01,
     registered_model_name: str = "kftune-model",
     experiment_name: str = "kftune",
     artifact_root: str = "s3://kftune/pipeline",
+    git_commit: str = "",
 ) -> None:
     """method: full | lora | qlora (quantization_bit 4 or 8); lora_* and quantization_bit apply where the method uses them.
     data_uri: JSONL/JSON data, an s3:// artifact URI or a path the task can read.
-    train_processes: 0 trains with one process per GPU of the training node (DDP); set TRAIN_GPUS for more GPUs."""
+    train_processes: 0 trains with one process per GPU of the training node (DDP); set TRAIN_GPUS for more GPUs.
+    eval_samples: prompts answered greedily by base and tuned model and scored (ROUGE-L, chrF, checks).
+    primary_metric, promotion_margin: `champion` moves to the new version only when it beats its base by the
+    margin (a fraction of the base's value) and the current champion on this metric."""
     data = _cpu_task(validate_data(
         data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction,
         base_model=base_model, max_seq_length=max_seq_length,
@@ -111,7 +118,8 @@ def finetune_pipeline(
         processes=train_processes,
     ))
     scored = _cpu_task(evaluate(data=data.output, model=trained.output, artifact_root=artifact_root,
-                                sample_tokens=sample_tokens))
-    merge_and_register(method == "full", data.output, trained.output, scored.output, registered_model_name,
-                       experiment_name, artifact_root)
-
+                                sample_tokens=sample_tokens, eval_samples=eval_samples))
+    merge_and_register(method == "full", trained.output, artifact_root, data=data.output,
+                       evaluation=scored.outputs["metrics"], registered_model_name=registered_model_name,
+                       experiment_name=experiment_name, primary_metric=primary_metric,
+                       promotion_margin=promotion_margin, git_commit=git_commit)

@@ -34,6 +34,7 @@ _SHADOWING = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
 # KFP task name (without the -2 KFP adds to a step's second use) -> the step's result type
 RESULTS: dict[str, type] = {"validate-data": steps.DataSplit, "train": steps.TrainedModel, "evaluate": steps.Evaluation,
                             "merge-adapter": steps.MergedModel, "register-model": steps.Registration}
+OTHER_OUTPUTS = ("report",)  # outputs that are not a step's result: evaluate's HTML report
 
 
 @dataclass
@@ -48,6 +49,7 @@ class RunSummary:
     evaluation: steps.Evaluation
     registration: steps.Registration
     merged: steps.MergedModel | None = None  # only LoRA and QLoRA runs merge
+    report: Path | None = None  # evaluate's report.html, as kfp.local stored the task's HTML output
 
     def render(self) -> str:
         data, trained, evaluation, merged, reg = self.data, self.trained, self.evaluation, self.merged, self.registration
@@ -58,9 +60,11 @@ class RunSummary:
             "validate-data": f"{data.train_rows} train / {data.eval_rows} eval rows, data sha256 {data.dataset_sha256[:12]}",
             "train": f"{trained.method}, {trained.metrics.get('global_steps', 0)} steps: {loss}",
             "evaluate": f"eval loss base {evaluation.base_eval_loss:.3f} -> tuned {evaluation.eval_loss:.3f} "
-                        f"(perplexity {evaluation.base_perplexity:.1f} -> {evaluation.perplexity:.1f})",
+                        f"(perplexity {evaluation.base_perplexity:.1f} -> {evaluation.perplexity:.1f})"
+                        + (f", ROUGE-L {evaluation.base_rougeL:.3f} -> {evaluation.rougeL:.3f}"
+                           if evaluation.rougeL is not None else ""),
             "merge-adapter": merged and f"parity: max |logit diff| {merged.max_abs_logit_diff:.2g}",
-            "register-model": f"{reg.name} version {reg.version}",
+            "register-model": f"{reg.name} version {reg.version}: {'champion' if reg.promoted else 'challenger'}",
         }
         rows = [f"  {'step':<16}{'time':>8}  result"]
         rows += [f"  {step:<16}{seconds:>7.1f}s  {results[step]}" for step, seconds in self.seconds.items()]
@@ -70,7 +74,10 @@ class RunSummary:
                  (("data split", data), ("trained model", trained), ("evaluation", evaluation), ("merged model", merged))
                  if result]
         rows += ["", f"registered model  {reg.name} version {reg.version} -> {reg.source}",
+                 f"promotion gate    {reg.decision()}",
                  f"MLflow run        {reg.run_url or reg.run_id}", f"task logs         {self.log}"]
+        if self.report:
+            rows.append(f"report            {self.report}")
         if evaluation.tuned_sample:
             rows += ["", "one eval prompt, answered greedily by each model:", _indent(evaluation.sample_prompt, "prompt"),
                      _indent(evaluation.base_sample, "base"), _indent(evaluation.tuned_sample, "tuned")]
@@ -150,11 +157,12 @@ def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSum
     step_seconds: dict[str, float] = {}
     for task, elapsed in seconds.items():
         step = re.sub(r"-\d+$", "", task)  # register-model-2 is register-model in the other branch
-        (metadata,) = _outputs(run_dir / task).values()
+        (metadata,) = (m for name, m in _outputs(run_dir / task).items() if name not in OTHER_OUTPUTS)
         results[step] = steps.from_metadata(RESULTS[step], metadata)
         step_seconds[step] = elapsed
+    report = run_dir / "evaluate" / "report"
     return RunSummary(run_dir, log_path, step_seconds, results["validate-data"], results["train"], results["evaluate"],
-                      results["register-model"], results.get("merge-adapter"))
+                      results["register-model"], results.get("merge-adapter"), report if report.is_file() else None)
 
 
 def check_arguments(arguments: Mapping[str, Any]) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kftune.errors import KftuneError
-from kftune.storage import split_artifact_uri, canonical_json, sha256_file, upload_file
+from kftune.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
 
 TOKEN_ENV = "KFP_TOKEN"  # bearer token for the KFP API (e.g. `kubectl create token`, an OIDC id token)
 SERVICE_ACCOUNT = "kftune-pipeline"  # k8s/base: the pipeline pods' least-privilege ServiceAccount
@@ -74,15 +73,12 @@ class Outcome:
 
 def git_commit(repo: Path = REPO) -> str:
     """The commit being submitted: git's HEAD, else $GITHUB_SHA (a CI checkout without .git)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    if os.environ.get("GITHUB_SHA"):
-        return os.environ["GITHUB_SHA"]
-    raise KftuneError(f"no git commit found in {repo} and $GITHUB_SHA is unset; submit from a git checkout")
+    from kftune.promote import git_commit as head
+
+    commit = head(repo)
+    if not commit:
+        raise KftuneError(f"no git commit found in {repo} and $GITHUB_SHA is unset; submit from a git checkout")
+    return commit
 
 
 def dataset_sha256(data_uri: str) -> str:

@@ -45,14 +45,17 @@ def build(parallelism: int = PARALLELISM):
         seed: int = 42,
         train_processes: int = 0,
         eval_fraction: float = 0.1,
-        sample_tokens: int = 160,
+        sample_tokens: int = 256,
+        eval_samples: int = 8,
+        promotion_margin: float = 0.01,
         registered_model_name: str = "kftune-model",
         experiment_name: str = "kftune",
         artifact_root: str = "s3://kftune/pipeline",
+        git_commit: str = "",
     ) -> None:
         """methods: full, lora, qlora4, qlora8. ranks: LoRA ranks (full trains once). target_presets: all,
-        attention, mlp or auto (every linear layer). primary_metric: what the winner is chosen by (eval_loss,
-        perplexity; rougeL, chrf once the evaluate step scores them). The rest is shared by every candidate."""
+        attention, mlp or auto (every linear layer). primary_metric: what the winner is chosen by and the
+        promotion gate compares (eval_loss, perplexity, rougeL, chrf, checks_pass_rate). The rest is shared by every candidate."""
         data = _cpu_task(validate_data(
             data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction,
             base_model=base_model, max_seq_length=max_seq_length,
@@ -69,14 +72,16 @@ def build(parallelism: int = PARALLELISM):
                 processes=train_processes,
             ))
             scored = _cpu_task(evaluate(data=data.output, model=trained.output, artifact_root=artifact_root,
-                                        sample_tokens=sample_tokens))
+                                        sample_tokens=sample_tokens, eval_samples=eval_samples))
         best = _cpu_task(compare_candidates(
             data=data.output, candidates=candidates.output, trained=dsl.Collected(trained.output),
-            evaluations=dsl.Collected(scored.output), primary_metric=primary_metric,
+            evaluations=dsl.Collected(scored.outputs["metrics"]), primary_metric=primary_metric,
             experiment_name=experiment_name, artifact_root=artifact_root,
         )).set_caching_options(False)  # it logs to MLflow: a cached result would log nothing
-        merge_and_register(best.outputs["Output"] == "full", data.output, best.outputs["winner"],
-                           best.outputs["winner_evaluation"], registered_model_name, experiment_name, artifact_root)
+        merge_and_register(best.outputs["Output"] == "full", best.outputs["winner"], artifact_root, data=data.output,
+                           evaluation=best.outputs["winner_evaluation"], registered_model_name=registered_model_name,
+                           experiment_name=experiment_name, primary_metric=primary_metric,
+                           promotion_margin=promotion_margin, git_commit=git_commit)
 
     return sweep_pipeline
 

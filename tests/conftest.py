@@ -37,3 +37,15 @@ def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeo
     return subprocess.run(
         [sys.executable, *args], cwd=REPO, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout
     )
+
+
+def assert_generates(model, tokenizer, new_tokens: int = 5) -> None:
+    """The model answers a chat prompt with exactly `new_tokens` greedy tokens."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "写一篇探店笔记"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens

@@ -57,7 +57,7 @@ def test_the_markdown_table_has_every_measured_column_filled_and_unmeasured_ones
     head = [c.strip() for c in table[0].strip("|").split("|")]
     assert head[:10] == ["#", "candidate", "method", "rank", "targets", "trainable params", "share", "peak memory",
                          "train wall time", "tokens/s"]
-    assert head[10:] == ["eval loss", "perplexity", "ROUGE-L", "chrF", "quality vs best (eval loss)"]
+    assert head[10:] == ["eval loss", "perplexity", "ROUGE-L", "chrF", "checks passed", "quality vs best (eval loss)"]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert len(rows) == 3 and all(len(r) == len(head) for r in rows)
     first = dict(zip(head, rows[0]))
@@ -103,5 +103,6 @@ def test_reports_are_written_in_every_format(tmp_path):
 
 def test_metric_values_reads_the_evaluations_fields_by_name():
     fields = {"eval_loss": 2.0, "perplexity": 7.4, "rougeL": 0.31, "sample_prompt": "text", "chrf": None}
-    assert compare.metric_values(fields) == {"eval_loss": 2.0, "perplexity": 7.4, "rougeL": 0.31, "chrf": None}
+    assert compare.metric_values(fields) == {"eval_loss": 2.0, "perplexity": 7.4, "rougeL": 0.31, "chrf": None,
+                                             "checks_pass_rate": None}
     assert compare.metric_values({"eval_loss": 2.0})["rougeL"] is None

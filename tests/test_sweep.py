@@ -64,8 +64,9 @@ def _trained(method: str, rank: int | None, uri: str) -> TrainedModel:
                          "tokens_per_second": 300.0, "peak_memory_bytes": 600 * 2**20, "loss_history": [[1, 7.0]]})
 
 
-def _evaluation(loss: float) -> Evaluation:
-    return Evaluation("s3://b/e/1/evaluation.json", "cd" * 32, 7.5, loss, 1800.0, 900.0, 6, 1200, "p", "b", "t")
+def _evaluation(loss: float, rouge: float | None = None) -> Evaluation:
+    return Evaluation("s3://b/e/1", "cd" * 32, "ef" * 32, 7.5, loss, 1800.0, 900.0, 6, 1200,
+                      None, rouge, None, None, None, None, "p", "b", "t")
 
 
 def test_a_candidate_row_is_read_from_the_steps_results():
@@ -75,7 +76,8 @@ def test_a_candidate_row_is_read_from_the_steps_results():
     assert (row.trainable_params, row.total_params, row.peak_memory_bytes) == (2048, 150_000, 600 * 2**20)
     assert (row.train_seconds, row.tokens_per_second) == (4.5, 300.0)
     assert row.value("eval_loss") == 6.5 and row.value("perplexity") == 900.0
-    assert row.value("rougeL") is None and row.value("chrf") is None  # not fields of this Evaluation
+    assert row.value("rougeL") is None and row.value("chrf") is None  # no samples were scored
+    assert sweep.candidate_row(candidate, _trained("qlora", 8, "s3://b/m/1"), _evaluation(6.5, 0.25)).value("rougeL") == 0.25
     (full,) = sweep.plan(["full"], [], [])
     assert sweep.candidate_row(full, _trained("full", None, "s3://b/m/2"), _evaluation(6.0)).rank is None
 

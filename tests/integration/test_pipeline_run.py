@@ -12,12 +12,13 @@ from kftune.stack import free_ports
 from kftune.storage import MANIFEST, download_dir, sha256_file, upload_file
 from pipelines.local import RunSummary, run
 
-from ..conftest import run_cli
+from ..conftest import assert_generates, run_cli
 
 pytestmark = pytest.mark.integration
 # A few steps on the tiny model: enough to move the weights, small enough for ~1 minute a method.
 QUICK = {"max_steps": 3, "learning_rate": 1e-2, "lora_r": 8, "lora_alpha": 16, "per_device_train_batch_size": 4,
-         "gradient_accumulation_steps": 1, "max_seq_length": 256, "eval_fraction": 0.25, "sample_tokens": 8}
+         "gradient_accumulation_steps": 1, "max_seq_length": 256, "eval_fraction": 0.25, "sample_tokens": 8,
+         "eval_samples": 2}
 
 
 @pytest.fixture(scope="module", params=["full", "lora", "qlora"])
@@ -46,15 +47,24 @@ def test_artifacts_are_in_the_bucket_and_verify(finished, s3, small_data, tmp_pa
                          "merged": summary.merged}.items():
         if result is None:
             continue
-        folder = result.uri.removesuffix("/evaluation.json")
+        folder = result.uri
         bucket, key = folder[5:].split("/", 1)
         assert key.rsplit("/", 1)[1] == result.sha256
         s3.client.head_object(Bucket=bucket, Key=f"{key}/{MANIFEST}")
         local = download_dir(folder, tmp_path / name, s3)  # checks every file against the manifest
         assert len(list(local.iterdir())) > 1
-    report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
-    assert report["tuned"]["loss"] == pytest.approx(summary.evaluation.eval_loss)
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert metrics["tuned"]["eval_loss"] == pytest.approx(summary.evaluation.eval_loss)
     assert summary.evaluation.eval_rows == summary.data.eval_rows > 0 and summary.evaluation.eval_tokens > 0
+    samples = (tmp_path / "evaluation" / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(samples) == QUICK["eval_samples"] and summary.evaluation.rougeL is not None
+
+
+def test_the_evaluate_task_emits_the_report_as_its_html_output(finished):
+    _, summary = finished
+    page = summary.report.read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") == 3
+    assert str(summary.report) in summary.render()
 
 
 def test_the_mlflow_run_holds_params_and_metrics(finished, stack):
@@ -76,7 +86,7 @@ def test_the_mlflow_run_holds_params_and_metrics(finished, stack):
     assert reg.run_url.startswith(stack.mlflow_url) and reg.run_id in reg.run_url
 
 
-def test_the_registered_version_points_at_the_s3_artifact_which_loads_and_generates(finished, stack, s3, tiny_model, tmp_path):
+def test_the_registered_version_points_at_the_s3_artifact_which_loads_andassert_generates(finished, stack, s3, tiny_model, tmp_path):
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,29 +94,23 @@ def test_the_registered_version_points_at_the_s3_artifact_which_loads_and_genera
     reg = summary.registration
     version = MlflowClient(stack.mlflow_url).get_model_version(reg.name, reg.version)
     expected = summary.merged or summary.trained
-    assert version.source == reg.source == expected.uri
+    assert version.source == reg.source and version.tags["candidate_uri"] == expected.uri  # source: a copy + README.md
     assert version.run_id == reg.run_id
     assert version.tags["method"] == method and version.tags["artifact_sha256"] == expected.sha256
+    assert version.tags["pipeline_run"].startswith("kftune-finetune") and len(version.tags.get("git_commit", "")) in (0, 40)
+    assert version.tags["gate.decision"] == ("champion" if reg.promoted else "challenger")
 
     model_dir = download_dir(version.source, tmp_path / "registered", s3)
+    assert "## How to load it" in (model_dir / "README.md").read_text(encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    _generates(model, tokenizer)
+    assert_generates(model, tokenizer)
     if method != "full":  # the adapter itself loads with peft on the base, too
         from peft import PeftModel
 
         adapter = download_dir(summary.trained.uri, tmp_path / "adapter", s3)
         base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        _generates(PeftModel.from_pretrained(base, adapter), tokenizer)
-
-
-def _generates(model, tokenizer) -> None:
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "写一篇探店笔记"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+        assert_generates(PeftModel.from_pretrained(base, adapter), tokenizer)
 
 
 def test_a_wrong_s3_secret_fails_once_naming_s3(inputs, task_env, stack, tmp_path):

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kftune.registry import Registration, register
+from kftune import registry
+from kftune.registry import Registration
 from kftune.stack import StackInfo
 
 pytestmark = pytest.mark.integration
@@ -17,9 +18,13 @@ PARALLEL = 16
 
 
 def _register(name: str, candidate: int, stack: StackInfo) -> Registration:
+    """The MLflow calls of a registration (kftune.promote.register makes these): a run, then a version."""
     source = f"s3://{stack.bucket}/candidates/{uuid.uuid4().hex}{uuid.uuid4().hex}"  # 64 hex: an artifact URI
-    return register(name, source, experiment=name, params={"method": "lora", "candidate": candidate},
-                    metrics={"eval_loss": 1.0 + candidate}, tags={"candidate": str(candidate)})
+    mlflow = registry.client()
+    run_id, url = registry.log_run(mlflow, name, f"{name}-{candidate}", params={"method": "lora", "candidate": candidate},
+                                   metrics={"eval_loss": 1.0 + candidate}, tags={"candidate": str(candidate)})
+    version = registry.create_version(mlflow, name, source, run_id, {"candidate": str(candidate)})
+    return Registration(name, str(version.version), run_id, url, source)
 
 
 def _server_errors(stack: StackInfo, offset: int) -> list[str]:

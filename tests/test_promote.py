@@ -1,0 +1,62 @@
+"""Registration's plain parts: lineage tags, the config hash, the model card, registry URIs (no server needed)."""
+
+import json
+
+import pytest
+
+from kftune.errors import KftuneError
+from kftune.modelcard import render
+from kftune.promote import config_sha256, lineage
+from kftune.registry import parse_models_uri
+
+EVALUATION = {"eval_rows": 60, "eval_sha256": "c" * 64, "base_model": "s3://b/base/" + "b" * 64,
+              "settings": {"samples": 8, "max_new_tokens": 256},
+              "base": {"eval_loss": 8.6, "perplexity": 5430.0, "rougeL": 0.05},
+              "tuned": {"eval_loss": 3.6, "perplexity": 36.6, "rougeL": 0.41}}
+
+
+def _model(tmp_path, **config):
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    (folder / "kftune_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_lineage_reads_the_models_own_config(tmp_path):
+    folder = _model(tmp_path, base_model="s3://b/base/x", use_qlora=True, quantization_bit=4, lora_r=16)
+    tags = lineage(folder, dataset_sha256="d" * 64, git_commit="e" * 40, pipeline_run="run-1")
+    assert tags == {"method": "qlora", "lora_r": "16", "quantization_bit": "4", "base_model": "s3://b/base/x",
+                    "dataset_sha256": "d" * 64, "config_sha256": config_sha256(folder), "git_commit": "e" * 40,
+                    "pipeline_run": "run-1"}
+    full = lineage(_model(tmp_path, base_model="m", lora_r=16, quantization_bit=4))
+    assert full["method"] == "full" and "lora_r" not in full and "quantization_bit" not in full
+    assert "git_commit" not in full  # an empty fact is left out, not tagged ""
+
+
+def test_the_config_hash_ignores_where_files_were(tmp_path):
+    first = config_sha256(_model(tmp_path, lora_r=8, output_dir="/tmp/a", data_path="/tmp/x.jsonl"))
+    assert first == config_sha256(_model(tmp_path, lora_r=8, output_dir="/tmp/b", data_path="/tmp/y.jsonl"))
+    assert first != config_sha256(_model(tmp_path, lora_r=16, output_dir="/tmp/a", data_path="/tmp/x.jsonl"))
+    assert config_sha256(tmp_path) == ""  # no config, no hash
+
+
+def test_the_model_card_has_lineage_data_metrics_and_loading(tmp_path):
+    tags = {"method": "lora", "lora_r": "16", "dataset_sha256": "d" * 64}
+    card = render(name="xhs", kind="model", base_model="Qwen/Qwen2.5-0.5B-Instruct", lineage=tags,
+                  evaluation=EVALUATION, data={"train_rows": 540, "tokens_p90": 230})
+    assert card.startswith("# xhs\n")
+    for expected in ("| lora r | `16` |", "| train rows | 540 |", "| eval loss (assistant tokens) | 8.6 | 3.6 |",
+                     "| ROUGE-L (characters) | 0.05 | 0.41 |", 'load_registered("models:/xhs@champion")',
+                     "AutoModelForCausalLM.from_pretrained", 'get_model_version_by_alias("xhs", "champion")'):
+        assert expected in card, expected
+    adapter = render(name="xhs", kind="adapter", base_model="Qwen/Qwen2.5-0.5B-Instruct", lineage=tags,
+                     evaluation=EVALUATION)
+    assert "PeftModel.from_pretrained" in adapter and "## Training data" not in adapter
+
+
+def test_registry_uris():
+    assert parse_models_uri("models:/xhs@champion") == ("xhs", "champion", None)
+    assert parse_models_uri("models:/team/xhs/3") == ("team/xhs", None, "3")
+    for bad in ("runs:/abc/model", "models:/", "models:/xhs/latest"):
+        with pytest.raises(KftuneError, match="models:/<name>@<alias>"):
+            parse_models_uri(bad)
