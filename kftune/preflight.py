@@ -35,6 +35,7 @@ GiB = 2**30
 CPU_RUNTIME_BYTES = int(0.55 * GiB)
 # the CUDA context and allocator slack outside torch.cuda.max_memory_allocated
 CUDA_RESERVE_BYTES = int(0.6 * GiB)
+LM_HEAD_CHUNK_ROWS = 32_768  # trl 1.16's _CHUNKED_LOGPROB_CHUNK_SIZE
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Activation bytes saved per token per decoder layer: a*hidden + b*intermediate + c*kv_width
@@ -99,7 +100,8 @@ class ModelShape:
         heads = text.num_attention_heads
         return cls(
             hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
-            kv_heads=getattr(text, "num_key_value_heads", None) or heads, intermediate=text.intermediate_size,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
             vocab=text.vocab_size, tied=bool(getattr(text, "tie_word_embeddings", True)),
         )
 
@@ -156,8 +158,8 @@ def estimate(
     else:  # plus about one layer's worth of gradients in flight during backward
         activations = tokens * (shape.layers + 1) * per_layer
     activations += tokens * 24 * shape.hidden  # embeddings, final norm, hidden states into the LM head
-    # trl's chunked LM head: a few 1024-row tiles of logits and their gradient at a time
-    head = 3 * min(tokens, 1024) * shape.vocab * 4
+    # trl's chunked LM head: logits, log-softmax and their gradient for up to 32,768 rows at a time, fp32
+    head = 3 * min(tokens, LM_HEAD_CHUNK_ROWS) * shape.vocab * 4
     parts = {"weights": int(weights), "trainable": int(trainable), "activations": int(activations), "lm head": head,
              "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0}
     return Estimate(parts)
@@ -176,13 +178,13 @@ def estimate_for(cfg: TrainConfig, location: str, device: str = "cpu", precision
 
 
 def model_shape(location: str, trust_remote_code: bool = False) -> ModelShape:
+    """The sizes in a model's config.json (a local folder, or a hub id's config alone)."""
     from transformers import AutoConfig
 
     try:
         return ModelShape.from_config(AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code))
     except (OSError, ValueError, AttributeError) as exc:
-        raise KftuneError(f"{location}: could not read the model's config for the memory pre-flight ({exc}); "
-                          "check --base_model, or pass --force true to skip the check") from None
+        raise KftuneError(f"{location}: could not read the model's sizes from its config ({exc})") from None
 
 
 def device_memory(device: str) -> tuple[int, str]:
@@ -249,7 +251,11 @@ def check(cfg: TrainConfig, location: str, runtime: Runtime) -> TrainConfig:
 
     Returns the config to train with (the same one, or with gradient_checkpointing on).
     """
-    shape = model_shape(location, cfg.trust_remote_code)
+    try:
+        shape = model_shape(location, cfg.trust_remote_code)
+    except KftuneError as exc:  # an architecture without the usual size names: loading will tell
+        log.warning("memory pre-flight skipped: %s", exc)
+        return cfg
 
     def estimate_of(candidate: TrainConfig) -> Estimate:
         return estimate(
@@ -274,7 +280,11 @@ def check(cfg: TrainConfig, location: str, runtime: Runtime) -> TrainConfig:
     if cfg.force:
         log.warning("memory pre-flight: the estimate exceeds %s; training anyway (force)", where)
         return cfg
-    fitting = alternatives(cfg, lambda c: (e := estimate_of(c)) if e.total <= room else None)
+    def fits(candidate: TrainConfig) -> Estimate | None:
+        result = estimate_of(candidate)
+        return result if result.total <= room else None
+
+    fitting = alternatives(cfg, fits)
     hint = ("; settings that would fit: " + "; ".join(fitting)) if fitting else "; no smaller setting of this method fits"
     raise KftuneError(
         f"memory pre-flight: this run needs about {need.total / GiB:.1f} GiB ({cfg.method}, batch "
