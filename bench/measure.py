@@ -114,6 +114,30 @@ def peak_rss() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def step_timer():
+    """A TrainerCallback class that appends each step's wall time (CUDA synchronised) to `step_seconds`."""
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self, step_seconds: list[float] | None = None) -> None:
+            self.step_seconds = [] if step_seconds is None else step_seconds
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.step_seconds.append(time.perf_counter() - self.started)
+
+    return StepTimer
+
+
 def _child(spec: Spec, conn) -> None:
     try:
         conn.send(("ok", _train_and_measure(spec)))
@@ -125,7 +149,6 @@ def _child(spec: Spec, conn) -> None:
 
 def _train_and_measure(spec: Spec) -> dict[str, Any]:
     import torch
-    from transformers import TrainerCallback
 
     from kftune.config import resolve
     from kftune.preflight import estimate_for
@@ -133,22 +156,10 @@ def _train_and_measure(spec: Spec) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
 
-    class Probe(TrainerCallback):
+    class Probe(step_timer()):
         """Step times, and the peak at the end of training (before the model is saved)."""
 
-        def __init__(self) -> None:
-            self.step_seconds: list[float] = []
-            self.peak = 0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.step_seconds.append(time.perf_counter() - self.started)
+        peak = 0
 
         def on_train_end(self, args, state, control, **kwargs):
             self.peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402
 from measure import QWEN2_5_0_5B, build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,21 +55,10 @@ class Run:
 
 
 def step_timer(run: Run):
-    import torch
-    from transformers import TrainerCallback
+    """Step times into `run`, and from trl's logs the loss and the real tokens of each step."""
 
-    cuda = torch.cuda.is_available()
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            run.step_seconds.append(time.perf_counter() - self.started)
+    class Timer(measure.step_timer()):
+        seen = 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -78,9 +68,7 @@ def step_timer(run: Run):
                 run.step_tokens.append(seen - self.seen)
                 self.seen = seen
 
-        seen = 0
-
-    return Timer()
+    return Timer(run.step_seconds)
 
 
 def baseline(model_dir: str, data: Path, args, precision: str, out: str) -> Run:
