@@ -161,6 +161,9 @@ def _train_and_measure(spec: Spec) -> dict[str, Any]:
 
         peak = 0
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.checkpointing = bool(args.gradient_checkpointing)  # the pre-flight may have turned it on
+
         def on_train_end(self, args, state, control, **kwargs):
             self.peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
 
@@ -183,6 +186,7 @@ def _train_and_measure(spec: Spec) -> dict[str, Any]:
         "total_params": result.metrics["total_params"],
         "trainable_share": result.metrics["trainable_share"],
         "precision_used": result.metrics["precision"],
+        "checkpointing_used": probe.checkpointing or spec.method == "qlora" and spec.checkpointing,
         "step_seconds": probe.step_seconds,
         "seconds_per_step": seconds,
         "tokens_per_second": tokens / seconds,

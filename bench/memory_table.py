@@ -56,6 +56,23 @@ def machine() -> str:
             f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM, load {os.getloadavg()[0]:.1f}")
 
 
+def add_estimates(rows: list[dict], shape: dict[str, int]) -> None:
+    """kftune's pre-flight estimate for each measured row: a pure function of the shape and the settings."""
+    from kftune.preflight import ModelShape, estimate
+
+    model = ModelShape(hidden=shape["hidden_size"], layers=shape["num_layers"], heads=shape["num_heads"],
+                       kv_heads=shape["num_kv_heads"], intermediate=shape["intermediate_size"],
+                       vocab=shape["embedding_rows"])
+    for row in rows:
+        if "error" in row:
+            continue
+        result = estimate(model, method=row["method"], batch=row["batch"], seq=row["seq"],
+                          precision=row["precision_used"], bits=row["bits"] if row["method"] == "qlora" else None,
+                          lora_r=row["lora_r"], checkpointing=row.get("checkpointing_used", row["checkpointing"]),
+                          device=row["device"])
+        row["estimate_bytes"], row["estimate"] = result.total, result.parts
+
+
 def render(rows: list[dict], quick: bool) -> str:
     guide = "guide GB" if not quick else "guide (0.5B)"
     lines = [f"{'method':10s} {'peak GiB':>9s} {guide:>12s} {'estimate':>9s} {'est/peak':>8s} "
@@ -71,7 +88,8 @@ def render(rows: list[dict], quick: bool) -> str:
     return "\n".join(lines)
 
 
-def chart(rows: list[dict], path: Path, title: str) -> Path:
+def chart(rows: list[dict], path: Path, title: str, guide: bool) -> Path:
+    """Measured vs estimated bars, and the guide's figures beside them for the 0.5B shape."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +102,8 @@ def chart(rows: list[dict], path: Path, title: str) -> Path:
     width = 0.27
     ax.bar([i - width for i in x], [r["peak_bytes"] / GiB for r in ok], width, label="measured peak")
     ax.bar(list(x), [r["estimate_bytes"] / GiB for r in ok], width, label="kftune pre-flight estimate")
-    ax.bar([i + width for i in x], [GUIDE[r["label"]] for r in ok], width, label="guide (GB)")
+    if guide:
+        ax.bar([i + width for i in x], [GUIDE[r["label"]] for r in ok], width, label="guide (GB)")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("GiB")
     ax.set_title(title, fontsize=9)
@@ -105,7 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small model (hidden 256, 4 layers), batch 2 x 64: a smoke run")
     parser.add_argument("--model", type=Path, help="reuse a model folder built by an earlier run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON and PNG")
+    parser.add_argument("--from-json", type=Path, help="print a saved run again (estimates from today's kftune)")
     args = parser.parse_args(argv)
+    if args.from_json:  # print a saved run again, with the estimates of the kftune checked out now
+        report = json.loads(args.from_json.read_text(encoding="utf-8"))
+        add_estimates(report["rows"], report["shape"])
+        quick = report["shape"] == QUICK_SHAPE
+        print(report["title"])
+        print(render(report["rows"], quick))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / args.from_json.name).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        chart(report["rows"], args.out / args.from_json.with_suffix(".png").name, report["title"], guide=not quick)
+        return 0
     import torch
 
     cuda = torch.cuda.is_available()
@@ -128,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                               checkpointing=checkpointing))
         started = time.time()
         rows = measure(specs, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    add_estimates(rows, shape)
     where = machine()
     title = (f"{name}: batch {batch} x {seq} tokens, {rows[0].get('device', '?')}, {where}, "
              f"{time.strftime('%Y-%m-%d', time.localtime(started))}")
@@ -140,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"title": title, "machine": where, "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
               "batch": batch, "seq": seq, "shape": shape, "guide_gb": GUIDE, "rows": rows}
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    png = chart(rows, args.out / f"{stem}.png", title)
+    png = chart(rows, args.out / f"{stem}.png", title, guide=not args.quick)
     print(f"wrote {args.out / f'{stem}.json'} and {png}")
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -139,15 +139,15 @@ def estimate(
         weights = 4 * shape.params  # fp32 master weights; bf16 runs as autocast
         if compute == 2:
             weights += 2 * (shape.linear_params + shape.vocab * shape.hidden)  # autocast's bf16 copies, kept for backward
-        trainable = 12 * shape.params  # gradients + AdamW moments, fp32
+        optimizer, gradients = 8 * shape.params, 4 * shape.params  # AdamW's two moments and the gradients, fp32
     elif method == "lora":
-        weights = compute * shape.params
-        trainable = 16 * lora  # peft keeps adapters in fp32: weights, gradients, two moments
+        weights = compute * shape.params + 4 * lora  # peft keeps adapters in fp32
+        optimizer, gradients = 8 * lora, 4 * lora
     else:
         per_weight = 0.5 + 1 / 64 + 4 / (64 * 256) if bits == 4 else 1 + 4 / shape.hidden  # NF4 + double-quant scales
-        # prepare_model_for_kbit_training keeps everything it does not quantize in fp32
-        weights = int(per_weight * shape.linear_params) + 4 * shape.other_params
-        trainable = 8 * lora  # trl trains QLoRA adapters in bf16: weights, gradients, two moments
+        # prepare_model_for_kbit_training keeps everything it does not quantize in fp32; trl makes adapters bf16
+        weights = int(per_weight * shape.linear_params) + 4 * shape.other_params + 2 * lora
+        optimizer, gradients = 4 * lora, 2 * lora
     a, b, c = _ACTIVATIONS[(method if method in ("full", "lora") else "qlora", compute)]
     per_layer = a * shape.hidden + b * shape.intermediate + c * shape.kv_width
     if method == "lora":
@@ -160,7 +160,10 @@ def estimate(
     activations += tokens * 24 * shape.hidden  # embeddings, final norm, hidden states into the LM head
     # trl's chunked LM head: logits, log-softmax and their gradient for up to 32,768 rows at a time, fp32
     head = 3 * min(tokens, LM_HEAD_CHUNK_ROWS) * shape.vocab * 4
-    parts = {"weights": int(weights), "trainable": int(trainable), "activations": int(activations), "lm head": head,
+    # backward frees activations as it fills the gradients (set to None after each step): the peak holds
+    # the larger of the two, so gradients count only beyond the activations
+    parts = {"weights": int(weights), "optimizer": int(optimizer), "activations": int(activations), "lm head": head,
+             "gradients": int(max(0, gradients - activations - head)),
              "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0}
     return Estimate(parts)
 
