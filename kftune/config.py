@@ -57,7 +57,11 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     seed: int = _f(42, "seed for weights, data order and dropout")
-    gradient_checkpointing: bool = _f(False, "recompute activations to save memory at ~30% more compute")
+    gradient_checkpointing: bool = _f(
+        False, "recompute activations to save memory at ~30% more compute; turned on by itself when only that fits"
+    )
+    padding_free: bool = _f(True, "flatten each batch into one row without padding (position ids keep sequences apart)")
+    force: bool = _f(False, "train even when the memory pre-flight estimates that the run does not fit")
     precision: str = _f("auto", "auto (bf16 where the device supports it, else fp32), bf16, fp32 or fp16 (CUDA only)")
     logging_steps: int = _f(10, "steps between loss log lines")
     save_steps: int = _f(200, "steps between checkpoints")

@@ -180,8 +180,15 @@ def build_tiny_model(
     data_path: str | os.PathLike | None = None,
     seed: int = 0,
     force: bool = False,
+    embedding_rows: int | None = None,
+    dtype: str = "float32",
 ) -> Path:
-    """Build and save the model and tokenizer in `out_dir`, which ends up complete or absent."""
+    """Build and save the model and tokenizer in `out_dir`, which ends up complete or absent.
+
+    `embedding_rows` (default: the tokenizer's size) pads the embedding as Qwen2.5 pads its 151,665
+    tokens to 151,936, so a real model's shape can be built around the small tokenizer (benchmarks);
+    `dtype` is the dtype the weights are saved in (Qwen2.5 ships bfloat16).
+    """
     _check_sizes(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size)
     out_dir = Path(out_dir)
     _prepare_target(out_dir, force)
@@ -191,8 +198,10 @@ def build_tiny_model(
 
     tokenizer = to_qwen2_tokenizer(train_tokenizer(corpus_texts(data_path), vocab_size))
     pad_id, eos_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    if embedding_rows is not None and embedding_rows < len(tokenizer):
+        raise KftuneError(f"embedding_rows {embedding_rows} is less than the tokenizer's {len(tokenizer)} tokens")
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=embedding_rows or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
@@ -211,6 +220,8 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
+    model.to(getattr(torch, dtype))
+    model.config.dtype = dtype
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
 
     with building(out_dir) as staging:

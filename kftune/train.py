@@ -81,6 +81,8 @@ def build_model(cfg: TrainConfig, runtime, location: str):
 def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
     from trl import SFTConfig
 
+    # Padding-free batches come from `data_collator` below: trl's own `padding_free` flag refuses a
+    # max_length without packing, although it truncates to max_length all the same.
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         max_length=cfg.max_seq_length,
@@ -112,7 +114,28 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
         include_num_input_tokens_seen="non_padding",  # real tokens trained on, for tokens/s
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # under `kftune launch`: every trainable parameter gets a gradient
+        use_liger_kernel=runtime.device == "cuda" and liger_installed(),  # fused Triton kernels: less memory, faster
     )
+
+
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def data_collator(cfg: TrainConfig, tokenizer):
+    """Padding-free batches (no compute spent on padding): a batch's sequences side by side in one row.
+
+    Position ids restart at 0 for each sequence, so attention never crosses from one sequence into
+    the next (transformers builds a block-diagonal causal mask from them) and each first token is
+    not predicted from its neighbour. None keeps trl's padded batches.
+    """
+    if not cfg.padding_free:
+        return None
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
 
 
 def loss_history(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
@@ -128,6 +151,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     from kftune.data import load_conversations, to_dataset
     from kftune.measure import peak_memory, reset_peak_memory
     from kftune.modeling import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
+    from kftune.preflight import check as memory_preflight
 
     # everything that can fail on bad input is checked before anything heavy is imported or written
     out = check_output_dir(cfg)
@@ -135,6 +159,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     train_rows = load_conversations(cfg.data_path)
     eval_rows = load_conversations(cfg.eval_data_path) if cfg.eval_data_path else None
     location = resolve_model_location(cfg.base_model)
+    cfg = memory_preflight(cfg, location, runtime)  # may turn on checkpointing; refuses what cannot fit
     if cfg.use_qlora:
         from kftune.modeling import check_bitsandbytes
 
@@ -166,6 +191,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             train_dataset=to_dataset(train_rows),
             eval_dataset=to_dataset(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
+            data_collator=data_collator(cfg, tokenizer),
             callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
         )
         started = time.perf_counter()

@@ -1,0 +1,227 @@
+"""Peak memory and step time of kftune's own training path (`kftune.train.run`), one process per measurement.
+
+Peak RSS only grows within a process, so every measurement runs in a fresh process. The processes
+fork from one server that has already imported torch, transformers, peft and trl (the fixed
+overhead every training process carries, and half a minute of imports on a loaded 2-core box), so
+a child's peak is what a `kftune train` process would reach, without paying the imports per method.
+
+The data has every row at least `seq` tokens long, truncated to `seq`: each step sees exactly
+batch x seq real tokens, padded or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "kftune.train", "kftune.modeling", "kftune.data"]
+QWEN2_5_0_5B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2, "intermediate_size": 4864,
+                "embedding_rows": 151_936}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One training measurement: kftune's config keys plus the bench's shape."""
+
+    label: str
+    model: str
+    data: str
+    method: str  # full | lora | qlora
+    batch: int
+    seq: int
+    steps: int = 2
+    bits: int = 4
+    lora_r: int = 64
+    precision: str = "auto"
+    checkpointing: bool = False
+    padding_free: bool = True
+    lora_dropout: float = 0.1
+    learning_rate: float = 1e-4
+
+    def config_values(self, output_dir: str) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "base_model": self.model, "data_path": self.data, "output_dir": output_dir, "max_steps": self.steps,
+            "per_device_train_batch_size": self.batch, "gradient_accumulation_steps": 1, "max_seq_length": self.seq,
+            "learning_rate": self.learning_rate, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+            "logging_steps": 1, "save_steps": 10_000, "precision": self.precision,
+            "gradient_checkpointing": self.checkpointing, "padding_free": self.padding_free, "force": True,
+        }
+        if self.method != "full":
+            values |= {"use_lora": self.method == "lora", "use_qlora": self.method == "qlora", "lora_r": self.lora_r,
+                       "lora_alpha": 16, "lora_dropout": self.lora_dropout}
+        if self.method == "qlora":
+            values["quantization_bit"] = self.bits
+        return values
+
+
+def build_model(folder: Path, shape: dict[str, int], dtype: str = "bfloat16") -> Path:
+    """A random model of `shape` with the tiny tokenizer (trained on the sample data), built once per folder.
+
+    Built in a child process, so the parent does not keep the memory of a 494M-parameter init.
+    """
+    if not (folder / "config.json").is_file():
+        from kftune.tiny_model import build_tiny_model
+
+        proc = _context().Process(target=build_tiny_model, args=(folder,), kwargs={"dtype": dtype, "force": True, **shape})
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"building the model in {folder} failed (exit code {proc.exitcode})")
+    return folder
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def write_rows(path: Path, rows: int, seq: int) -> Path:
+    """Alpaca rows whose answers run past `seq` tokens (the sample posts, joined), so truncation makes them all `seq`."""
+    from kftune.sample_data import generate_samples
+
+    posts = [row["output"] for row in generate_samples(64, seed=3)]
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            answer, k = "", i
+            while len(answer) < 2 * seq + 64:  # >= 1 character per token: the tiny tokenizer merges more
+                answer += posts[k % len(posts)] + "\n"
+                k += 1
+            f.write(json.dumps({"instruction": f"写一篇笔记 {i}", "input": "", "output": answer}, ensure_ascii=False) + "\n")
+    return path
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def step_timer():
+    """A TrainerCallback class that appends each step's wall time (CUDA synchronised) to `step_seconds`."""
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self, step_seconds: list[float] | None = None) -> None:
+            self.step_seconds = [] if step_seconds is None else step_seconds
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.step_seconds.append(time.perf_counter() - self.started)
+
+    return StepTimer
+
+
+def _child(spec: Spec, conn) -> None:
+    try:
+        conn.send(("ok", _train_and_measure(spec)))
+    except BaseException as exc:  # report it to the parent, whatever it was
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"))
+    finally:
+        conn.close()
+
+
+def _train_and_measure(spec: Spec) -> dict[str, Any]:
+    import torch
+
+    from kftune.config import resolve
+    from kftune.preflight import estimate_for
+    from kftune.train import run
+
+    cuda = torch.cuda.is_available()
+
+    class Probe(step_timer()):
+        """Step times, and the peak at the end of training (before the model is saved)."""
+
+        peak = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.checkpointing = bool(args.gradient_checkpointing)  # the pre-flight may have turned it on
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+
+    with tempfile.TemporaryDirectory(prefix="kftune-bench-run-") as tmp:
+        cfg = resolve(spec.config_values(f"{tmp}/out"), {})
+        estimate = estimate_for(cfg, spec.model, device="cuda" if cuda else "cpu")
+        probe = Probe()
+        result = run(cfg, callbacks=[probe])
+    timed = probe.step_seconds[1:] or probe.step_seconds  # the first step also allocates the optimizer
+    seconds = sum(timed) / len(timed)
+    tokens = spec.batch * spec.seq
+    return {
+        **dataclasses.asdict(spec),
+        "device": "cuda" if cuda else "cpu",
+        "peak_bytes": probe.peak,
+        "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS",
+        "estimate_bytes": estimate.total,
+        "estimate": estimate.parts,
+        "trainable_params": result.metrics["trainable_params"],
+        "total_params": result.metrics["total_params"],
+        "trainable_share": result.metrics["trainable_share"],
+        "precision_used": result.metrics["precision"],
+        "checkpointing_used": probe.checkpointing or spec.method == "qlora" and spec.checkpointing,
+        "step_seconds": probe.step_seconds,
+        "seconds_per_step": seconds,
+        "tokens_per_second": tokens / seconds,
+        "loss_history": result.metrics["loss_history"],
+    }
+
+
+def measure(specs: list[Spec], timeout_s: float = 3600, progress=print) -> list[dict[str, Any]]:
+    """Each spec in its own process, one at a time; a failed or killed one gives a row with `error`."""
+    ctx = _context()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    results = []
+    for spec in specs:
+        progress(f"[bench] {spec.label}: {spec.method}, batch {spec.batch} x {spec.seq} tokens ...")
+        started = time.perf_counter()
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(spec, child), name=f"bench-{spec.label}")
+        proc.start()
+        child.close()
+        outcome: tuple[str, Any] = ("error", "the process ended without a result (killed, out of memory?)")
+        if parent.poll(timeout_s):
+            try:
+                outcome = parent.recv()
+            except EOFError:
+                pass
+        else:
+            outcome = ("error", f"timed out after {timeout_s:.0f} s")
+            proc.kill()
+        proc.join()
+        if outcome[0] == "ok":
+            row = outcome[1]
+            progress(f"[bench] {spec.label}: peak {row['peak_bytes'] / 2**30:.2f} GiB (estimate {row['estimate_bytes'] / 2**30:.2f}), "
+                     f"{row['seconds_per_step']:.2f} s/step ({time.perf_counter() - started:.0f} s in all)")
+        else:
+            row = {**dataclasses.asdict(spec), "error": outcome[1]}
+            progress(f"[bench] {spec.label}: FAILED: {outcome[1].splitlines()[0]}")
+        results.append(row)
+    return results
