@@ -98,7 +98,7 @@ def test_no_credential_in_any_output_of_a_pipeline_run(stack: StackInfo, credent
                 **_objects(s3, stack.bucket, [f"{root}/", f"mlflow/{experiment}/{run_id}/"])}
 
     found = outputs()
-    kinds = {"tasks.log", "executor_output.json", "finetune.yaml", "mlflow.log", "weed.log", "evaluation.json",
+    kinds = {"tasks.log", "executor_output.json", "finetune.yaml", "mlflow.log", "weed.log", "metrics.json", "samples.jsonl", "report.html",
              "report.json", "adapter_model.safetensors", "mlflow run", "mlflow version 1"}
     assert kinds <= {where.rsplit("/", 1)[-1] for where in found}  # the search does reach each kind of output
     assert _leaks(found, credentials) == []
