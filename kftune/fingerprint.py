@@ -26,6 +26,7 @@ log = logging.getLogger("kftune")
 
 FINGERPRINT_FILENAME = "kftune_fingerprint.json"
 ALLOW_FLAG = "--allow-template-mismatch"
+VERSION = 1  # of what is hashed; a fingerprint of another version is not compared (it would always differ)
 PROBE = "为这家店写一篇小红书探店笔记。Café ＡＢＣ 123 #探店  \n\tthe end ✨"
 
 
@@ -49,7 +50,7 @@ def compute(tokenizer) -> dict[str, str]:
 
 def write(folder: str | Path, tokenizer, source: str) -> dict[str, str]:
     """Store the fingerprint of `tokenizer` (the one training used, loaded from `source`) in `folder`."""
-    record = {**compute(tokenizer), "source": source}
+    record = {**compute(tokenizer), "version": VERSION, "source": source}
     Path(folder, FINGERPRINT_FILENAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
@@ -65,6 +66,10 @@ def check(model_dir: str | Path, tokenizer, what: str, allow_mismatch: bool = Fa
     from the one that model was trained with. A folder without a stored fingerprint is not checked."""
     record = stored(model_dir)
     if record is None:
+        return
+    if record.get("version") != VERSION:
+        log.warning("%s/%s was written by another kftune version (fingerprint version %s, this one %s); not checked",
+                    model_dir, FINGERPRINT_FILENAME, record.get("version"), VERSION)
         return
     now = compute(tokenizer)
     if now["fingerprint"] == record["fingerprint"]:

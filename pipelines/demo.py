@@ -19,7 +19,7 @@ from pipelines.cli import build_parser, run_pipeline
 DEMO_FLAGS = [
     "--method", "lora", "--lora-r", "64", "--lora-alpha", "128", "--lora-dropout", "0",
     "--learning-rate", "2e-3", "--max-steps", "300", "--per-device-train-batch-size", "8",
-    "--gradient-accumulation-steps", "1", "--max-seq-length", "256",
+    "--gradient-accumulation-steps", "1", "--max-seq-length", "256", "--eval-samples", "4", "--sample-tokens", "200",
     "--registered-model-name", "kftune-demo", "--experiment-name", "kftune-demo",
 ]
 

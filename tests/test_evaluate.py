@@ -169,3 +169,16 @@ def test_checks_are_pluggable():
         load_checks("nosuch.module:x")
     with pytest.raises(KftuneError, match="appears twice"):
         load_checks("title,default")
+
+
+def test_a_fingerprint_of_another_version_is_not_compared(tiny_model, tmp_path):
+    from kftune import fingerprint
+    from kftune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    record = {"chat_template": "0" * 64, "tokenizer": "0" * 64, "fingerprint": "0" * 64}
+    (tmp_path / fingerprint.FINGERPRINT_FILENAME).write_text(json.dumps({**record, "version": fingerprint.VERSION}))
+    with pytest.raises(KftuneError, match="chat template and tokenizer changed"):
+        fingerprint.check(tmp_path, tokenizer, "this tokenizer")
+    (tmp_path / fingerprint.FINGERPRINT_FILENAME).write_text(json.dumps({**record, "version": 0}))
+    fingerprint.check(tmp_path, tokenizer, "this tokenizer")  # written by another version: warned, not refused
