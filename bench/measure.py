@@ -84,18 +84,27 @@ def _context():
     return ctx
 
 
-def write_rows(path: Path, rows: int, seq: int) -> Path:
-    """Alpaca rows whose answers run past `seq` tokens (the sample posts, joined), so truncation makes them all `seq`."""
+def write_rows(path: Path, rows: int, seq: int, model: Path) -> Path:
+    """Alpaca rows whose answers run past `seq` tokens (the sample posts, joined), so truncation makes them all `seq`.
+
+    Checked with `model`'s tokenizer and chat template: a step must see exactly batch x seq tokens.
+    """
+    from kftune.data import load_conversations
+    from kftune.modeling import load_tokenizer
     from kftune.sample_data import generate_samples
 
     posts = [row["output"] for row in generate_samples(64, seed=3)]
     with path.open("w", encoding="utf-8") as f:
         for i in range(rows):
             answer, k = "", i
-            while len(answer) < 2 * seq + 64:  # >= 1 character per token: the tiny tokenizer merges more
+            while len(answer) < 4 * seq + 64:  # the tiny tokenizer averages ~2.5 characters a token here
                 answer += posts[k % len(posts)] + "\n"
                 k += 1
             f.write(json.dumps({"instruction": f"写一篇笔记 {i}", "input": "", "output": answer}, ensure_ascii=False) + "\n")
+    tokenizer = load_tokenizer(str(model))
+    shortest = min(len(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in load_conversations(path))
+    if shortest < seq:
+        raise RuntimeError(f"{path}: a row has {shortest} tokens, fewer than seq {seq}")
     return path
 
 
@@ -122,18 +131,22 @@ def step_timer():
     cuda = torch.cuda.is_available()
 
     class StepTimer(TrainerCallback):
-        def __init__(self, step_seconds: list[float] | None = None) -> None:
+        """Wall seconds, and CPU seconds of all this process's threads (what other jobs on the machine do not inflate)."""
+
+        def __init__(self, step_seconds: list[float] | None = None, step_cpu_seconds: list[float] | None = None) -> None:
             self.step_seconds = [] if step_seconds is None else step_seconds
+            self.step_cpu_seconds = [] if step_cpu_seconds is None else step_cpu_seconds
 
         def on_step_begin(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
-            self.started = time.perf_counter()
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
             self.step_seconds.append(time.perf_counter() - self.started)
+            self.step_cpu_seconds.append(time.process_time() - self.cpu_started)
 
     return StepTimer
 

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kftune-bench-memory-") as tmp:
         model = args.model or build_model(Path(tmp) / "model", shape)
-        data = write_rows(Path(tmp) / "rows.jsonl", rows=batch * args.steps * 2, seq=seq)
+        data = write_rows(Path(tmp) / "rows.jsonl", rows=batch * args.steps * 2, seq=seq, model=model)
         specs = []
         for label in methods:
             method, bits, precision, checkpointing = METHODS[label]

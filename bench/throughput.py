@@ -41,17 +41,21 @@ LORA = {"r": 64, "alpha": 16, "dropout": 0.1}
 class Run:
     label: str
     step_seconds: list[float] = field(default_factory=list)
+    step_cpu_seconds: list[float] = field(default_factory=list)
     step_tokens: list[int] = field(default_factory=list)  # real tokens per step
     losses: list[float] = field(default_factory=list)
     trainable: int = 0
 
-    def timed(self, warmup: int) -> tuple[float, int]:
+    def timed(self, warmup: int) -> tuple[float, float, int]:
+        """(wall seconds, CPU seconds, real tokens) of the timed steps."""
         # the dataloader may build a batch ahead of the last step: count the tokens of timed steps only
-        return sum(self.step_seconds[warmup:]), sum(self.step_tokens[warmup:len(self.step_seconds)])
+        return (sum(self.step_seconds[warmup:]), sum(self.step_cpu_seconds[warmup:]),
+                sum(self.step_tokens[warmup:len(self.step_seconds)]))
 
-    def tokens_per_second(self, warmup: int) -> float:
-        seconds, tokens = self.timed(warmup)
-        return tokens / seconds
+    def tokens_per_second(self, warmup: int) -> tuple[float, float]:
+        """Real tokens per wall second and per CPU second."""
+        seconds, cpu, tokens = self.timed(warmup)
+        return tokens / seconds, tokens / cpu
 
 
 def step_timer(run: Run):
@@ -68,7 +72,7 @@ def step_timer(run: Run):
                 run.step_tokens.append(seen - self.seen)
                 self.seen = seen
 
-    return Timer(run.step_seconds)
+    return Timer(run.step_seconds, run.step_cpu_seconds)
 
 
 def baseline(model_dir: str, data: Path, args, precision: str, out: str) -> Run:
@@ -206,18 +210,22 @@ def report(runs: list[Run], args, runtime, peak: float, per_token: float, cuda: 
           f"{args.max_seq_length}, {args.steps} steps ({args.warmup} untimed), {runtime.device} {runtime.precision}, "
           f"{where}, {time.strftime('%Y-%m-%d')}")
     print(f"matmul peak measured in this run: {peak:,.1f} GFLOP/s; model FLOPs per real token {per_token / 1e6:,.1f} M")
-    base = runs[0].tokens_per_second(args.warmup)
-    print(f"{'run':44s} {'real tok/step':>13s} {'s/step':>8s} {'real tok/s':>10s} {'vs baseline':>11s} {'MFU':>7s}")
+    base, base_cpu = runs[0].tokens_per_second(args.warmup)
+    print(f"{'run':44s} {'real tok/step':>13s} {'s/step':>7s} {'real tok/s':>10s} {'vs baseline':>11s} {'MFU':>6s} "
+          f"{'tok/CPU-s':>9s} {'vs baseline':>11s}")
     rows = []
     for run in runs:
-        seconds, tokens = run.timed(args.warmup)
+        seconds, cpu, tokens = run.timed(args.warmup)
         steps = max(1, len(run.step_seconds) - args.warmup)
-        rate = tokens / seconds
+        rate, cpu_rate = tokens / seconds, tokens / cpu
         mfu = per_token * rate / (peak * 1e9)
         rows.append({"run": run.label, "tokens_per_step": tokens / steps, "seconds_per_step": seconds / steps,
-                     "real_tokens_per_second": rate, "ratio": rate / base, "mfu": mfu, "losses": run.losses,
+                     "real_tokens_per_second": rate, "ratio": rate / base, "mfu": mfu,
+                     "real_tokens_per_cpu_second": cpu_rate, "cpu_ratio": cpu_rate / base_cpu, "losses": run.losses,
                      "trainable_params": run.trainable})
-        print(f"{run.label:44s} {tokens / steps:13.0f} {seconds / steps:8.3f} {rate:10.1f} {rate / base:10.2f}x {mfu:7.2%}")
+        print(f"{run.label:44s} {tokens / steps:13.0f} {seconds / steps:7.2f} {rate:10.1f} {rate / base:10.2f}x "
+              f"{mfu:6.2%} {cpu_rate:9.1f} {cpu_rate / base_cpu:10.2f}x")
+    print("CPU seconds count every thread of this process: other jobs on a shared machine inflate wall time, not these")
     padded, free = runs[1].losses, runs[2].losses
     diffs = [abs(a - b) for a, b in zip(padded, free, strict=False)]
     print("loss per step (kftune padded | padding-free | baseline, whose loss covers prompt tokens too):")

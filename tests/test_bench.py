@@ -17,7 +17,7 @@ def bench(script: str, out, *args: str, timeout: int = 600) -> subprocess.Comple
 @pytest.mark.slow
 def test_memory_table_quick(tmp_path):
     proc = bench("memory_table.py", tmp_path)
-    header, *rows = proc.stdout.split("method", 1)[1].splitlines()[1:7]
+    rows = proc.stdout.split("method", 1)[1].splitlines()[1:7]
     assert [row.split()[0] for row in rows] == ["full-fp32", "full-bf16", "lora", "lora-ckpt", "qlora4", "qlora8"]
     report = json.loads((tmp_path / "memory_table-quick-cpu.json").read_text())
     by_label = {r["label"]: r for r in report["rows"]}

@@ -96,7 +96,7 @@ def test_estimate_is_within_25_percent_of_measured_peak_rss(tmp_path):
     shape = {"hidden_size": 384, "num_layers": 4, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1024,
              "embedding_rows": 32_000}
     model = build_model(tmp_path / "model", shape)  # saved in bf16, as Qwen2.5 ships
-    data = write_rows(tmp_path / "rows.jsonl", rows=8, seq=128)
+    data = write_rows(tmp_path / "rows.jsonl", rows=8, seq=128, model=model)
     specs = [Spec(label=f"{method}{bits if method == 'qlora' else ''}{'+ckpt' if ckpt else ''}", model=str(model),
                   data=str(data), method=method, bits=bits, batch=2, seq=128, lora_r=16, checkpointing=ckpt,
                   precision="fp32") for method, bits, ckpt in MEASURED]
