@@ -11,9 +11,9 @@ from .conftest import run_cli
 SHORT_RUN = ["--max_steps", "12", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
              "--logging_steps", "1", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--max_seq_length", "256"]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "kftune_config.json", "metrics.json"}
+                 "chat_template.jinja", "kftune_config.json", "kftune_fingerprint.json", "metrics.json"}
 FULL_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "chat_template.jinja", "kftune_config.json", "metrics.json"}
+              "chat_template.jinja", "kftune_config.json", "kftune_fingerprint.json", "metrics.json"}
 
 
 def train_with_guide_command(config: str, tiny_model, small_data, out, *extra: str):
