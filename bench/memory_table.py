@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(title)
     print(table)
     print("peak: " + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of the training process, including "
-                      "~0.7 GiB of torch/transformers/trl runtime") + "; estimate: kftune.preflight")
+                      "~0.55 GiB of torch/transformers/trl runtime") + "; estimate: kftune.preflight")
     stem = f"memory_table-{name}-{'cuda' if cuda else 'cpu'}"
     report = {"title": title, "machine": where, "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
               "batch": batch, "seq": seq, "shape": shape, "guide_gb": GUIDE, "rows": rows}

@@ -29,7 +29,7 @@ def test_methods_rank_as_expected_and_checkpointing_saves_activations():
     assert total("full") > total("lora") > total("qlora", bits=8) > total("qlora", bits=4)
     plain = estimate(QWEN, method="lora", batch=4, seq=512, precision="bf16")
     saved = estimate(QWEN, method="lora", batch=4, seq=512, precision="bf16", checkpointing=True)
-    assert saved.parts["activations"] < plain.parts["activations"] / 4 and saved.parts["weights"] == plain.parts["weights"]
+    assert saved.parts["activations"] < plain.parts["activations"] / 2 and saved.parts["weights"] == plain.parts["weights"]
     assert estimate(QWEN, method="lora", batch=4, seq=512).parts["runtime"] > 0  # a CPU process counts itself
     assert estimate(QWEN, method="lora", batch=4, seq=512, device="cuda").parts["runtime"] == 0
 
@@ -75,9 +75,9 @@ def test_turns_on_checkpointing_only_when_that_alone_fits(deep_config):
     room, _ = device_memory("cpu")
     shape = shape_of(deep_config)
     batch = 1
-    while estimate(shape, method="lora", batch=batch, seq=2048, lora_r=8).total < 2 * room:
-        batch *= 2
-    assert estimate(shape, method="lora", batch=batch, seq=2048, lora_r=8, checkpointing=True).total < room / 2
+    while estimate(shape, method="lora", batch=batch, seq=2048, lora_r=8).total < 1.2 * room:
+        batch = int(batch * 1.25) + 1
+    assert estimate(shape, method="lora", batch=batch, seq=2048, lora_r=8, checkpointing=True).total < 0.7 * room
     cfg = lora_config(deep_config, per_device_train_batch_size=batch, max_seq_length=2048)
     assert check(cfg, str(deep_config), CPU).gradient_checkpointing is True
     small = lora_config(deep_config, per_device_train_batch_size=1, max_seq_length=64)
