@@ -45,10 +45,14 @@ def in_process(arguments: dict, env: dict[str, str]) -> dict[str, float]:
                                                                   max_seq_length=arguments["max_seq_length"]))
         trained = timed("train", lambda: steps.train(data, arguments["base_model"], arguments["method"], root, settings))
         evaluation = timed("evaluate", lambda: steps.evaluate(trained.uri, data.eval_uri, root,
-                                                              sample_tokens=arguments["sample_tokens"]))
+                                                              sample_tokens=arguments["sample_tokens"],
+                                                              samples=arguments.get("eval_samples", 8),
+                                                              validation_uri=data.uri))
         merged = timed("merge-adapter", lambda: steps.merge(trained.uri, root))
         timed("register-model", lambda: steps.register(arguments["registered_model_name"], arguments["experiment_name"],
-                                                       data, trained, evaluation, merged))
+                                                       data, trained, evaluation, merged, artifact_root=root,
+                                                       metric=arguments.get("primary_metric", "eval_loss"),
+                                                       margin=arguments.get("promotion_margin", 0.01)))
     return seconds
 
 
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             base = {
                 "method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 1e-3,
                 "max_steps": steps_n, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                "max_seq_length": 256, "seed": 42, "num_train_epochs": 1.0, "sample_tokens": 0 if args.quick else 32,
+                "max_seq_length": 256, "seed": 42, "num_train_epochs": 1.0, "sample_tokens": 32,
+                "eval_samples": 0 if args.quick else 4,
                 "experiment_name": "bench",
                 "data_uri": stage(str(SAMPLE_DATA), s3, f"s3://{info.bucket}/inputs/data"),
                 "base_model": stage(str(model), s3, f"s3://{info.bucket}/inputs/models"),
