@@ -13,7 +13,6 @@ import importlib.util
 import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -200,10 +199,26 @@ def test_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(tiny_model, sm
     assert not marker.exists(), "the crafted pickle ran"
     assert not out.exists()
 
-    # the payload is live: an unrestricted load runs it (in a child process)
-    code = f"import torch; torch.load({str(crafted / 'rng_state.pth')!r}, weights_only=False)"
-    subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, timeout=120)
-    assert marker.read_text() == "pwned"
+    # the payload is live, shown without running it: the pickle calls builtins.exec on the marker's path
+    assert _pickle_calls(crafted / "rng_state.pth") >= {("builtins", "exec")}
+
+
+def _pickle_calls(path):
+    """(module, name) of every global the pickle inside a torch.save zip calls, read by pickletools."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    strings, calls = [], set()
+    for op, arg, _ in pickletools.genops(data):
+        if isinstance(arg, str):
+            strings.append(arg)
+        if op.name == "STACK_GLOBAL":
+            calls.add((strings[-2], strings[-1]))
+        elif op.name == "GLOBAL":
+            calls.add(tuple(arg.split(" ", 1)))
+    return {("builtins" if module == "__builtin__" else module, name) for module, name in calls}  # protocol 2 names
 
 
 def test_pickled_weights_in_a_checkpoint_are_refused(tmp_path):
