@@ -260,7 +260,10 @@ def test_model_code_in_a_model_folder_does_not_run_unless_trusted(tiny_model, tm
     marker = tmp_path / "code-ran"
     (folder / "custom_modeling.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import Qwen2ForCausalLM as CustomModel\n", encoding="utf-8")
+        "from transformers import Qwen2ForCausalLM\n"
+        # a subclass of its own: registering it for AutoModel must not mark transformers' Qwen2 class
+        # as remote code for the rest of the session (save_pretrained would then copy code files)
+        "class CustomModel(Qwen2ForCausalLM):\n    pass\n", encoding="utf-8")
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "custom_modeling.CustomModel"}
     (folder / "config.json").write_text(json.dumps(config))
@@ -279,3 +282,6 @@ def test_model_code_in_a_model_folder_does_not_run_unless_trusted(tiny_model, tm
         for name in [n for n in sys.modules if n.startswith("transformers_modules")]:
             del sys.modules[name]
     assert marker.read_text() == "ran"
+    from transformers import Qwen2ForCausalLM
+
+    assert Qwen2ForCausalLM._auto_class is None
