@@ -37,6 +37,7 @@ from kftune.errors import KftuneError
 Roles = tuple[str, ...]
 _DIGIT_RUNS = re.compile("[0-9]+")
 _MARKER = re.compile("\ue000([0-9]+)\ue001")  # private-use characters: no template or tokenizer touches them
+_DIGITS = "\ue002"  # stands for a run of digits in a cached piece (private-use too)
 CACHE_LIMIT = 200_000  # cached chunks per table (~30 MB at most); the table starts over when full
 
 
@@ -112,11 +113,20 @@ class _Chunks:
         self._backend, self._stats = backend, stats
         self._inner: dict[str, int] = {}  # a chunk followed by a digit
         self._last: dict[str, int] = {}  # a chunk that ends its piece
+        self.pieces: dict[str, int] = {}  # a piece with its digit runs masked -> tokens of its chunks (no digits)
         self._missing: set[tuple[str, bool]] = set()
 
     def count(self, piece: str) -> int | None:
         """Tokens of `piece`, or None when a chunk isn't cached yet (queued for `fill`)."""
-        parts = _DIGIT_RUNS.split(piece)
+        masked, runs = _DIGIT_RUNS.subn(_DIGITS, piece)  # the piece with each run of digits as one mark
+        digits = len(piece) - len(masked) + runs  # one token each
+        if _DIGITS in piece:  # the mark would be ambiguous: no cache for this piece
+            masked, parts = None, _DIGIT_RUNS.split(piece)
+        else:
+            known = self.pieces.get(masked)  # rows often differ only in their numbers
+            if known is not None:
+                return known + digits
+            parts = masked.split(_DIGITS)
         last = parts.pop()
         self._stats["chunk_lookups"] += len(parts) + 1
         total = self._last.get(last)
@@ -131,7 +141,11 @@ class _Chunks:
                 total += n
         if total is None:
             return None
-        return total + len(piece) - len(last) - sum(map(len, parts))  # one token per digit
+        if masked is not None:
+            if len(self.pieces) >= CACHE_LIMIT:
+                self.pieces.clear()
+            self.pieces[masked] = total
+        return total + digits
 
     def fill(self) -> None:
         if not self._missing:
@@ -149,6 +163,10 @@ class _Chunks:
                 self._last[chunk] = len(e.ids)
             else:
                 self._inner[chunk] = len(e.ids) - 1
+
+
+def _conversation(texts: list[str], roles: Roles) -> list[Message]:
+    return [{"role": r, "content": t} for r, t in zip(roles, texts)]
 
 
 class TokenCounter:
@@ -212,35 +230,45 @@ class TokenCounter:
     def count(self, conversations: list[list[Message]], roles: list[Roles] | None = None) -> list[int]:
         """Tokens of each conversation as training will see them; `roles` saves recomputing them."""
         roles = roles or [tuple(m["role"] for m in c) for c in conversations]
-        counts: list[int | None] = [None] * len(conversations)
+        return self.count_texts([[m["content"] for m in c] for c in conversations], roles)
+
+    def count_texts(self, texts: list[list[str]], roles: list[Roles]) -> list[int]:
+        """`count` for conversations given as their contents and roles (what the gate's fast lane has)."""
+        counts: list[int | None] = [None] * len(texts)
         if self._chunks is not None:
-            pending = self._fast_counts(conversations, roles, counts)
+            pending = self._fast_counts(texts, roles, counts)
             if pending:
                 self._chunks.fill()
-                self._fast_counts([conversations[i] for i in pending], [roles[i] for i in pending], counts, pending)
-            self._check(conversations, roles, counts)
+                self._fast_counts([texts[i] for i in pending], [roles[i] for i in pending], counts, pending)
+            self._check(texts, roles, counts)
         slow = [i for i, n in enumerate(counts) if n is None]
-        for i, n in zip(slow, self.exact([conversations[i] for i in slow]) if slow else []):
+        for i, n in zip(slow, self.exact([_conversation(texts[i], roles[i]) for i in slow]) if slow else []):
             counts[i] = n
         self.stats["fast_rows"] += len(counts) - len(slow)
         return counts  # type: ignore[return-value]
 
-    def _fast_counts(self, conversations: list[list[Message]], roles: list[Roles], counts: list[int | None],
+    def _fast_counts(self, texts: list[list[str]], roles: list[Roles], counts: list[int | None],
                      where: list[int] | None = None) -> list[int]:
         """Fill counts[...] for rows the fast path can count; returns the rows waiting on chunks."""
         pending, chunks, added, shapes = [], self._chunks, self._added.search, self._shapes
-        for k, (conversation, row_roles) in enumerate(zip(conversations, roles)):
+        mask, known = _DIGIT_RUNS.subn, chunks.pieces.get
+        for k, (contents, row_roles) in enumerate(zip(texts, roles)):
             i = where[k] if where else k
             shape = shapes[row_roles] if row_roles in shapes else self._shape(row_roles)
             if shape is None:
                 continue
             total, waiting = shape.overhead, False
-            for (prefix, suffix), message in zip(shape.around, conversation):
-                content = message["content"]
+            for (prefix, suffix), content in zip(shape.around, contents):
                 if not content or added(content):  # a template may test emptiness; an added token splits
                     break
-                n = chunks.count(prefix + content + suffix)  # every piece, so all missing chunks get queued
-                waiting = waiting or n is None
+                piece = prefix + content + suffix
+                masked, runs = mask(_DIGITS, piece)
+                n = known(masked)  # Chunks.count's first step, inline: most pieces end here
+                if n is not None and _DIGITS not in piece:
+                    n += len(piece) - len(masked) + runs
+                else:
+                    n = chunks.count(piece)  # every piece, so all missing chunks get queued
+                    waiting = waiting or n is None
                 total += n or 0
             else:
                 if waiting:
@@ -249,7 +277,7 @@ class TokenCounter:
                     counts[i] = total
         return pending
 
-    def _check(self, conversations: list[list[Message]], roles: list[Roles], counts: list[int | None]) -> None:
+    def _check(self, texts: list[list[str]], roles: list[Roles], counts: list[int | None]) -> None:
         """Count the first rows of each role sequence with the template too; a difference ends the fast path."""
         picked = []
         for i, (r, n) in enumerate(zip(roles, counts)):
@@ -258,7 +286,7 @@ class TokenCounter:
                 picked.append(i)
         if not picked:
             return
-        exact = self.exact([conversations[i] for i in picked])
+        exact = self.exact([_conversation(texts[i], roles[i]) for i in picked])
         self.stats["checked_rows"] += len(picked)
         wrong = [i for i, n in zip(picked, exact) if counts[i] != n]
         if wrong:

@@ -147,7 +147,6 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
     """
-    from kftune.checkpoints import PublishCheckpoints, Store, step_of
     from kftune.data import load_conversations, to_dataset
     from kftune.measure import peak_memory, reset_peak_memory
     from kftune.modeling import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
@@ -165,6 +164,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
         check_bitsandbytes()
     from trl import SFTTrainer
+
+    from kftune.checkpoints import PublishCheckpoints, Store, step_of  # imports transformers' Trainer: seconds
 
     tokenizer = load_tokenizer(location, cfg.trust_remote_code)
     if not tokenizer.chat_template:

@@ -224,18 +224,74 @@ def test_fast_token_counts_equal_apply_chat_template_on_real_data(counter):
     assert stats["fast_rows"] == len(conversations) and stats["method"].startswith("chat template pieces")
 
 
-PIECES = list("ab Z'sS 12０9\n\t\r 。，!?你好咖啡①😀\u3000\u00a0\u0301") + ["<|im_end|>"]  # NFD accents, added tokens
+# NFD accents, added tokens, and the private-use characters the counter and the gate's fast lane use inside
+PIECES = list("ab Z'sS 12０9\n\t\r 。，!?你好咖啡①😀\u3000\u00a0\u0301\ue000\ue001\ue002") + ["<|im_end|>"]
 TRICKY = st.lists(st.sampled_from(PIECES), min_size=1, max_size=30).map("".join)
+
+
+@pytest.fixture(scope="module")
+def shared_counter(counter) -> TokenCounter:
+    """One counter for every example, so its caches fill up across rows as in a real run."""
+    return TokenCounter(counter.tokenizer, limit=10_000, check_rows=0)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(TRICKY, TRICKY), min_size=1, max_size=3), st.one_of(st.none(), TRICKY))
-def test_fast_token_counts_equal_apply_chat_template_on_random_rows(counter, turns, system):
+def test_fast_token_counts_equal_apply_chat_template_on_random_rows(shared_counter, turns, system):
     conversation = [{"role": "system", "content": system}] if system else []
     for question, answer in turns:
         conversation += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    fast = TokenCounter(counter.tokenizer, limit=10_000, check_rows=0)
-    assert fast.count([conversation]) == fast.exact([conversation])
+    assert shared_counter.count([conversation]) == shared_counter.exact([conversation])
+
+
+# --- the fast lane: the same answer as the row rules, for every row it takes -------------------------
+
+LANE_TEXT = st.text(alphabet=st.sampled_from(list("ab XY 12345678，。！？你好咖啡 \u3000\t\nＡ①ﬁß\u0301@\ue000\ue002")),
+                    max_size=24)
+
+
+@st.composite
+def lane_row(draw) -> dict:
+    """Rows near the lane's edges: both forms, extra fields, odd types and roles, suspect text."""
+    text = lambda: draw(st.one_of(LANE_TEXT, st.sampled_from(["好", "回答：很好", " ", ""])))  # noqa: E731
+    form = draw(st.sampled_from(["alpaca", "alpaca", "messages", "messages", "odd"]))
+    if form == "alpaca":
+        row = {"instruction": text(), "input": draw(st.sampled_from([None, "", "补充"])), "output": text()}
+        if draw(st.booleans()):
+            row["system"] = draw(st.sampled_from([None, "", "你是助手", 3]))
+        if draw(st.booleans()):
+            row["history"] = draw(st.sampled_from([None, [], [["问", "答"]], ""]))
+        return row
+    roles = draw(st.sampled_from([["user", "assistant"], ["system", "user", "assistant"],
+                                  ["user", "assistant", "user", "assistant"], ["user"], ["assistant", "user"],
+                                  ["user", "bot"], ["user", "assistant", "system"]]))
+    messages = [{"role": r, "content": text()} for r in roles]
+    if form == "odd":
+        messages[0] = draw(st.sampled_from([{"role": "user"}, {"role": "user", "content": 1},
+                                            {"role": "user", "content": "x", "name": "n"}, "user"]))
+    return {"messages": messages}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(lane_row(), min_size=1, max_size=12))
+def test_the_fast_lane_agrees_with_the_row_rules(counter, objs):
+    import copy
+
+    from kftune.validate import _WORTH_A_LOOK, _Checker, _Row
+
+    checker = _Checker(Options(tokenizer="tiny", max_seq_length=40), counter, external=None)
+    lane = checker.fast(copy.deepcopy(objs))
+    rows = checker.slow([_Row(i + 1, None, copy.deepcopy(obj)) for i, obj in enumerate(objs)])
+    for obj, clean, row in zip(objs, lane, rows):
+        if type(clean) is tuple:  # taken by the lane: exactly what the rules give
+            assert not row.problems and not row.notes, (obj, row.problems, row.notes)
+            assert clean == (row.tokens, row.keys, row.text), obj
+        elif clean is not None:  # counted, too long: the rules say so too
+            assert row.tokens == clean > 40 and row.problems[0][0] == "length.too_long"
+        elif not row.problems and not row.notes and not (obj.get("history")) and not any(
+                _WORTH_A_LOOK.search(m["content"]) or "\ue000" in m["content"] for m in row.messages):
+            pytest.fail(f"the lane left a clean row to the slow way: {obj}")
+    assert counter.slow_reason is None  # the cross-checks never caught a fast count that was wrong
 
 
 def test_a_template_that_edits_contents_is_rendered_row_by_row(counter):
