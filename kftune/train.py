@@ -138,6 +138,19 @@ def data_collator(cfg: TrainConfig, tokenizer):
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
 
 
+def check_rows_kept(cfg: TrainConfig, flag: str, rows: int, kept: int) -> None:
+    """trl drops a row whose answer is cut off entirely by max_seq_length; all of them dropped is an error."""
+    if kept == rows:
+        return
+    where = f"{getattr(cfg, flag)} (--{flag})"
+    if kept == 0:
+        raise KftuneError(f"{where}: none of its {rows} rows has an answer token left within max_seq_length="
+                          f"{cfg.max_seq_length} (the prompts alone are longer); raise --max_seq_length "
+                          "(`kftune validate-data DATA --base_model M` prints the token lengths)")
+    log.warning("%s: %d of %d rows had no answer token left within max_seq_length=%d and were dropped",
+                where, rows - kept, rows, cfg.max_seq_length)
+
+
 def loss_history(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in log_history if key in entry]
 
@@ -195,6 +208,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             data_collator=data_collator(cfg, tokenizer),
             callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
         )
+        check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
+        if eval_rows:
+            check_rows_kept(cfg, "eval_data_path", len(eval_rows), len(trainer.eval_dataset))
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         elapsed = time.perf_counter() - started

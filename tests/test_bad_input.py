@@ -44,6 +44,11 @@ def test_bad_json_line(tiny_model, tmp_path, out):
     assert_clean_failure(train(tiny_model, data, out), "bad.jsonl:2: invalid JSON", out=out)
 
 
+def test_max_seq_length_that_cuts_off_every_answer(tiny_model, small_data, out):
+    proc = train(tiny_model, small_data, out, "--max_seq_length", "16")
+    assert_clean_failure(proc, "--data_path", "none of its", "max_seq_length=16", "raise --max_seq_length", out=out)
+
+
 def test_unknown_and_invalid_config_keys(tiny_model, small_data, out):
     proc = train(tiny_model, small_data, out, "--lora_rank", "8", "--lora_dropout", "2")
     assert_clean_failure(proc, "unknown flag --lora_rank; did you mean --lora_r?", "lora_dropout: must be in [0, 1)", out=out)
