@@ -142,6 +142,18 @@ def _champion_metrics(champion, eval_key: str, rescore: Rescore | None) -> tuple
         f"{label} was scored again on this eval data (its stored metrics are for other data or settings)",)
 
 
+JUDGEMENTS = 3  # a candidate is judged again when the champion moved meanwhile, at most this often
+
+
+def _champion_other_than(mlflow, name: str, number: str):
+    champion = registry.version_by_alias(mlflow, name, CHAMPION)
+    return None if champion is None or str(champion.version) == number else champion
+
+
+def _version_of(version) -> str | None:
+    return None if version is None else str(version.version)
+
+
 def register(
     name: str,
     *,
@@ -185,14 +197,22 @@ def register(
     registry.set_alias(mlflow, name, CHALLENGER, number)
 
     tuned, base = evaluation["tuned"], evaluation["base"]
-    champion = registry.version_by_alias(mlflow, name, CHAMPION)
-    if champion is not None and str(champion.version) == number:
-        champion = None
-    champion_metrics, label, note = _champion_metrics(champion, evaluation["eval_key"], rescore)
-    decision = gate.decide(tuned, base, champion_metrics, metric=metric, margin=margin, champion_label=label)
-    decision = dataclasses.replace(decision, reasons=decision.reasons + note)
-    if decision.promote:
-        registry.set_alias(mlflow, name, CHAMPION, number)
+    for _ in range(JUDGEMENTS):
+        champion = _champion_other_than(mlflow, name, number)
+        champion_metrics, label, note = _champion_metrics(champion, evaluation["eval_key"], rescore)
+        decision = gate.decide(tuned, base, champion_metrics, metric=metric, margin=margin, champion_label=label)
+        decision = dataclasses.replace(decision, reasons=decision.reasons + note)
+        if not decision.promote:
+            break
+        # Judging can take minutes (the champion may be scored again); another registration may have
+        # moved the alias meanwhile. Move it only from the champion this candidate was judged against.
+        if _version_of(_champion_other_than(mlflow, name, number)) == _version_of(champion):
+            registry.set_alias(mlflow, name, CHAMPION, number)
+            break
+        log.info("the champion moved while version %s was judged; judging it again", number)
+    else:
+        decision = dataclasses.replace(decision, promote=False, reasons=decision.reasons + (
+            f"the champion moved {JUDGEMENTS} times while this candidate was judged; left as challenger",))
     registry.tag_version(mlflow, name, number, {
         "gate.decision": "champion" if decision.promote else "challenger", "gate.reasons": "\n".join(decision.reasons),
         "gate.metric": metric, "gate.margin": margin,

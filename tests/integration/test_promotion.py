@@ -9,6 +9,8 @@ through `models:/<name>@champion` and generates.
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +192,36 @@ def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
     local = run_cli("-m", "kftune.cli", "register", "--model", str(tmp_path), "--evaluation", str(tmp_path),
                     "--name", "x", env=env.env())
     assert local.returncode == 2 and "pass --artifact_root" in local.stderr and "Traceback" not in local.stderr
+
+
+def test_a_champion_that_moves_while_a_candidate_is_judged_is_judged_again(good, worse, root, client, tmp_path):
+    """Another registration moving `champion` while this one scores the old champion (minutes, on a real model)
+    can't be timed for real here: the rescore callback stands in for it and moves the alias mid-judgement."""
+    from kftune import promote
+    from kftune.evaluate import METRICS_FILENAME
+
+    old = str(client.get_model_version_by_alias(NAME, "champion").version)
+    other = next(v for v in ("2", "1") if v != old)
+    folder = download_dir(good[1].uri, tmp_path / "evaluation")
+    metrics = json.loads((folder / METRICS_FILENAME).read_text(encoding="utf-8"))
+    metrics["eval_key"] = "other-" + metrics["eval_key"]  # other eval data: the champion is scored again
+    (folder / METRICS_FILENAME).write_text(json.dumps(metrics), encoding="utf-8")
+    loss, judged = metrics["tuned"]["eval_loss"], []
+
+    def rescore(champion):
+        judged.append(str(champion.version))
+        if len(judged) == 1:
+            client.set_registered_model_alias(NAME, "champion", other)  # the other registration wins meanwhile
+            return {"eval_loss": loss + 1.0}  # the old champion: this candidate beats it
+        return {"eval_loss": loss - 1.0}  # the new one: it does not
+
+    try:
+        reg = promote.register(NAME, experiment="promotion-test", model_uri=good[2].uri,
+                               model_sha256=uuid.uuid4().hex * 2, evaluation_dir=folder, artifact_root=root,
+                               lineage_tags={}, rescore=rescore)
+        now = str(client.get_model_version_by_alias(NAME, "champion").version)
+    finally:
+        client.set_registered_model_alias(NAME, "champion", old)
+    assert judged == [old, other]
+    assert not reg.promoted and reg.champion == other == now
+    assert f"does not beat champion version {other}" in "\n".join(reg.reasons)
