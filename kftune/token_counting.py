@@ -251,7 +251,6 @@ class TokenCounter:
                      where: list[int] | None = None) -> list[int]:
         """Fill counts[...] for rows the fast path can count; returns the rows waiting on chunks."""
         pending, chunks, added, shapes = [], self._chunks, self._added.search, self._shapes
-        mask, known = _DIGIT_RUNS.subn, chunks.pieces.get
         for k, (contents, row_roles) in enumerate(zip(texts, roles)):
             i = where[k] if where else k
             shape = shapes[row_roles] if row_roles in shapes else self._shape(row_roles)
@@ -261,14 +260,8 @@ class TokenCounter:
             for (prefix, suffix), content in zip(shape.around, contents):
                 if not content or added(content):  # a template may test emptiness; an added token splits
                     break
-                piece = prefix + content + suffix
-                masked, runs = mask(_DIGITS, piece)
-                n = known(masked)  # Chunks.count's first step, inline: most pieces end here
-                if n is not None and _DIGITS not in piece:
-                    n += len(piece) - len(masked) + runs
-                else:
-                    n = chunks.count(piece)  # every piece, so all missing chunks get queued
-                    waiting = waiting or n is None
+                n = chunks.count(prefix + content + suffix)  # every piece, so all missing chunks get queued
+                waiting = waiting or n is None
                 total += n or 0
             else:
                 if waiting:

@@ -125,7 +125,7 @@ class Options:
     eval_data: str | None = None  # an external eval set; train rows sharing a question with it are rejected
     max_reject_fraction: float = 0.05  # the gate fails above this share of rejected rows
     min_rows: int = 10  # the gate fails with fewer accepted rows
-    batch_rows: int = 1024  # rows per tokenizer call
+    batch_rows: int = 1024  # rows per tokenizer call on the per-row way (the fast lane counts a block at once)
     workers: int = 0  # processes checking JSONL rows: 0 = one per CPU (at most 4) for files over 8 MiB, 1 = none
     progress: bool = False  # a progress bar on stderr for files over 16 MiB
 
@@ -804,7 +804,7 @@ class _Checker:
     """Everything that looks at one row at a time, ending with its keys and its accepted line.
 
     It holds no state across rows that matters for the result, so rows can be checked in
-    worker processes (see `_parallel_rows`) and come back in order to the gate."""
+    worker processes (see `_check_block`) and come back in order to the gate."""
 
     def __init__(self, options: Options, counter: TokenCounter | None, external: set[int] | None) -> None:
         self.options, self.counter, self.external = options, counter, external
@@ -944,21 +944,13 @@ class _Gate:
 
     def add(self, rows: list[_Row | CleanRow]) -> None:
         """Checked rows, in file order (so the first of two duplicates is the one kept)."""
-        seen, accepted = self.seen, self.files["accepted"]
         for row in rows:
-            if type(row) is tuple:  # a clean row from the fast lane: accepted unless its prompt was seen
+            if type(row) is tuple:  # a clean row from the fast lane
                 line, tokens, keys, text, raw = row
-                prompt = keys[0]
-                if prompt not in seen:
-                    seen[prompt] = keys[1] << 32 | min(line, MASK32)
-                    self.prompt_keys.append(prompt)
-                    self.question_keys.append(keys[2])
-                    self.lines.append(line)
+                if keys[0] not in self.seen:  # a new prompt (nearly always): kept, without building a _Row
+                    self.seen[keys[0]] = keys[1] << 32 | min(line, MASK32)
                     self.rows_in += 1
-                    self.accepted += 1
-                    if tokens is not None:
-                        self.lengths[tokens] += 1
-                    accepted.write(text + "\n")
+                    self._keep(line, keys, tokens, text)
                     continue
                 row = _Row(line, None, raw, tokens=tokens, keys=keys, text=text)
             if not row.problems:
@@ -967,7 +959,7 @@ class _Gate:
 
     def _duplicates(self, row: _Row) -> None:
         """The first row wins; later ones name its line."""
-        prompt, answer, question = row.keys
+        prompt, answer, _ = row.keys
         first = self.seen.get(prompt)
         if first is None:
             self.seen[prompt] = answer << 32 | min(row.line, MASK32)
@@ -979,9 +971,6 @@ class _Gate:
             row.notes.append(("duplicate.conflicting_answer",
                               f"same prompt as line {first & MASK32} with a different answer; check which is right"))
             self.repeats[(prompt, answer)] = row.line
-        self.prompt_keys.append(prompt)
-        self.question_keys.append(question)
-        self.lines.append(row.line)
 
     def note(self, note: _Note) -> None:
         """A line that is not a row: counted and listed as a warning, never as a row."""
@@ -1007,13 +996,20 @@ class _Gate:
             self.rejected += 1
             rule, message = row.problems[0]
             problems = [{"rule": r, "message": m} for r, m in row.problems]
-            raw = _from_json(row.raw.decode()) if isinstance(row.raw, bytes) else row.raw  # see _parallel_rows
+            raw = _from_json(row.raw.decode()) if isinstance(row.raw, bytes) else row.raw  # see _check_block
             self._record("rejected", place | {"rule": rule, "message": message, "problems": problems, "row": raw})
             return
+        self._keep(row.line, row.keys, row.tokens, row.text)
+
+    def _keep(self, line: int, keys: tuple[int, int, int], tokens: int | None, text: str) -> None:
+        """An accepted row: its line in accepted.jsonl, its keys for the split, its token count."""
         self.accepted += 1
-        if row.tokens is not None:
-            self.lengths[row.tokens] += 1
-        self.files["accepted"].write(row.text + "\n")
+        self.prompt_keys.append(keys[0])
+        self.question_keys.append(keys[2])
+        self.lines.append(line)
+        if tokens is not None:
+            self.lengths[tokens] += 1
+        self.files["accepted"].write(text + "\n")
 
     def close(self) -> None:
         for f in self.files.values():
