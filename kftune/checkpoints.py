@@ -50,8 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("kftune")
 
 KEEP = 2  # complete checkpoints kept in the store, as the Trainer keeps locally (save_total_limit)
-# settings that say where things are, not what is trained: they may change between a run and its restart
-LOCATION_KEYS = ("data_path", "eval_data_path", "output_dir", "overwrite_output_dir", "checkpoint_uri")
+# settings that say where things are or how memory is managed, not what is trained: they may change between
+# a run and its restart (the memory pre-flight turns checkpointing on where a retry lands on a smaller GPU)
+NOT_IN_RUN_KEY = ("data_path", "eval_data_path", "output_dir", "overwrite_output_dir", "checkpoint_uri",
+                  "force", "gradient_checkpointing")
 NOT_PUBLISHED = ("training_args.bin",)  # a pickled TrainingArguments object: never read on resume
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin")  # the Trainer's fallback when safetensors are absent
@@ -59,8 +61,8 @@ _LOCATION = re.compile(r"checkpoint-(\d+)(/[0-9a-f]{64})?$")  # a store folder, 
 
 
 def run_key(cfg: TrainConfig) -> str:
-    """16 hex digits naming one training run: its settings but the location keys, and its data's sha256."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in LOCATION_KEYS}
+    """16 hex digits naming one training run: its settings but NOT_IN_RUN_KEY, and its data's sha256."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_RUN_KEY}
     values["data_sha256"] = sha256_file(resolve_path(cfg.data_path))
     if cfg.eval_data_path:
         values["eval_data_sha256"] = sha256_file(resolve_path(cfg.eval_data_path))
