@@ -195,8 +195,9 @@ def device_memory(device: str) -> tuple[int, str]:
     if device == "cuda":
         import torch
 
-        free, total = torch.cuda.mem_get_info()
-        return free - CUDA_RESERVE_BYTES, f"free memory of GPU {torch.cuda.current_device()} ({total / GiB:.1f} GiB in all)"
+        gpu = int(os.environ.get("LOCAL_RANK", "0"))  # this process's GPU under `kftune launch`, as load_model places it
+        free, total = torch.cuda.mem_get_info(gpu)
+        return free - CUDA_RESERVE_BYTES, f"free memory of GPU {gpu} ({total / GiB:.1f} GiB in all)"
     import psutil
 
     own = psutil.Process().memory_info().rss

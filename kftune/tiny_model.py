@@ -220,8 +220,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-    model.to(getattr(torch, dtype))
-    model.config.dtype = dtype
+    model.to(getattr(torch, dtype))  # save_pretrained records the dtype in config.json
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
 
     with building(out_dir) as staging:

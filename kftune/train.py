@@ -79,6 +79,7 @@ def build_model(cfg: TrainConfig, runtime, location: str):
 
 
 def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
+    from transformers.utils import is_liger_kernel_available
     from trl import SFTConfig
 
     # Padding-free batches come from `data_collator` below: trl's own `padding_free` flag refuses a
@@ -114,14 +115,9 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
         include_num_input_tokens_seen="non_padding",  # real tokens trained on, for tokens/s
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # under `kftune launch`: every trainable parameter gets a gradient
-        use_liger_kernel=runtime.device == "cuda" and liger_installed(),  # fused Triton kernels: less memory, faster
+        # fused Triton kernels (less memory, faster) when a liger-kernel version the Trainer accepts is installed
+        use_liger_kernel=runtime.device == "cuda" and is_liger_kernel_available(),
     )
-
-
-def liger_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def data_collator(cfg: TrainConfig, tokenizer):
