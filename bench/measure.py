@@ -79,6 +79,8 @@ def build_model(folder: Path, shape: dict[str, int], dtype: str = "bfloat16") ->
 
 
 def _context():
+    # set before the forkserver starts: its children take the environment it started with
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
@@ -106,21 +108,6 @@ def write_rows(path: Path, rows: int, seq: int, model: Path) -> Path:
     if shortest < seq:
         raise RuntimeError(f"{path}: a row has {shortest} tokens, fewer than seq {seq}")
     return path
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def step_timer():
@@ -170,15 +157,10 @@ def _train_and_measure(spec: Spec) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
 
     class Probe(step_timer()):
-        """Step times, and the peak at the end of training (before the model is saved)."""
-
-        peak = 0
+        """Step times, and whether checkpointing ran (the pre-flight may have turned it on)."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.checkpointing = bool(args.gradient_checkpointing)  # the pre-flight may have turned it on
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+            self.checkpointing = bool(args.gradient_checkpointing)
 
     with tempfile.TemporaryDirectory(prefix="kftune-bench-run-") as tmp:
         cfg = resolve(spec.config_values(f"{tmp}/out"), {})
@@ -191,7 +173,7 @@ def _train_and_measure(spec: Spec) -> dict[str, Any]:
     return {
         **dataclasses.asdict(spec),
         "device": "cuda" if cuda else "cpu",
-        "peak_bytes": probe.peak,
+        "peak_bytes": result.metrics["peak_memory_bytes"],  # kftune's own: from loading to the end of training
         "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS",
         "estimate_bytes": estimate.total,
         "estimate": estimate.parts,
@@ -210,7 +192,6 @@ def _train_and_measure(spec: Spec) -> dict[str, Any]:
 def measure(specs: list[Spec], timeout_s: float = 3600, progress=print) -> list[dict[str, Any]]:
     """Each spec in its own process, one at a time; a failed or killed one gives a row with `error`."""
     ctx = _context()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = []
     for spec in specs:
         progress(f"[bench] {spec.label}: {spec.method}, batch {spec.batch} x {spec.seq} tokens ...")
