@@ -14,12 +14,12 @@ import html
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kftune.errors import KftuneError
-from kftune.gate import DIRECTIONS  # metric -> True when higher is better; the names are Evaluation fields
+from kftune.gate import DIRECTIONS, finite  # metric -> True when higher is better; the names are Evaluation fields
 
 QUALITY_COLUMNS: dict[str, str] = {"eval_loss": "eval loss", "perplexity": "perplexity", "rougeL": "ROUGE-L",
                                    "chrf": "chrF", "checks_pass_rate": "checks passed"}
@@ -48,10 +48,7 @@ class Candidate:
         return self.trainable_params / self.total_params if self.total_params else 0.0
 
     def value(self, metric: str) -> float | None:
-        value = self.quality.get(metric)
-        if value is None or isinstance(value, bool) or not math.isfinite(value):
-            return None
-        return float(value)
+        return finite(self.quality.get(metric))
 
 
 @dataclass(frozen=True)
@@ -215,6 +212,6 @@ def write_reports(comparison: Comparison, folder: str | Path) -> dict[str, str]:
     return {ext: f"comparison.{ext}" for ext in (*files, "png")}
 
 
-def metric_values(fields: Mapping[str, object], names: Sequence[str] = tuple(DIRECTIONS)) -> dict[str, float | None]:
+def metric_values(fields: Mapping[str, object]) -> dict[str, float | None]:
     """The quality metrics among an evaluation's fields, by name; a field the evaluation lacks is None."""
-    return {name: fields.get(name) if isinstance(fields.get(name), (int, float)) else None for name in names}
+    return {name: fields.get(name) if isinstance(fields.get(name), (int, float)) else None for name in DIRECTIONS}

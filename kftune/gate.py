@@ -37,7 +37,7 @@ class Decision:
         return ("promoted to champion: " if self.promote else "kept as challenger: ") + "; ".join(self.reasons)
 
 
-def _finite(value: object) -> float | None:
+def finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
@@ -68,8 +68,8 @@ def decide(
     if not (margin >= 0 and math.isfinite(margin)):
         raise ValueError(f"margin must be a finite number >= 0, got {margin}")
     higher = DIRECTIONS[metric]
-    cand, ref = _finite(candidate.get(metric)), _finite(base.get(metric))
-    champ = _finite(champion.get(metric)) if champion is not None else None
+    cand, ref = finite(candidate.get(metric)), finite(base.get(metric))
+    champ = finite(champion.get(metric)) if champion is not None else None
 
     def verdict(promote: bool, *reasons: str) -> Decision:
         return Decision(promote, tuple(reasons), metric, margin, cand, ref, champ)

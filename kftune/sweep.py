@@ -160,19 +160,18 @@ def compare(data: DataSplit, candidates: Sequence[Mapping[str, Any]], trained: S
     _check_pairing(candidates, trained, evaluations)
     rows = [candidate_row(c, t, e) for c, t, e in zip(candidates, trained, evaluations, strict=True)]
     comparison = comparing.rank(rows, primary_metric)
-    winner = [row.name for row in rows].index(comparison.winner.name)
+    by_name = {row.name: (t, e) for row, t, e in zip(rows, trained, evaluations, strict=True)}
+    won, scored = by_name[comparison.winner.name]
     with tempfile.TemporaryDirectory(prefix="kftune-sweep-") as tmp:
         files = comparing.write_reports(comparison, tmp)
         if html_path:
             Path(html_path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp, files["html"]), html_path)
         artifact = upload_dir(tmp, f"{artifact_root}/sweeps")
-        run_id, url = log_to_mlflow(experiment, comparison, Path(tmp), data,
-                                    {row.name: (t, e) for row, t, e in zip(rows, trained, evaluations, strict=True)},
-                                    artifact.uri)
+        run_id, url = log_to_mlflow(experiment, comparison, Path(tmp), data, by_name, artifact.uri)
     result = SweepResult(artifact.uri, artifact.sha256, primary_metric, comparison.winner.name,
-                         trained[winner].method, len(rows), run_id, url, comparing.to_markdown(comparison))
-    return result, trained[winner], evaluations[winner]
+                         won.method, len(rows), run_id, url, comparing.to_markdown(comparison))
+    return result, won, scored
 
 
 def log_to_mlflow(experiment: str, comparison: comparing.Comparison, reports: Path, data: DataSplit,

@@ -17,11 +17,11 @@ def pipeline_function(name: str = "finetune", parallelism: int | None = None) ->
 
         return finetune_pipeline
     if name == "sweep":
-        from pipelines.sweep import PARALLELISM, build
+        from pipelines.sweep import PARALLELISM, build, sweep_pipeline
 
         if parallelism is not None and parallelism < 0:
             raise KftuneError(f"--parallelism {parallelism}: give 0 (no limit) or more")
-        return build(PARALLELISM if parallelism is None else parallelism)
+        return sweep_pipeline if parallelism in (None, PARALLELISM) else build(parallelism)  # built on import
     raise KftuneError(f"unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}")
 
 

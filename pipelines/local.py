@@ -241,17 +241,11 @@ def check_sweep_arguments(arguments: Mapping[str, Any]) -> None:
     from kftune import sweep
 
     settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
-    defaults = _sweep_defaults()
+    from pipelines.cli import pipeline_parameters
+
+    defaults = {k: p.default for k, p in pipeline_parameters("sweep").items()}
     sweep.check(*(arguments.get(k, defaults[k]) for k in ("methods", "ranks", "target_presets")), settings,
                 primary_metric=arguments.get("primary_metric", defaults["primary_metric"]))
-
-
-def _sweep_defaults() -> dict[str, Any]:
-    import inspect
-
-    from pipelines.sweep import sweep_pipeline
-
-    return {k: p.default for k, p in inspect.signature(sweep_pipeline.pipeline_func).parameters.items()}
 
 
 def run_sweep(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path, parallelism: int = 1,
