@@ -99,6 +99,18 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
+    @classmethod
+    def load(cls, directory: str | Path) -> TrainConfig | None:
+        """The config a model folder was trained with (written by `save`), or None for a folder kftune did not train.
+
+        Keys this version does not know are skipped, so an output of a newer kftune still loads.
+        """
+        path = Path(directory) / CONFIG_FILENAME
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{k: v for k, v in saved.items() if k in FIELDS})
+
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)

@@ -47,7 +47,8 @@ def checked_tokenizer(model_dir: str, base: str | None = None, allow_template_mi
 def load_for_inference(base_model: str, lora_model: str | None = None, bits: int | None = None, precision: str = "auto",
                        allow_template_mismatch: bool = False):
     """(model, tokenizer) ready for generation; the adapter's saved tokenizer wins over the base's."""
-    from kftune.modeling import load_adapter, load_model, pick_runtime, resolve_model_location
+    from kftune.modeling import (compute_as_in_training, load_adapter, load_model, pick_runtime, prepare_quantized,
+                                 resolve_model_location)
 
     runtime = pick_runtime(precision)
     base = resolve_model_location(base_model)
@@ -56,12 +57,27 @@ def load_for_inference(base_model: str, lora_model: str | None = None, bits: int
         raise KftuneError(f"{lora_model}: no adapter_config.json; --lora_model must be a LoRA output folder")
     tokenizer = checked_tokenizer(adapter, base, allow_template_mismatch) if adapter else \
         checked_tokenizer(base, None, allow_template_mismatch)
-    model = load_model(base, runtime, quantization_bit=bits)
+    model = load_model(base, runtime, dtype=None if adapter else trained_weights_dtype(base), quantization_bit=bits)
+    if bits:
+        model = prepare_quantized(model)
     if adapter:
         model = load_adapter(model, adapter)
         match_adapter_dtype(model, adapter)
     model.eval()
-    return model, tokenizer
+    return compute_as_in_training(model, runtime), tokenizer
+
+
+def trained_weights_dtype(folder: str):
+    """fp32 for a model kftune fully fine-tuned (it trains fp32 master weights, bf16 only as autocast), else None.
+
+    None loads in the runtime's dtype, as training loads a LoRA/QLoRA base.
+    """
+    import torch
+
+    from kftune.config import TrainConfig
+
+    saved = TrainConfig.load(folder)
+    return torch.float32 if saved is not None and saved.method == "full" else None
 
 
 def match_adapter_dtype(model, adapter_dir: str) -> None:

@@ -47,6 +47,24 @@ def pick_runtime(precision: str = "auto") -> Runtime:
     return Runtime(device=device, precision=precision)
 
 
+def compute_as_in_training(model, runtime: Runtime):
+    """Run `model`'s forward (and so `generate`) under autocast in the training precision, as the Trainer did.
+
+    Training in bf16 or fp16 is mixed precision: accelerate wraps the model's forward in autocast, so the
+    losses training reports, and the logits of its final evaluation, come from that compute path. A model
+    loaded for inference computes the same way, so a reloaded adapter reproduces the trained model's
+    logits bit for bit rather than to within bf16 rounding. The innermost transformers model is wrapped,
+    so a peft model's `generate` (which calls it directly) computes this way too.
+    """
+    if runtime.precision == "fp32":
+        return model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "_kftune_autocast", False):
+        inner.forward = torch.autocast(runtime.device, dtype=runtime.dtype)(inner.forward)
+        inner._kftune_autocast = True
+    return model
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
@@ -135,6 +153,16 @@ def load_model(
     if quantization_bit == 4:
         disable_cpu_bf16_repack(model)
     return model
+
+
+def prepare_quantized(model, gradient_checkpointing: bool = False):
+    """A quantized base as QLoRA trains on it: frozen, every non-quantized weight (norms, embeddings) in fp32.
+
+    Training and inference both call this, so a reloaded QLoRA adapter computes exactly as it trained.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def check_safetensors(location: str, flag: str = "--base_model") -> None:

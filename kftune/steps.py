@@ -215,11 +215,10 @@ def train(
 
 def saved_config(model_dir: Path) -> TrainConfig:
     """The config a model folder was trained with (written by kftune.train)."""
-    path = model_dir / CONFIG_FILENAME
-    if not path.is_file():
+    saved = TrainConfig.load(model_dir)
+    if saved is None:
         raise KftuneError(f"{model_dir} has no {CONFIG_FILENAME}; pass a model that kftune trained")
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    return TrainConfig(**{k: v for k, v in saved.items() if k in FIELDS})  # skip keys this version does not know
+    return saved
 
 
 @reports_errors

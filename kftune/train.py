@@ -47,17 +47,17 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     """The model to train: full-precision for full fine-tuning, frozen (maybe quantized) base + LoRA otherwise."""
     import torch
 
-    from kftune.modeling import find_linear_targets, load_model
+    from kftune.modeling import find_linear_targets, load_model, prepare_quantized
 
     if cfg.method == "full":
         # fp32 master weights; bf16 runs as autocast so optimizer updates stay exact
         return load_model(location, runtime, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code), []
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     bits = cfg.quantization_bit if cfg.use_qlora else None
     model = load_model(location, runtime, quantization_bit=bits, trust_remote_code=cfg.trust_remote_code)
     if bits:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_quantized(model, gradient_checkpointing=cfg.gradient_checkpointing)
     targets = cfg.target_modules()
     if targets is None:
         targets = find_linear_targets(model)

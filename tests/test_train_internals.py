@@ -1,4 +1,9 @@
-"""What training does to parameters, and that saved adapters reload exactly (engine API)."""
+"""What training does to parameters, and that saved models reload exactly (engine API).
+
+Precision is a test dimension: every machine runs these in fp32 and in bf16 (forced, so a CPU without native
+bf16 emulates it; the tiny model keeps that affordable), since `precision: auto` picks bf16 on GPUs and on CPUs
+with native bf16 and fp32 elsewhere.
+"""
 
 import pytest
 import torch
@@ -33,33 +38,42 @@ def short_config(tiny_model, small_data, out, **overrides):
     return resolve(values, {})
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("method", "overrides"),
     [("lora", {"use_lora": True, "lora_r": 4}), ("qlora4", {"use_qlora": True, "quantization_bit": 4, "lora_r": 4}),
      ("qlora8", {"use_qlora": True, "quantization_bit": 8, "lora_r": 4}), ("full", {"learning_rate": 1e-3})],
 )
-def test_trainable_change_frozen_stay_and_adapter_reloads(method, overrides, tiny_model, small_data, tmp_path):
+def test_trainable_change_frozen_stay_and_model_reloads_bit_exact(method, overrides, precision, tiny_model, small_data,
+                                                                   tmp_path):
+    """Inference loads the model as training computed it (dtype, fp32 norms under QLoRA, bf16 as autocast), so
+    the reloaded model's logits equal the trained model's bit for bit in either precision: no tolerance."""
+    from kftune.infer import load_for_inference
+
     watch = WatchParameters()
-    result = run(short_config(tiny_model, small_data, tmp_path / method, **overrides), callbacks=[watch])
+    result = run(short_config(tiny_model, small_data, tmp_path / method, precision=precision, **overrides),
+                 callbacks=[watch])
+    assert result.metrics["precision"] == precision
 
     changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
     assert watch.trainable and changed == watch.trainable, sorted(watch.trainable ^ changed)[:5]
     if method == "full":
         assert len(watch.trainable) == len(watch.before)
+        reloaded, _ = load_for_inference(str(result.output_dir), precision=precision)
+        with torch.no_grad():
+            assert torch.equal(reloaded(input_ids=PROBE).logits.float(), watch.logits)
         return
     assert all("lora_" in n for n in watch.trainable)
 
     import bitsandbytes as bnb
     from peft import PeftModel
 
-    from kftune.infer import load_for_inference
-
     expected_type = {"qlora4": bnb.nn.Linear4bit, "qlora8": bnb.nn.Linear8bitLt}.get(method)
     bases = [m.base_layer for n, m in watch.model.named_modules() if hasattr(m, "base_layer") and n.endswith("q_proj")]
     assert bases and all(type(b) is (expected_type or torch.nn.Linear) for b in bases)
 
     bits = {"qlora4": 4, "qlora8": 8}.get(method)
-    reloaded, _ = load_for_inference(str(tiny_model), str(result.output_dir), bits)
+    reloaded, _ = load_for_inference(str(tiny_model), str(result.output_dir), bits, precision=precision)
     assert isinstance(reloaded, PeftModel)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=PROBE).logits.float(), watch.logits)
