@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kftune.errors import KftuneError
+
 # metric -> True when higher is better; the primary metric must be one of these
 DIRECTIONS: dict[str, bool] = {
     "eval_loss": False,
@@ -64,9 +66,9 @@ def decide(
     number never promotes, the champion's included.
     """
     if metric not in DIRECTIONS:
-        raise ValueError(f"unknown primary metric {metric!r}; one of {', '.join(DIRECTIONS)}")
+        raise KftuneError(f"unknown primary metric {metric!r} (--primary-metric); one of {', '.join(DIRECTIONS)}")
     if not (margin >= 0 and math.isfinite(margin)):
-        raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+        raise KftuneError(f"margin must be a finite number >= 0 (--promotion-margin), got {margin}")
     higher = DIRECTIONS[metric]
     cand, ref = finite(candidate.get(metric)), finite(base.get(metric))
     champ = finite(champion.get(metric)) if champion is not None else None

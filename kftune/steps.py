@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from kftune.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
 from kftune.errors import KftuneError
 from kftune.gate import DEFAULT_MARGIN, DEFAULT_METRIC
+from kftune.gate_stop import stop_message
 from kftune.registry import Registration, check_reachable
 from kftune.storage import resolve_path, upload_dir
 
@@ -112,15 +113,25 @@ def write_pointer(path: str, result: Any) -> dict[str, Any]:
     return metadata
 
 
+def one_line(exc: KftuneError) -> str:
+    """The error on one line: a ConfigError's list of problems joined by '; '."""
+    first, *rest = str(exc).splitlines()
+    problems = "; ".join(line.strip().removeprefix("- ") for line in rest if line.strip())
+    return f"{first} {problems}" if problems else first
+
+
 def reports_errors(step: F) -> F:
-    """Print a user-facing error as one marked line before KFP's traceback, so the runner can show just that."""
+    """Print a user-facing error as one marked line before KFP's traceback, so the runner can show just that.
+
+    Every engine call a component makes goes through a function wrapped in this (tests/test_step_errors.py).
+    """
 
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return step(*args, **kwargs)
         except KftuneError as exc:
-            print(ERROR_MARK + json.dumps(str(exc), ensure_ascii=False), file=sys.stderr, flush=True)
+            print(ERROR_MARK + json.dumps(one_line(exc), ensure_ascii=False), file=sys.stderr, flush=True)
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -131,6 +142,7 @@ def fetch(uri_or_path: str) -> Path:
     return Path(resolve_path(uri_or_path))
 
 
+@reports_errors
 def validate_data(
     data_uri: str, artifact_root: str, eval_fraction: float = 0.1, base_model: str | None = None, max_seq_length: int = 512
 ) -> DataSplit:
@@ -149,10 +161,7 @@ def validate_data(
         report = validate(data_uri, Path(tmp, "validation"), options)
         artifact = upload_dir(Path(tmp, "validation"), f"{artifact_root}/datasets")
     if not report.passed:
-        raise KftuneError(
-            f"data validation gate failed for {data_uri}: {'; '.join(report.failures)}. "
-            f"Rejected rows and the report are in {artifact.uri} (rejected.jsonl, report.html)"
-        )
+        raise KftuneError(stop_message(report, data_uri, artifact.uri))
     return DataSplit(artifact.uri, artifact.sha256, f"{artifact.uri}/train.jsonl", f"{artifact.uri}/eval.jsonl",
                      report.train_rows, report.eval_rows, report.dataset_sha256)
 

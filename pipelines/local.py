@@ -146,7 +146,7 @@ def _failure(log_path: Path, kfp_message: str) -> KftuneError:
     step = failed[-1] if failed else "a step"
     marked = [line.split(steps.ERROR_MARK, 1)[1] for line in text.splitlines() if steps.ERROR_MARK in line]
     if marked:
-        return KftuneError(f"pipeline step {step} failed: {json.loads(marked[-1])}\n(task logs: {log_path})")
+        return KftuneError(f"pipeline step {step} failed: {json.loads(marked[-1])} (task logs: {log_path})")
     tail = "\n".join(line for line in text.splitlines()[-15:] if line.strip())
     return KftuneError(f"pipeline step {step} failed ({_ANSI.sub('', kfp_message)}); the last lines of {log_path}:\n{tail}")
 

@@ -4,6 +4,8 @@ import math
 
 import pytest
 
+from kftune.errors import KftuneError
+
 from kftune.gate import DEFAULT_MARGIN, DIRECTIONS, decide
 
 LOSS = "eval_loss"
@@ -82,10 +84,10 @@ def test_a_champion_without_a_comparable_number_is_not_replaced(bad):
 
 
 def test_bad_metric_or_margin_is_refused():
-    with pytest.raises(ValueError, match="unknown primary metric 'bleu'"):
+    with pytest.raises(KftuneError, match="unknown primary metric 'bleu'"):
         decide({"bleu": 1.0}, {"bleu": 0.0}, None, metric="bleu")
     for margin in (-0.1, math.nan, math.inf):
-        with pytest.raises(ValueError, match="margin must be"):
+        with pytest.raises(KftuneError, match="margin must be"):
             decide({LOSS: 1.0}, {LOSS: 2.0}, None, margin=margin)
 
 

@@ -12,7 +12,7 @@ from kftune.stack import free_ports
 from kftune.storage import MANIFEST, download_dir, sha256_file, upload_file
 from pipelines.local import RunSummary, run
 
-from ..conftest import assert_generates, run_cli
+from ..conftest import EXTERNAL_ALPACA, assert_generates, run_cli
 
 pytestmark = pytest.mark.integration
 # A few steps on the tiny model: enough to move the weights, small enough for ~1 minute a method.
@@ -150,11 +150,29 @@ def test_a_failing_data_gate_stops_the_run_before_training_with_the_report_in_s3
         run({**inputs, **QUICK, "data_uri": data_uri, "method": "lora"}, task_env, tmp_path / "root", progress=None)
     message = str(caught.value)
     assert "data validation gate failed" in message and "validate-data" in message, message
+    assert "\n" not in message and "Traceback" not in message and "top rules: parse.invalid_json" in message, message
     assert not list((tmp_path / "root").glob("run-*/*/train"))  # no training task started
-    report_uri = message.split("are in ", 1)[1].split(" ", 1)[0]
+    report_uri = message.split("report: ", 1)[1].split(" ", 1)[0].removesuffix("/report.html")
     report = download_dir(report_uri, tmp_path / "report", s3)
     rejected = [json.loads(line) for line in (report / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rejected) == len(lines[::3]) and json.loads((report / "report.json").read_text())["passed"] is False
+
+
+def test_a_gate_stop_through_the_cli_is_one_line_naming_the_rule_and_the_fix(stack, tiny_model, tmp_path):
+    """The external alpaca file (LLaMA-Factory's demo data) at 96 tokens: the run stops at the gate, and the
+    user reads why and what to do in one line, not a traceback."""
+    proc = run_cli("-m", "kftune.cli", "pipeline", "run", "--state-dir", str(stack.state_dir), "--base-model",
+                   str(tiny_model), "--data-uri", str(EXTERNAL_ALPACA), "--max-seq-length", "96", "--pipeline-root",
+                   str(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "pipeline step validate-data failed: data validation gate failed for s3://" in line
+    assert "% of rows rejected (" in line and "of 1000, above max_reject_fraction 0.05)" in line
+    assert "top rules: length.too_long " in line
+    assert "to fix: length.too_long: raise --max-seq-length (now 96) or shorten the rows" in line
+    assert "/rejected.jsonl, report: s3://" in line and "/report.html" in line
+    assert not list(tmp_path.glob("run-*/*/train"))
 
 
 def test_the_cli_reports_bad_settings_in_one_line_before_starting_anything(stack, tmp_path):
