@@ -111,6 +111,7 @@ class Settings:
     repetition_penalty: float = 1.1
     batch_size: int = 8  # not in the key: it does not change the numbers
     checks: str | None = None  # kftune.scoring.load_checks spec; None: the default checks
+    precision: str = "auto"  # resolved (bf16 or fp32 on this device) before the key is made: it moves the numbers
 
     def key(self, eval_sha256: str) -> str:
         """sha256 of the eval data and every setting that changes a score: equal keys, comparable metrics."""
@@ -201,7 +202,7 @@ def score_candidate(candidate: Candidate, tokenizer, conversations: Sequence[lis
 
     adapter = str(candidate.folder) if candidate.adapter else None
     location = candidate.base_model if (as_base or adapter) else str(candidate.folder)
-    model, _ = load_for_inference(location, None if as_base else adapter, candidate.bits)
+    model, _ = load_for_inference(location, None if as_base else adapter, candidate.bits, settings.precision)
     try:
         return score(model, tokenizer, conversations, settings)
     finally:
@@ -228,6 +229,9 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
     settings = settings or Settings()
     if settings.max_seq_length is None:
         settings = dataclasses.replace(settings, max_seq_length=candidate.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
+    from kftune.modeling import pick_runtime
+
+    settings = dataclasses.replace(settings, precision=pick_runtime(settings.precision).precision)
     if settings.samples < 0 or settings.max_new_tokens < 1 or settings.max_seq_length < 1:
         raise KftuneError("--samples must be >= 0, --max_new_tokens and --max_seq_length >= 1")
     eval_path = resolve_path(eval_data)
@@ -311,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checks", help="output checks: comma list of built-in names (title, hashtag, length) or "
                                     "module:attribute; default: all built-in ones")
     p.add_argument("--validation", help="validate-data output folder or report.json, for the token-length histogram")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="compute precision; the one training used reproduces its eval_loss (auto: bf16 where native)")
     p.add_argument(ALLOW_FLAG, "--allow_template_mismatch", dest="allow_template_mismatch", action="store_true",
                    help="go on when the tokenizer or chat template differs from the one the model was trained with")
     return p
@@ -319,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings(max_seq_length=args.max_seq_length, samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        checks=args.checks)
+                        checks=args.checks, precision=args.precision)
     metrics = evaluate(args.model, args.eval_data, args.output_dir, base_model=args.base_model, settings=settings,
                        validation=args.validation, allow_template_mismatch=args.allow_template_mismatch)
     print(format_table(metrics))

@@ -43,8 +43,10 @@ PUBLISHED = "published to"  # kftune's log line after each checkpoint reaches th
 TRAINING_STARTS = re.compile(r"\| 0/\d+ \[")  # the progress bar at step 0, after data preparation
 
 
-def train_argv(method: str, model: Path, data: Path, out: Path, checkpoint_uri: str | None = None) -> list[str]:
-    argv = ["--base_model", str(model), "--data_path", str(data), "--output_dir", str(out), *SHORT_RUN, *METHOD_FLAGS[method]]
+def train_argv(method: str, model: Path, data: Path, out: Path, checkpoint_uri: str | None = None,
+               precision: str = "auto") -> list[str]:
+    argv = ["--base_model", str(model), "--data_path", str(data), "--output_dir", str(out), *SHORT_RUN, *METHOD_FLAGS[method],
+            "--precision", precision]
     return argv + (["--checkpoint_uri", checkpoint_uri] if checkpoint_uri else [])
 
 

@@ -182,3 +182,34 @@ def test_a_fingerprint_of_another_version_is_not_compared(tiny_model, tmp_path):
         fingerprint.check(tmp_path, tokenizer, "this tokenizer")
     (tmp_path / fingerprint.FINGERPRINT_FILENAME).write_text(json.dumps({**record, "version": 0}))
     fingerprint.check(tmp_path, tokenizer, "this tokenizer")  # written by another version: warned, not refused
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluate_reproduces_the_eval_loss_training_reported(precision, tiny_model, small_data, eval_data, tmp_path):
+    """`kftune evaluate` in the training's precision gives the eval_loss training printed for the same rows.
+
+    One eval batch (batch 8 > 6 rows), so both are the mean over the same assistant tokens; what differs is
+    only the batch layout (training packs rows without padding, evaluate pads them), which changes the order
+    of floating-point sums. fp32: agreement to 1e-5 relative (sums of ~10^3 terms, 2^-24 each). bf16: the
+    logits are rounded to bf16 (8 significant bits) in both paths, so they agree to a few bf16 ulps of the
+    largest logit; the mean loss, an fp32 reduction of per-token losses that each move by at most twice the
+    logit difference, agrees to within half a bf16 ulp at the loss's own scale. A wrong mask, template or
+    compute dtype moves it by far more.
+    """
+    import math
+
+    from kftune.evaluate import Settings, evaluate
+
+    result = run(resolve({"base_model": str(tiny_model), "data_path": str(small_data), "eval_data_path": str(eval_data),
+                          "output_dir": str(tmp_path / "lora"), "use_lora": True, "lora_r": 8, "max_steps": 6,
+                          "learning_rate": 2e-2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                          "max_seq_length": 256, "precision": precision}, {}))
+    trained = result.metrics["eval_loss"]
+    metrics = evaluate(str(result.output_dir), str(eval_data), tmp_path / "ev",
+                       settings=Settings(samples=0, precision=precision))
+    assert metrics["settings"]["precision"] == precision
+    loss = metrics["tuned"]["eval_loss"]
+    half_ulp_bf16 = 2.0 ** (math.floor(math.log2(trained)) - 8)
+    bound = 1e-5 * trained if precision == "fp32" else half_ulp_bf16
+    assert abs(loss - trained) <= bound, (loss, trained, bound)
+    assert abs(metrics["base"]["eval_loss"] - trained) > 10 * bound  # the adapter moved the loss far more than that

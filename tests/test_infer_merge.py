@@ -102,3 +102,39 @@ merged_model.save_pretrained("./merged_model")
     proc = run_cli("-c", f"import os; os.chdir({str(tmp_path)!r})\n" + snippet)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "merged_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_merged_model_matches_the_adapter_in_bf16_within_rounding(kind, tiny_model, adapters, tmp_path):
+    """In bf16 (what GPUs and CPUs with native bf16 run), merging cannot be bit-exact, so the bound is derived.
+
+    The merged weight W + s·BA is rounded to bf16 once; on the adapter path W is rounded and s·B(Ax) computed
+    in bf16 beside it. So each adapted projection (the adapter's target modules, in every layer) can round
+    its output differently by about one bf16 ulp, carried unamplified down the residual stream, and the
+    logits are rounded once more: at most (targets·layers + 1) ulps of bf16 at the largest logit (an ulp
+    there is 2^(floor(log2 max|logit|) - 7)). Measured: 3-6 such ulps, against a bound of 15 here.
+    The merged model must also differ from the base by far more than that, so a merge that lost the
+    adapter fails. A QLoRA adapter is compared on the full-precision base it is merged into: like with like.
+    """
+    import math
+
+    from kftune.infer import load_for_inference
+    from kftune.merge import merge
+
+    merged_dir = merge(str(tiny_model), str(adapters[kind]), str(tmp_path / "merged")).output_dir
+    ids = torch.tensor([[3, 14, 15, 92, 65, 200, 300, 17, 9, 1000, 512, 44]])
+    logits = {}
+    for name, (model_dir, adapter) in {"adapter": (tiny_model, adapters[kind]), "merged": (merged_dir, None),
+                                      "base": (tiny_model, None)}.items():
+        model, _ = load_for_inference(str(model_dir), str(adapter) if adapter else None, precision="bf16")
+        assert next(model.parameters()).dtype == torch.bfloat16
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids).logits.float()
+
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    targets = len(json.loads((adapters[kind] / "adapter_config.json").read_text())["target_modules"])
+    ulp = 2.0 ** (math.floor(math.log2(float(logits["adapter"].abs().max()))) - 7)
+    bound = (targets * layers + 1) * ulp
+    diff = float((logits["merged"] - logits["adapter"]).abs().max())
+    assert diff <= bound, (diff, bound)
+    assert float((logits["base"] - logits["adapter"]).abs().max()) > 4 * bound

@@ -60,20 +60,20 @@ class CrashAtStep(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def references(tiny_model, small_data, tmp_path_factory):
-    """Uninterrupted runs (no checkpoint_uri at all), one per method, computed on first use."""
+    """Uninterrupted runs (no checkpoint_uri at all), one per method and precision, computed on first use."""
     cache: dict[str, dict] = {}
 
-    def get(method: str) -> dict:
-        if method not in cache:
-            out = tmp_path_factory.mktemp("reference") / method
+    def get(method: str, precision: str) -> dict:
+        if (method, precision) not in cache:
+            out = tmp_path_factory.mktemp("reference") / f"{method}-{precision}"
             before = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                train_here(soak.train_argv(method, tiny_model, small_data, out))
+                train_here(soak.train_argv(method, tiny_model, small_data, out, precision=precision))
             finally:
                 torch.set_num_threads(before)
-            cache[method] = soak.final_tensors(out)
-        return cache[method]
+            cache[method, precision] = soak.final_tensors(out)
+        return cache[method, precision]
 
     return get
 
@@ -92,18 +92,20 @@ def damage_newest(store: Store, how: str) -> int:
     return step
 
 
-# (method, damage done to the newest checkpoint after the kill); kills land at seeded random moments
-TRIALS = [("lora", None), ("full", None), ("lora", None), ("lora", "no-manifest"), ("full", "altered")]
+# (method, precision, damage done to the newest checkpoint after the kill); kills land at seeded random moments.
+# Both precisions on every machine: bf16 is what GPUs and CPUs with native bf16 train in (emulated elsewhere).
+TRIALS = [("lora", "bf16", None), ("full", "bf16", None), ("lora", "fp32", None), ("lora", "fp32", "no-manifest"),
+          ("full", "bf16", "altered")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("trial", "method", "damage"), [(i, m, d) for i, (m, d) in enumerate(TRIALS)])
-def test_killed_training_restarts_and_ends_bit_identical(trial, method, damage, tiny_model, small_data, references,
-                                                         tmp_path, one_thread):
+@pytest.mark.parametrize(("trial", "method", "precision", "damage"), [(i, *t) for i, t in enumerate(TRIALS)])
+def test_killed_training_restarts_and_ends_bit_identical(trial, method, precision, damage, tiny_model, small_data,
+                                                         references, tmp_path, one_thread):
     rng = random.Random(7000 + trial)
     after = rng.randint(2 if damage else 1, soak.LAST_KILL)
     out, store_uri = tmp_path / "out", str(tmp_path / "checkpoints")
-    argv = soak.train_argv(method, tiny_model, small_data, out, store_uri)
+    argv = soak.train_argv(method, tiny_model, small_data, out, store_uri, precision)
 
     published = soak.kill_during_training(argv, after, rng.random())
     assert published == after and not out.exists()
@@ -118,7 +120,7 @@ def test_killed_training_restarts_and_ends_bit_identical(trial, method, damage, 
 
     assert result.metrics["resumed_from_step"] == expected
     assert result.metrics["global_steps"] == soak.MAX_STEPS
-    reference = references(method)
+    reference = references(method, precision)
     assert soak.differing(reference, soak.final_tensors(out)) == []
     assert len(reference) > 10  # every LoRA matrix or every weight of the model, not one file of nothing
     assert not Path(store.root).exists(), "a finished run leaves no checkpoints behind"
