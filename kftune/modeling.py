@@ -30,9 +30,13 @@ class Runtime:
 
 
 def cpu_supports_bf16() -> bool:
-    """bf16 is only fast on CPUs with native bf16 instructions; elsewhere fp32 is faster and exact."""
+    """bf16 is only fast on CPUs with native bf16 instructions that torch uses; elsewhere fp32 is faster and exact.
+
+    torch dispatches to the capability it reports, which ATEN_CPU_CAPABILITY can lower (to avx2, say): then
+    bf16 runs without those instructions, as on a CPU that lacks them, and auto picks fp32 as it would there.
+    """
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(check and check())
+    return bool(check and check()) and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2")
 
 
 def pick_runtime(precision: str = "auto") -> Runtime:
