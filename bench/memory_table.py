@@ -58,7 +58,7 @@ def machine() -> str:
 
 def add_estimates(rows: list[dict], shape: dict[str, int]) -> None:
     """kftune's pre-flight estimate for each measured row: a pure function of the shape and the settings."""
-    from kftune.preflight import ModelShape, estimate
+    from kftune.train.preflight import ModelShape, estimate
 
     model = ModelShape(hidden=shape["hidden_size"], layers=shape["num_layers"], heads=shape["num_heads"],
                        kv_heads=shape["num_kv_heads"], intermediate=shape["intermediate_size"],

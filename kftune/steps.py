@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kftune.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
-from kftune.errors import KftuneError
-from kftune.gate import DEFAULT_MARGIN, DEFAULT_METRIC
-from kftune.registry import Registration, check_reachable
-from kftune.storage import resolve_path, upload_dir
+from kftune.train.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
+from kftune.core.errors import KftuneError
+from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
+from kftune.registry.tracking import Registration, check_reachable
+from kftune.core.storage import resolve_path, upload_dir
 
 METHODS = ("full", "lora", "qlora")
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
@@ -139,7 +139,7 @@ def validate_data(
     Also checks that MLflow answers: it is needed only at the last step, and a pipeline should
     fail in seconds, not after training, when a service is down.
     """
-    from kftune.validate import Options, validate
+    from kftune.data.validate import Options, validate
 
     if not 0 < eval_fraction < 1:
         raise KftuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
@@ -192,7 +192,7 @@ def train(
 
     `processes`: 0 trains with one process per GPU of the node (DDP under accelerate launch).
     """
-    from kftune.launch import train_on_node
+    from kftune.train.launch import train_on_node
 
     cfg = check_train_settings(method, settings)  # before downloading anything
     with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
@@ -231,8 +231,8 @@ def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int 
     A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
     difference is the adapter's alone.
     """
-    from kftune.evaluate import Settings
-    from kftune.evaluate import evaluate as score_both
+    from kftune.evaluate.evaluation import Settings
+    from kftune.evaluate.evaluation import evaluate as score_both
 
     settings = Settings(samples=samples, max_new_tokens=max(sample_tokens, 1), batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
@@ -258,7 +258,7 @@ def copy_report(evaluation: Evaluation, path: str) -> None:
 @reports_errors
 def merge(model_uri: str, artifact_root: str) -> MergedModel:
     """Merge a LoRA/QLoRA adapter into its full-precision base (parity-checked) and upload the merged model."""
-    from kftune.merge import merge as merge_adapter
+    from kftune.models.merge import merge as merge_adapter
 
     cfg = saved_config(fetch(model_uri))
     with tempfile.TemporaryDirectory(prefix="kftune-merge-") as tmp:
@@ -277,8 +277,8 @@ def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel,
     on `metric` (kftune.promote; the returned Registration carries the decision and its reasons).
     Registering the same artifact again returns the existing version.
     """
-    from kftune.promote import lineage, rescorer
-    from kftune.promote import register as register_candidate
+    from kftune.registry.promote import lineage, rescorer
+    from kftune.registry.promote import register as register_candidate
 
     model = merged or trained
     evaluation_dir = fetch(evaluation.uri)

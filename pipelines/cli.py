@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from kftune import steps
-from kftune.compare import DIRECTIONS
-from kftune.errors import KftuneError
-from kftune.promote import git_commit
-from kftune.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
-from kftune.storage import S3, connect, upload_dir, upload_file
-from kftune.sweep import SWEEP_METHODS, TARGET_PRESETS
+from kftune.sweep.compare import DIRECTIONS
+from kftune.core.errors import KftuneError
+from kftune.registry.promote import git_commit
+from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
+from kftune.core.storage import S3, connect, upload_dir, upload_file
+from kftune.sweep.plan import SWEEP_METHODS, TARGET_PRESETS
 from pipelines.compile import PIPELINES, compile_pipeline, pipeline_function
 from pipelines.local import RunSummary, SweepSummary, check_arguments, check_sweep_arguments, run, run_sweep
 
@@ -181,7 +181,7 @@ def ensure_stack(args: argparse.Namespace) -> StackInfo:
 def demo_model(folder: Path) -> Path:
     """The tiny Qwen2-shaped demo model, built once (its tokenizer learns the sample data's vocabulary)."""
     if not (folder / "config.json").is_file():
-        from kftune.tiny_model import build_tiny_model
+        from kftune.dev.tiny_model import build_tiny_model
 
         print(f"[pipeline] building the tiny demo model in {folder} (once) ...", file=sys.stderr, flush=True)
         build_tiny_model(folder, data_path=SAMPLE_DATA, force=True, **DEMO_MODEL)
@@ -207,7 +207,7 @@ def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tup
         raise KftuneError(f"--data-uri {data}: no such file; give a JSONL/JSON file or an s3:// URI")
     base = arguments.get("base_model")
     if base and not base.startswith("s3://"):
-        from kftune.modeling import resolve_model_location  # imports torch: only when needed
+        from kftune.models.loading import resolve_model_location  # imports torch: only when needed
 
         base = resolve_model_location(base, flag="--base-model")  # a local folder must hold a model, else a hub id
     info = ensure_stack(args)

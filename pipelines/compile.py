@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 
 PIPELINES = ("finetune", "sweep")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kftune import steps
-from kftune.errors import KftuneError
-from kftune.sweep import SweepResult
+from kftune.core.errors import KftuneError
+from kftune.sweep.plan import SweepResult
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([\w-]+)'")
@@ -238,7 +238,7 @@ class SweepSummary:
 
 def check_sweep_arguments(arguments: Mapping[str, Any]) -> None:
     """The sweep's lists, its primary metric and every candidate's training settings, all at once."""
-    from kftune import sweep
+    from kftune.sweep import plan as sweep
 
     settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
     from pipelines.cli import pipeline_parameters

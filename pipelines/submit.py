@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kftune.errors import KftuneError
-from kftune.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
+from kftune.core.errors import KftuneError
+from kftune.core.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
 
 TOKEN_ENV = "KFP_TOKEN"  # bearer token for the KFP API (e.g. `kubectl create token`, an OIDC id token)
 SERVICE_ACCOUNT = "kftune-pipeline"  # k8s/base: the pipeline pods' least-privilege ServiceAccount
@@ -73,7 +73,7 @@ class Outcome:
 
 def git_commit(repo: Path = REPO) -> str:
     """The commit being submitted: git's HEAD, else $GITHUB_SHA (a CI checkout without .git)."""
-    from kftune.promote import git_commit as head
+    from kftune.registry.promote import git_commit as head
 
     commit = head(repo)
     if not commit:

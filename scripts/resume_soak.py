@@ -148,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     sys.path.insert(0, str(REPO))
-    from kftune.sample_data import write_samples
-    from kftune.tiny_model import build_tiny_model
+    from kftune.dev.sample_data import write_samples
+    from kftune.dev.tiny_model import build_tiny_model
 
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="kftune-soak-") as tmp, contextlib.ExitStack() as cleanup:
         work = Path(tmp)
         env, store_root = None, str(work / "checkpoints")
         if args.s3:  # a private stack on free ports, stopped at the end
-            from kftune.stack import StackConfig, down, free_ports, up
+            from kftune.dev.stack import StackConfig, down, free_ports, up
 
             s3_port, mlflow_port = free_ports(2)
             info = up(StackConfig(work / "stack", s3_port, mlflow_port, bucket="kftune-soak"))

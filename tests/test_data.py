@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kftune.data import load_conversations
-from kftune.errors import KftuneError
+from kftune.data.formats import load_conversations
+from kftune.core.errors import KftuneError
 
 from .conftest import EXTERNAL_ALPACA, REPO
 

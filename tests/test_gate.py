@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from kftune.gate import DEFAULT_MARGIN, DIRECTIONS, decide
+from kftune.registry.gate import DEFAULT_MARGIN, DIRECTIONS, decide
 
 LOSS = "eval_loss"
 

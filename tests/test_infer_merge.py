@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from kftune.config import resolve
-from kftune.train import run
+from kftune.train.config import resolve
+from kftune.train.training import run
 
 from .conftest import run_cli
 

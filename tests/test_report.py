@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from kftune.report import render, write_report
+from kftune.evaluate.report import render, write_report
 from scripts.screenshot_report import find_browser, screenshot
 
 METRICS = {

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from kftune.cli import main as kftune_main
-from kftune.storage import sha256_file
+from kftune.core.storage import sha256_file
 from pipelines import submit
 
 API = "/apis/v2beta1"

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from kftune import cli
-from kftune.sample_data import generate_samples, to_messages
-from kftune.tiny_model import DEFAULT_VOCAB_SIZE, build_tiny_model, corpus_texts, train_tokenizer
+from kftune.dev.sample_data import generate_samples, to_messages
+from kftune.dev.tiny_model import DEFAULT_VOCAB_SIZE, build_tiny_model, corpus_texts, train_tokenizer
 
 ALPACA_ZH = Path(__file__).parents[2] / "shared/external/alpaca_zh_demo.json"
 OTHER_TEXT = [

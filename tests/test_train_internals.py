@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kftune.config import resolve
-from kftune.modeling import find_linear_targets
-from kftune.train import run
+from kftune.train.config import resolve
+from kftune.models.loading import find_linear_targets
+from kftune.train.training import run
 
 PROBE = torch.tensor([[5, 17, 33, 70, 120, 9, 301, 2]])
 
@@ -52,7 +52,7 @@ def test_trainable_change_frozen_stay_and_adapter_reloads(method, overrides, tin
     import bitsandbytes as bnb
     from peft import PeftModel
 
-    from kftune.infer import load_for_inference
+    from kftune.models.infer import load_for_inference
 
     expected_type = {"qlora4": bnb.nn.Linear4bit, "qlora8": bnb.nn.Linear8bitLt}.get(method)
     bases = [m.base_layer for n, m in watch.model.named_modules() if hasattr(m, "base_layer") and n.endswith("q_proj")]
@@ -66,7 +66,7 @@ def test_trainable_change_frozen_stay_and_adapter_reloads(method, overrides, tin
 
 
 def test_target_discovery_finds_the_guides_seven_projections(tiny_model):
-    from kftune.modeling import load_model, pick_runtime
+    from kftune.models.loading import load_model, pick_runtime
 
     assert find_linear_targets(load_model(str(tiny_model), pick_runtime())) == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

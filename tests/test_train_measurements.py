@@ -2,12 +2,12 @@
 
 import pytest
 
-from kftune.config import resolve
-from kftune.data import load_conversations
-from kftune.evaluate import encode
-from kftune.measure import peak_memory
-from kftune.modeling import load_tokenizer
-from kftune.train import run
+from kftune.train.config import resolve
+from kftune.data.formats import load_conversations
+from kftune.evaluate.evaluation import encode
+from kftune.train.measure import peak_memory
+from kftune.models.loading import load_tokenizer
+from kftune.train.training import run
 
 pytestmark = pytest.mark.slow  # trains a few seconds
 MAX_LENGTH = 256  # above every row's length: trl drops rows truncation leaves without assistant tokens

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kftune.data import to_messages
-from kftune.errors import ConfigError, KftuneError
-from kftune.validate import BOM, RULES, Options, Report, TokenCounter, _ArrayItems, find_pii, load_counter, validate
+from kftune.data.formats import to_messages
+from kftune.core.errors import ConfigError, KftuneError
+from kftune.data.validate import BOM, RULES, Options, Report, TokenCounter, _ArrayItems, find_pii, load_counter, validate
 
 from .conftest import EXTERNAL_ALPACA, REPO, run_cli
 
@@ -277,7 +277,7 @@ def lane_row(draw) -> dict:
 def test_the_fast_lane_agrees_with_the_row_rules(counter, objs):
     import copy
 
-    from kftune.validate import _WORTH_A_LOOK, _Checker, _Row
+    from kftune.data.validate import _WORTH_A_LOOK, _Checker, _Row
 
     checker = _Checker(Options(tokenizer="tiny", max_seq_length=40), counter, external=None)
     lane = checker.fast(copy.deepcopy(objs))
@@ -295,7 +295,7 @@ def test_the_fast_lane_agrees_with_the_row_rules(counter, objs):
 
 
 def test_a_template_that_edits_contents_is_rendered_row_by_row(counter):
-    from kftune.modeling import load_tokenizer
+    from kftune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(counter.tokenizer.name_or_path)
     tokenizer.chat_template = counter.tokenizer.chat_template.replace("message['content'] + '<|im_end|>' }}",
@@ -337,7 +337,7 @@ def test_truncation_cannot_save_a_row_whose_prompt_is_too_long(tmp_path, tiny_mo
 
 
 def test_a_chat_template_that_refuses_a_row(tmp_path, tiny_model):
-    from kftune.modeling import load_tokenizer
+    from kftune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
@@ -460,7 +460,7 @@ def test_output_is_replaced_whole_and_foreign_folders_are_refused(tmp_path):
 
 def test_worker_processes_give_the_same_outputs(tmp_path, tiny_model, monkeypatch):
     """Rows checked in forked workers, a few lines per block, come back in order: same files, same report."""
-    import kftune.validate as gate_module
+    import kftune.data.validate as gate_module
 
     rows = distinct_rows(60) + [GOOD[0], RULE_FIXTURES["duplicate.exact"], b"", RULE_FIXTURES["pii.email"],
                                 RULE_FIXTURES["schema.missing_field"], RULE_FIXTURES["duplicate.conflicting_answer"],
@@ -551,7 +551,7 @@ def test_committed_sample_data_passes(tmp_path, tiny_model):
 MEMORY_PROBE = """
 import json, sys
 import psutil
-from kftune.validate import Options, validate
+from kftune.data.validate import Options, validate
 data, rows = sys.argv[1], int(sys.argv[2])
 with open(data, "w", encoding="utf-8") as f:
     for i in range(rows):

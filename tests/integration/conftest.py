@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kftune.stack import StackConfig, StackInfo, down, free_ports, up
-from kftune.storage import S3, connect, upload_dir, upload_file
+from kftune.dev.stack import StackConfig, StackInfo, down, free_ports, up
+from kftune.core.storage import S3, connect, upload_dir, upload_file
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from kftune.errors import KftuneError
-from kftune.stack import free_ports
-from kftune.storage import MANIFEST, download_dir, sha256_file, upload_file
+from kftune.core.errors import KftuneError
+from kftune.dev.stack import free_ports
+from kftune.core.storage import MANIFEST, download_dir, sha256_file, upload_file
 from pipelines.local import RunSummary, run
 
 from ..conftest import assert_generates, run_cli

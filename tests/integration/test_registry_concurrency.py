@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kftune import registry
-from kftune.registry import Registration
-from kftune.stack import StackInfo
+from kftune.registry import tracking as registry
+from kftune.registry.tracking import Registration
+from kftune.dev.stack import StackInfo
 
 pytestmark = pytest.mark.integration
 PARALLEL = 16

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kftune.stack import CREDENTIALS, StackInfo
-from kftune.storage import S3, connect
+from kftune.dev.stack import CREDENTIALS, StackInfo
+from kftune.core.storage import S3, connect
 
 from ..conftest import run_cli
 

@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from kftune.cli import main as cli_main
-from kftune.errors import KftuneError
-from kftune.stack import CREDENTIALS, StackConfig, StackInfo, down, free_ports, port_in_use, status, up
-from kftune.storage import connect
+from kftune.core.errors import KftuneError
+from kftune.dev.stack import CREDENTIALS, StackConfig, StackInfo, down, free_ports, port_in_use, status, up
+from kftune.core.storage import connect
 
 pytestmark = pytest.mark.integration
 

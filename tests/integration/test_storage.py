@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from kftune.errors import KftuneError
-from kftune.stack import StackConfig, StackInfo, down, free_ports, up
-from kftune.storage import (
+from kftune.core.errors import KftuneError
+from kftune.dev.stack import StackConfig, StackInfo, down, free_ports, up
+from kftune.core.storage import (
     MANIFEST,
     S3,
     MiB,
@@ -219,7 +219,7 @@ def test_a_stopped_s3_server_gives_bounded_retries_then_one_clear_error(tmp_path
 _UPLOADER = """
 import dataclasses, sys
 from boto3.s3.transfer import TransferConfig
-from kftune.storage import MiB, connect, upload_dir
+from kftune.core.storage import MiB, connect, upload_dir
 s3 = connect()
 s3 = dataclasses.replace(s3, transfer=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
                                                      max_concurrency=1))

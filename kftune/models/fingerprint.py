@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 
 log = logging.getLogger("kftune")
 

@@ -31,7 +31,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 
 MANIFEST = "MANIFEST.json"
 MiB = 1024 * 1024

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kftune.data import Message
-from kftune.errors import KftuneError
+from kftune.data.formats import Message
+from kftune.core.errors import KftuneError
 
 log = logging.getLogger("kftune")
 
@@ -114,7 +114,7 @@ class Settings:
 
     def key(self, eval_sha256: str) -> str:
         """sha256 of the eval data and every setting that changes a score: equal keys, comparable metrics."""
-        from kftune.scoring import load_checks
+        from kftune.evaluate.scoring import load_checks
 
         fields = {**dataclasses.asdict(self), "checks": [c.name for c in load_checks(self.checks)], "eval": eval_sha256}
         fields.pop("batch_size")
@@ -135,8 +135,8 @@ class Candidate:
 
 def describe(model: str, base_model: str | None = None) -> Candidate:
     """Resolve `model` (adapter folder, merged/full folder or s3:// URI) and what it was trained from."""
-    from kftune.config import CONFIG_FILENAME
-    from kftune.modeling import resolve_model_location
+    from kftune.train.config import CONFIG_FILENAME
+    from kftune.models.loading import resolve_model_location
 
     folder = Path(resolve_model_location(model, "--model"))
     if not folder.is_dir():
@@ -156,9 +156,9 @@ def describe(model: str, base_model: str | None = None) -> Candidate:
 
 def training_tokenizer(candidate: Candidate, allow_template_mismatch: bool = False):
     """The tokenizer the candidate was trained with, checked against its fingerprint; the base's must match too."""
-    from kftune import fingerprint
-    from kftune.infer import has_tokenizer_files
-    from kftune.modeling import load_tokenizer, resolve_model_location
+    from kftune.models import fingerprint
+    from kftune.models.infer import has_tokenizer_files
+    from kftune.models.loading import load_tokenizer, resolve_model_location
 
     base_location = resolve_model_location(candidate.base_model)
     base_tokenizer = load_tokenizer(base_location)
@@ -173,8 +173,8 @@ def training_tokenizer(candidate: Candidate, allow_template_mismatch: bool = Fal
 
 def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Settings) -> tuple[dict[str, Any], list[str]]:
     """(metrics, generated outputs) of one loaded model on the eval conversations."""
-    from kftune.infer import generate_reply
-    from kftune.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
+    from kftune.models.infer import generate_reply
+    from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
 
     loss = assistant_loss(model, tokenizer, list(conversations), settings.max_seq_length, settings.batch_size)
     gen = {"max_new_tokens": settings.max_new_tokens, "do_sample": False, "repetition_penalty": settings.repetition_penalty,
@@ -197,7 +197,7 @@ def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Se
 def score_candidate(candidate: Candidate, tokenizer, conversations: Sequence[list[Message]], settings: Settings,
                     as_base: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Load the candidate (or, with `as_base`, its base alone, quantized the same way), score it, free it."""
-    from kftune.infer import load_for_inference
+    from kftune.models.infer import load_for_inference
 
     adapter = str(candidate.folder) if candidate.adapter else None
     location = candidate.base_model if (as_base or adapter) else str(candidate.folder)
@@ -216,10 +216,10 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
 
     `validation`: the validation step's report.json (or its folder), for the report's token-length histogram.
     """
-    from kftune.atomic import building
-    from kftune.data import load_conversations
-    from kftune.report import write_report
-    from kftune.storage import resolve_path, sha256_file
+    from kftune.core.atomic import building
+    from kftune.data.formats import load_conversations
+    from kftune.evaluate.report import write_report
+    from kftune.core.storage import resolve_path, sha256_file
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -240,8 +240,8 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
     log.info("scoring the tuned model %s", model)
     tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings)
 
-    from kftune import fingerprint
-    from kftune.scoring import load_checks, pass_rates, run_checks
+    from kftune.models import fingerprint
+    from kftune.evaluate.scoring import load_checks, pass_rates, run_checks
 
     checks = load_checks(settings.checks)
     prompts = conversations[: settings.samples]
@@ -271,8 +271,8 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
 def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None = None) -> dict[str, Any]:
     """The tuned-side metrics of `model` on the eval data and with the settings an earlier evaluation recorded,
     so a registered champion can be compared with a new candidate like for like."""
-    from kftune.data import load_conversations
-    from kftune.storage import resolve_path
+    from kftune.data.formats import load_conversations
+    from kftune.core.storage import resolve_path
 
     fields = {f.name for f in dataclasses.fields(Settings)}
     recorded = {k: v for k, v in evaluation["settings"].items() if k in fields}
@@ -286,7 +286,7 @@ def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None
 def _validation_report(location: str | None) -> dict[str, Any] | None:
     if not location:
         return None
-    from kftune.storage import resolve_path
+    from kftune.core.storage import resolve_path
 
     path = Path(resolve_path(location))
     path = path / "report.json" if path.is_dir() else path
@@ -296,7 +296,7 @@ def _validation_report(location: str | None) -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kftune.fingerprint import ALLOW_FLAG
+    from kftune.models.fingerprint import ALLOW_FLAG
 
     p = argparse.ArgumentParser(prog="kftune evaluate", description="Score a base and a tuned model on the same "
                                 "held-out data: loss on assistant tokens, ROUGE-L/chrF and checks on greedy answers.")

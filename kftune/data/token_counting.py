@@ -31,8 +31,8 @@ from pathlib import Path
 from collections import Counter
 from typing import Any
 
-from kftune.data import Message
-from kftune.errors import KftuneError
+from kftune.data.formats import Message
+from kftune.core.errors import KftuneError
 
 Roles = tuple[str, ...]
 _DIGIT_RUNS = re.compile("[0-9]+")
@@ -319,7 +319,7 @@ class TokenCounter:
 
 def load_counter(location: str, limit: int) -> TokenCounter:
     """A TokenCounter for a base model or tokenizer folder, hub id or s3:// URI."""
-    from kftune.modeling import load_tokenizer, resolve_model_location
+    from kftune.models.loading import load_tokenizer, resolve_model_location
 
     folder = Path(location).expanduser()
     if location.startswith("s3://") or not folder.is_dir():  # an artifact, a hub id, or a path that isn't there

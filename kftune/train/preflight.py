@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 
 if TYPE_CHECKING:
-    from kftune.config import TrainConfig
-    from kftune.modeling import Runtime
+    from kftune.train.config import TrainConfig
+    from kftune.models.loading import Runtime
 
 log = logging.getLogger("kftune")
 
@@ -170,7 +170,7 @@ def estimate(
 
 def estimate_for(cfg: TrainConfig, location: str, device: str = "cpu", precision: str | None = None) -> Estimate:
     """The estimate for a config and a model folder or hub id (reads only its config.json)."""
-    from kftune.modeling import pick_runtime
+    from kftune.models.loading import pick_runtime
 
     return estimate(
         model_shape(location, cfg.trust_remote_code), method=cfg.method, batch=cfg.per_device_train_batch_size,

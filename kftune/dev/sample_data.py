@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 
 FORMATS = ("alpaca", "messages")
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kftune import compare as comparing
-from kftune.config import SEVEN_PROJECTIONS
-from kftune.errors import ConfigError, KftuneError
-from kftune.evaluate import METRICS_FILENAME
+from kftune.sweep import compare as comparing
+from kftune.train.config import SEVEN_PROJECTIONS
+from kftune.core.errors import ConfigError, KftuneError
+from kftune.evaluate.evaluation import METRICS_FILENAME
 from kftune.steps import DataSplit, Evaluation, TrainedModel, check_train_settings, fetch, reports_errors
-from kftune.storage import upload_dir
+from kftune.core.storage import upload_dir
 
 # sweep method -> (training method, QLoRA bits)
 SWEEP_METHODS: dict[str, tuple[str, int | None]] = {"full": ("full", None), "lora": ("lora", None),
@@ -181,7 +181,7 @@ def log_to_mlflow(experiment: str, comparison: comparing.Comparison, reports: Pa
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
-    from kftune.registry import check_reachable, experiment_id_for, run_url
+    from kftune.registry.tracking import check_reachable, experiment_id_for, run_url
 
     uri = check_reachable()
     now = int(time.time() * 1000)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from kftune.atomic import building
-from kftune.errors import KftuneError
-from kftune.fingerprint import ALLOW_FLAG, FINGERPRINT_FILENAME
-from kftune.train import METRICS_FILENAME
+from kftune.core.atomic import building
+from kftune.core.errors import KftuneError
+from kftune.models.fingerprint import ALLOW_FLAG, FINGERPRINT_FILENAME
+from kftune.train.training import METRICS_FILENAME
 
 log = logging.getLogger("kftune")
 
@@ -49,8 +49,8 @@ def probe_batch(tokenizer) -> dict:
 def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = DEFAULT_TOLERANCE, save_dtype: str = "auto",
           allow_template_mismatch: bool = False) -> MergeResult:
     """Merge, check parity, save safetensors + tokenizer; output_dir appears only if parity holds."""
-    from kftune.infer import checked_tokenizer
-    from kftune.modeling import load_adapter, load_model, pick_runtime, resolve_model_location
+    from kftune.models.infer import checked_tokenizer
+    from kftune.models.loading import load_adapter, load_model, pick_runtime, resolve_model_location
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):

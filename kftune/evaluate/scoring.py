@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 
 
 class CharTokenizer:

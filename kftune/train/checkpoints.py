@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
-from kftune.atomic import building
-from kftune.errors import KftuneError
-from kftune.storage import (
+from kftune.core.atomic import building
+from kftune.core.errors import KftuneError
+from kftune.core.storage import (
     MANIFEST,
     S3,
     canonical_json,
@@ -45,7 +45,7 @@ from kftune.storage import (
 )
 
 if TYPE_CHECKING:
-    from kftune.config import TrainConfig
+    from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
 

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kftune.atomic import building
-from kftune.errors import ConfigError, KftuneError
-from kftune.sample_data import SYSTEM_PROMPT, generate_samples, to_messages
+from kftune.core.atomic import building
+from kftune.core.errors import ConfigError, KftuneError
+from kftune.dev.sample_data import SYSTEM_PROMPT, generate_samples, to_messages
 
 if TYPE_CHECKING:  # imported lazily below, so `--help` and flag errors stay instant
     from tokenizers import Tokenizer

@@ -37,11 +37,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kftune.config import FIELDS as TRAIN_FIELDS
-from kftune.data import ROLES, Message, to_messages
-from kftune.atomic import building
-from kftune.errors import ConfigError, KftuneError
-from kftune.token_counting import TokenCounter, load_counter
+from kftune.train.config import FIELDS as TRAIN_FIELDS
+from kftune.data.formats import ROLES, Message, to_messages
+from kftune.core.atomic import building
+from kftune.core.errors import ConfigError, KftuneError
+from kftune.data.token_counting import TokenCounter, load_counter
 
 # Every rule, by its stable name (used in rejected.jsonl, warnings.jsonl and report.json).
 RULES: dict[str, str] = {
@@ -417,7 +417,7 @@ def _array_rows(stream: io.BufferedReader) -> Iterator[_Row | _Note]:
 def _fetch(source: str) -> Path:
     """A local path for the data: `s3://` artifacts are downloaded (verified, cached) first."""
     if source.startswith("s3://"):
-        from kftune.storage import resolve_path
+        from kftune.core.storage import resolve_path
 
         return Path(resolve_path(source))
     path = Path(source)

@@ -32,8 +32,8 @@ from typing import Any
 import psutil
 from botocore.exceptions import BotoCoreError, ClientError
 
-from kftune.errors import ConfigError, KftuneError
-from kftune.storage import connect
+from kftune.core.errors import ConfigError, KftuneError
+from kftune.core.storage import connect
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"

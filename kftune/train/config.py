@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kftune.errors import ConfigError, KftuneError
+from kftune.core.errors import ConfigError, KftuneError
 
 SEVEN_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 CONFIG_FILENAME = "kftune_config.json"

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kftune.errors import KftuneError
-from kftune.gate import DIRECTIONS, finite  # metric -> True when higher is better; the names are Evaluation fields
+from kftune.core.errors import KftuneError
+from kftune.registry.gate import DIRECTIONS, finite  # metric -> True when higher is better; the names are Evaluation fields
 
 QUALITY_COLUMNS: dict[str, str] = {"eval_loss": "eval loss", "perplexity": "perplexity", "rougeL": "ROUGE-L",
                                    "chrf": "chrF", "checks_pass_rate": "checks passed"}

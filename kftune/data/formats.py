@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kftune.errors import KftuneError
-from kftune.stack import free_ports
+from kftune.core.errors import KftuneError
+from kftune.dev.stack import free_ports
 
 if TYPE_CHECKING:
-    from kftune.config import TrainConfig
-    from kftune.train import TrainResult
+    from kftune.train.config import TrainConfig
+    from kftune.train.training import TrainResult
 
 
 def gpu_count() -> int:
@@ -57,8 +57,8 @@ def train_on_node(cfg: TrainConfig, num_processes: int = 0, fsdp: bool = False) 
     The pipeline's training step calls this: with one process it trains in this process, with more
     it re-executes the training command under `accelerate launch` and reads back what it wrote.
     """
-    from kftune.config import CONFIG_FILENAME, FIELDS
-    from kftune.train import METRICS_FILENAME, TrainResult, run
+    from kftune.train.config import CONFIG_FILENAME, FIELDS
+    from kftune.train.training import METRICS_FILENAME, TrainResult, run
 
     gpus = gpu_count()
     n = num_processes or max(gpus, 1)
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
     if gpus and n > gpus:
         raise KftuneError(f"--num-processes {n}: this node has {gpus} GPU(s); give at most {gpus}")
     if n == 1 and not args.fsdp:
-        from kftune.train import main as train_main
+        from kftune.train.training import main as train_main
 
         return train_main(train_argv)
     return subprocess.run(command(train_argv, n, args.fsdp), env=_env(n, gpus)).returncode

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kftune import fingerprint
-from kftune.atomic import building, staging_dir
-from kftune.config import TrainConfig, parse_args
-from kftune.errors import KftuneError
+from kftune.models import fingerprint
+from kftune.core.atomic import building, staging_dir
+from kftune.train.config import TrainConfig, parse_args
+from kftune.core.errors import KftuneError
 
 log = logging.getLogger("kftune")
 
@@ -47,7 +47,7 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     """The model to train: full-precision for full fine-tuning, frozen (maybe quantized) base + LoRA otherwise."""
     import torch
 
-    from kftune.modeling import find_linear_targets, load_model
+    from kftune.models.loading import find_linear_targets, load_model
 
     if cfg.method == "full":
         # fp32 master weights; bf16 runs as autocast so optimizer updates stay exact
@@ -156,10 +156,10 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
     """
-    from kftune.data import load_conversations, to_dataset
-    from kftune.measure import peak_memory, reset_peak_memory
-    from kftune.modeling import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
-    from kftune.preflight import check as memory_preflight
+    from kftune.data.formats import load_conversations, to_dataset
+    from kftune.train.measure import peak_memory, reset_peak_memory
+    from kftune.models.loading import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
+    from kftune.train.preflight import check as memory_preflight
 
     # everything that can fail on bad input is checked before anything heavy is imported or written
     out = check_output_dir(cfg)
@@ -169,12 +169,12 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     location = resolve_model_location(cfg.base_model)
     cfg = memory_preflight(cfg, location, runtime)  # may turn on checkpointing; refuses what cannot fit
     if cfg.use_qlora:
-        from kftune.modeling import check_bitsandbytes
+        from kftune.models.loading import check_bitsandbytes
 
         check_bitsandbytes()
     from trl import SFTTrainer
 
-    from kftune.checkpoints import PublishCheckpoints, Store, step_of  # imports transformers' Trainer: seconds
+    from kftune.train.checkpoints import PublishCheckpoints, Store, step_of  # imports transformers' Trainer: seconds
 
     tokenizer = load_tokenizer(location, cfg.trust_remote_code)
     if not tokenizer.chat_template:

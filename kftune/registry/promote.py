@@ -28,9 +28,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kftune import gate, registry
-from kftune.errors import KftuneError
-from kftune.registry import CHALLENGER, CHAMPION, Registration
+from kftune.registry import gate
+from kftune.registry import tracking as registry
+from kftune.core.errors import KftuneError
+from kftune.registry.tracking import CHALLENGER, CHAMPION, Registration
 
 log = logging.getLogger("kftune")
 
@@ -44,7 +45,7 @@ Rescore = Callable[[Any], Mapping[str, float]]  # champion ModelVersion -> its m
 
 def config_sha256(model_dir: Path) -> str:
     """sha256 of the training config the model carries, without the paths that differ run to run."""
-    from kftune.config import CONFIG_FILENAME
+    from kftune.train.config import CONFIG_FILENAME
 
     path = model_dir / CONFIG_FILENAME
     if not path.is_file():
@@ -55,7 +56,7 @@ def config_sha256(model_dir: Path) -> str:
 
 def lineage(model_dir: Path, *, dataset_sha256: str = "", git_commit: str = "", pipeline_run: str = "") -> dict[str, str]:
     """The facts a version is tagged with, read from the model's own kftune_config.json."""
-    from kftune.config import CONFIG_FILENAME
+    from kftune.train.config import CONFIG_FILENAME
 
     path = model_dir / CONFIG_FILENAME
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -74,8 +75,8 @@ def _metrics_of(version) -> dict[str, float]:
 
 def _carded_copy(model_dir: Path, card: str, dest: str) -> tuple[str, str]:
     """Upload `model_dir` plus README.md (files hard-linked, not copied, where the disk allows); (uri, sha256)."""
-    from kftune.modelcard import README
-    from kftune.storage import MANIFEST, upload_dir
+    from kftune.registry.modelcard import README
+    from kftune.core.storage import MANIFEST, upload_dir
 
     with tempfile.TemporaryDirectory(prefix="kftune-card-") as tmp:
         folder = Path(tmp, "model")
@@ -103,9 +104,9 @@ def _existing(mlflow, name: str, version) -> Registration:
 def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir, evaluation, artifact_root,
                  lineage_tags, params, train_metrics, loss_history, data_stats):
     """Model card into a copy of the artifact, a run with the evaluation's files, a version tagged with it all."""
-    from kftune.evaluate import METRICS_FILENAME, REPORT_FILENAME, SAMPLES_FILENAME
-    from kftune.modelcard import render
-    from kftune.storage import resolve_path
+    from kftune.evaluate.evaluation import METRICS_FILENAME, REPORT_FILENAME, SAMPLES_FILENAME
+    from kftune.registry.modelcard import render
+    from kftune.core.storage import resolve_path
 
     model_dir = Path(resolve_path(model_uri))
     kind = "adapter" if (model_dir / "adapter_config.json").is_file() else "model"
@@ -176,7 +177,7 @@ def register(
     `rescore` scores the champion on this candidate's eval data when its stored metrics are for
     other eval data or settings; without it such a champion is not replaced.
     """
-    from kftune.evaluate import METRICS_FILENAME
+    from kftune.evaluate.evaluation import METRICS_FILENAME
 
     gate.decide({metric: 1.0}, {metric: 2.0}, None, metric=metric, margin=margin)  # a bad metric or margin fails first
     evaluation = json.loads((evaluation_dir / METRICS_FILENAME).read_text(encoding="utf-8"))
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from kftune.storage import resolve_path, split_artifact_uri, upload_dir
+    from kftune.core.storage import resolve_path, split_artifact_uri, upload_dir
 
     args = build_parser().parse_args(argv)
     if args.model.startswith("s3://"):
@@ -284,7 +285,7 @@ def rescorer(evaluation_dir: Path) -> Rescore:
     """Score a champion version on the eval data and with the settings recorded in `evaluation_dir`/metrics.json."""
 
     def rescore(champion) -> Mapping[str, float]:
-        from kftune.evaluate import METRICS_FILENAME, rescore_model
+        from kftune.evaluate.evaluation import METRICS_FILENAME, rescore_model
 
         evaluation = json.loads((evaluation_dir / METRICS_FILENAME).read_text(encoding="utf-8"))
         return rescore_model(champion.source, evaluation, base_model=champion.tags.get("base_model"))

@@ -58,7 +58,7 @@ models prompted with the chat template used in training; {settings.get('samples'
 With kftune, from the registry (resolves the alias, downloads and verifies the artifact):
 
 ```python
-from kftune.registry import load_registered
+from kftune.registry.tracking import load_registered
 model, tokenizer = load_registered("models:/{name}@champion")
 ```
 

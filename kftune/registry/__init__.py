@@ -1,0 +1,1 @@
+"""The registry stage: MLflow, the promotion gate, registration and the model card."""
