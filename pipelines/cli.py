@@ -9,7 +9,6 @@ model (built once from the committed sample data) and that data are used, so the
 """
 
 import argparse
-import functools
 import inspect
 import sys
 import typing
@@ -23,8 +22,9 @@ from kftune.registry.promote import git_commit
 from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
 from kftune.core.storage import S3, connect, upload_dir, upload_file
 from kftune.sweep.plan import SWEEP_METHODS, TARGET_PRESETS
-from pipelines.compile import PIPELINES, compile_pipeline, pipeline_function
-from pipelines.local import RunSummary, SweepSummary, check_arguments, check_sweep_arguments, run, run_sweep
+from pipelines.compile import PIPELINES, compile_pipeline
+from pipelines.local import RunSummary, SweepSummary, run, run_sweep
+from pipelines.parameters import check, pipeline_parameters, read_params
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "store_xhs_sft_samples.jsonl"
 # Wide enough that LoRA on its random weights learns the post format in ~300 CPU steps (measured:
@@ -50,11 +50,6 @@ STAGED = ("data_uri", "base_model", "artifact_root")  # defaults set here, for t
 CHOICES = {"method": steps.METHODS, "methods": tuple(SWEEP_METHODS), "target_presets": tuple(TARGET_PRESETS),
            "primary_metric": tuple(DIRECTIONS)}
 LOCAL_PARALLELISM = 1  # sweep branches at once here: one at a time keeps each one's time and memory its own
-
-
-@functools.cache
-def pipeline_parameters(pipeline: str = "finetune") -> dict[str, inspect.Parameter]:
-    return dict(inspect.signature(pipeline_function(pipeline).pipeline_func).parameters)
 
 
 def chosen_pipeline(argv: list[str]) -> str:
@@ -145,7 +140,7 @@ def cluster_main(args: argparse.Namespace) -> int:
     """submit / schedule: prepare offline, print it, then (unless --dry-run) send it."""
     from pipelines import submit
 
-    given = {**submit.read_params(args.params),
+    given = {**read_params(args.params),
              **{k: v for k, v in vars(args).items() if k in pipeline_parameters(args.pipeline) and v is not None}}
     if args.command == "schedule":
         submit.kfp_cron(args.cron)  # a bad expression fails before compiling
@@ -201,7 +196,7 @@ def stage(value: str, s3: S3, dest: str) -> str:
 def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tuple[dict[str, Any], StackInfo]:
     """Check the settings, make sure the stack runs and the inputs are in S3; the pipeline's arguments."""
     arguments: dict[str, Any] = {k: v for k, v in vars(args).items() if k in pipeline_parameters(pipeline) and v is not None}
-    (check_sweep_arguments if pipeline == "sweep" else check_arguments)(arguments)  # before starting anything
+    check(arguments, pipeline)  # before starting anything
     data = arguments.get("data_uri") or str(SAMPLE_DATA)
     if not data.startswith("s3://") and not Path(data).expanduser().is_file():
         raise KftuneError(f"--data-uri {data}: no such file; give a JSONL/JSON file or an s3:// URI")

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from kftune import steps
 from kftune.core.errors import KftuneError
 from kftune.sweep.plan import SweepResult
+from pipelines.parameters import check_arguments, check_sweep_arguments
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([\w-]+)'")
@@ -165,12 +166,6 @@ def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSum
                       results["register-model"], results.get("merge-adapter"), report if report.is_file() else None)
 
 
-def check_arguments(arguments: Mapping[str, Any]) -> None:
-    """Check the training settings among the pipeline arguments, all at once, before anything runs."""
-    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
-    steps.check_train_settings(arguments.get("method", "lora"), settings)
-
-
 def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
         progress: TextIO | None = sys.stderr) -> RunSummary:
     """Run `finetune_pipeline(**arguments)` through kfp.local with `env` (S3 + MLflow endpoints and keys).
@@ -234,18 +229,6 @@ class SweepSummary:
             f"comparison        {result.uri}/comparison.{{md,json,html,png}}",
             f"MLflow sweep run  {result.parent_run_url or result.parent_run_id} (one child run per candidate)",
             f"MLflow model run  {reg.run_url or reg.run_id}", f"task logs         {self.log}"])
-
-
-def check_sweep_arguments(arguments: Mapping[str, Any]) -> None:
-    """The sweep's lists, its primary metric and every candidate's training settings, all at once."""
-    from kftune.sweep import plan as sweep
-
-    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
-    from pipelines.cli import pipeline_parameters
-
-    defaults = {k: p.default for k, p in pipeline_parameters("sweep").items()}
-    sweep.check(*(arguments.get(k, defaults[k]) for k in ("methods", "ranks", "target_presets")), settings,
-                primary_metric=arguments.get("primary_metric", defaults["primary_metric"]))
 
 
 def run_sweep(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path, parallelism: int = 1,

@@ -23,6 +23,7 @@ from typing import Any
 
 from kftune.core.errors import KftuneError
 from kftune.core.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
+from pipelines.parameters import resolve_parameters
 
 TOKEN_ENV = "KFP_TOKEN"  # bearer token for the KFP API (e.g. `kubectl create token`, an OIDC id token)
 SERVICE_ACCOUNT = "kftune-pipeline"  # k8s/base: the pipeline pods' least-privilege ServiceAccount
@@ -103,57 +104,6 @@ def config_hash(parameters: Mapping[str, Any]) -> str:
 
 def idempotency_key(commit: str, data_sha: str, cfg_hash: str) -> str:
     return hashlib.sha256(f"{commit}\n{data_sha}\n{cfg_hash}".encode()).hexdigest()[:16]
-
-
-def resolve_parameters(given: Mapping[str, Any], pipeline: str = "finetune") -> dict[str, Any]:
-    """Pipeline defaults overlaid with the given values, each coerced to its declared type; all problems at once."""
-    import inspect
-    import typing
-
-    from pipelines.cli import pipeline_parameters
-    from pipelines.local import check_arguments, check_sweep_arguments
-
-    declared = pipeline_parameters(pipeline)
-    problems = [f"unknown pipeline parameter {k!r} (known: {', '.join(declared)})" for k in given if k not in declared]
-    resolved: dict[str, Any] = {}
-    for name, param in declared.items():
-        value = given.get(name, param.default)
-        if value is inspect.Parameter.empty:
-            problems.append(f"{name} is required (--{name.replace('_', '-')} or a key in --params)")
-            continue
-        many = typing.get_origin(param.annotation) is list
-        kind = typing.get_args(param.annotation)[0] if many else param.annotation
-        try:
-            if many and not isinstance(value, list):
-                raise TypeError
-            resolved[name] = [_typed(kind, v) for v in value] if many else _typed(kind, value)
-        except (TypeError, ValueError):
-            problems.append(f"{name}: {value!r} is not a {'list of ' if many else ''}{kind.__name__}")
-    if problems:
-        raise KftuneError("; ".join(problems))
-    (check_sweep_arguments if pipeline == "sweep" else check_arguments)(resolved)
-    return resolved
-
-
-def _typed(kind: type, value: Any) -> Any:
-    typed = kind(value)
-    if kind is int and float(value) != typed:
-        raise ValueError
-    return typed
-
-
-def read_params(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        params = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise KftuneError(f"--params {path}: cannot read it ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise KftuneError(f"--params {path}: not JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(params, dict):
-        raise KftuneError(f"--params {path}: expected a JSON object of pipeline parameters")
-    return params
 
 
 def prepare(given: Mapping[str, Any], experiment: str, run_name: str | None, namespace: str = NAMESPACE,

@@ -27,7 +27,7 @@ import yaml
 
 from kftune.cli import main as kftune_main
 from kftune.core.storage import sha256_file
-from pipelines import submit
+from pipelines import parameters, submit
 
 API = "/apis/v2beta1"
 DATA_SHA = "ab" * 32
@@ -183,7 +183,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def expected_key(**overrides: Any) -> str:
-    params = submit.resolve_parameters({"data_uri": DATA_URI, "lora_r": 8, "max_steps": 50, **overrides})
+    params = parameters.resolve_parameters({"data_uri": DATA_URI, "lora_r": 8, "max_steps": 50, **overrides})
     return submit.idempotency_key(submit.git_commit(), DATA_SHA, submit.config_hash(params))
 
 
@@ -217,7 +217,7 @@ def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, 
                                                       "pipeline_version_id": kfp_api.versions[-1]["pipeline_version_id"]}
     params = run.body["runtime_config"]["parameters"]
     assert (params["data_uri"], params["method"], params["lora_r"], params["max_steps"]) == (DATA_URI, "qlora", 8, 50)
-    assert params["learning_rate"] == 2e-4 and set(params) == set(submit.resolve_parameters({"data_uri": DATA_URI}))
+    assert params["learning_rate"] == 2e-4 and set(params) == set(parameters.resolve_parameters({"data_uri": DATA_URI}))
     assert run.body["display_name"] == f"kftune-qlora [kftune-key={key}]"
     assert "run id-" in out and key in out
 
@@ -253,7 +253,7 @@ def test_dry_run_contacts_nothing_and_hashes_a_local_file(kfp_api, workdir, caps
     rc, out, err = cli(capsys, "submit", "--dry-run", "--host", kfp_api.url, "--data-uri", str(data))
     assert rc == 0, err
     assert kfp_api.requests == []
-    params = submit.resolve_parameters({"data_uri": str(data)})
+    params = parameters.resolve_parameters({"data_uri": str(data)})
     key = submit.idempotency_key(submit.git_commit(), sha256_file(data), submit.config_hash(params))
     assert f"key           {key}" in out and "kftune-finetune" in out and "experiment    kftune" in out
     assert "s3://kftune/inputs/data/<sha256>/" in out  # it would upload the file first
