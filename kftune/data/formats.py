@@ -16,6 +16,27 @@ from kftune.core.errors import KftuneError
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
+to_json = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps builds a new one per call
+from_json = json.JSONDecoder().decode  # json.loads without its per-call checks
+_json_string = json.encoder.encode_basestring  # the C encoder of one string, as to_json writes it
+
+
+def messages_json(messages: list[Message]) -> str:
+    """to_json({"messages": messages}), byte for byte, at a third of the cost (roles are checked names)."""
+    return messages_line(tuple(m["role"] for m in messages), [m["content"] for m in messages])
+
+
+_LINE_FORMATS: dict[tuple[str, ...], str] = {}  # roles -> the accepted line with %s for each content
+
+
+def messages_line(roles: tuple[str, ...], contents: list[str]) -> str:
+    """messages_json for a conversation given as its roles and contents."""
+    line = _LINE_FORMATS.get(roles)
+    if line is None:
+        line = _LINE_FORMATS[roles] = '{"messages": [' + ", ".join(
+            f'{{"role": "{r}", "content": %s}}' for r in roles) + "]}"
+    return line % tuple(map(_json_string, contents))
+
 
 def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
     """alpaca (`instruction`, optional `input`, `output`, `system`, `history`) to chat messages."""

