@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "kftune.train.training", "kftune.models.loading", "kftune.data.formats"]
+PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "kftune.train.training", "kftune.models.loading", "kftune.data.reading"]
 QWEN2_5_0_5B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2, "intermediate_size": 4864,
                 "embedding_rows": 151_936}
 
@@ -91,7 +91,7 @@ def write_rows(path: Path, rows: int, seq: int, model: Path) -> Path:
 
     Checked with `model`'s tokenizer and chat template: a step must see exactly batch x seq tokens.
     """
-    from kftune.data.formats import load_conversations
+    from kftune.data.reading import load_conversations
     from kftune.models.loading import load_tokenizer
     from kftune.dev.sample_data import generate_samples
 

@@ -82,7 +82,7 @@ def baseline(model_dir: str, data: Path, args, precision: str, out: str) -> Run:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from kftune.data.formats import load_conversations
+    from kftune.data.reading import load_conversations
 
     run = Run("baseline: Trainer + peft, padded to max_length")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

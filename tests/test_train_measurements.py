@@ -3,7 +3,7 @@
 import pytest
 
 from kftune.train.config import resolve
-from kftune.data.formats import load_conversations
+from kftune.data.reading import load_conversations
 from kftune.evaluate.evaluation import encode
 from kftune.train.measure import peak_memory
 from kftune.models.loading import load_tokenizer

@@ -10,9 +10,8 @@ import re
 import unicodedata
 from typing import Any
 
-from kftune.data.formats import Message
+from kftune.data.formats import ALPACA_FIELDS, PLAIN_ROLES, SYSTEM_ROLES, Message, alpaca_prompt, messages_json, messages_line
 from kftune.data.token_counting import TokenCounter
-from kftune.data.formats import messages_json, messages_line
 from kftune.data.rules import Options, Row
 from kftune.data.pii import EIGHT_DIGITS
 from kftune.data.row_rules import label, alternates, SUSPECT_OR_AT, check_row
@@ -66,8 +65,6 @@ def question_of(messages: list[Message], norms: list[str]) -> str:
 
 _SEP = "\ue000"  # a private-use character: not whitespace, not cased, left alone by NFKC
 _AROUND_SEP = re.compile(f" ?{_SEP} ?")  # after whitespace is collapsed, a separator with its neighbours
-_ALPACA_CLEAN = frozenset(("instruction", "input", "output", "system", "history"))
-_ROLES_PLAIN, _ROLES_SYSTEM = ("user", "assistant"), ("system", "user", "assistant")
 Clean = tuple[int | None, tuple[int, int, int], str]  # (tokens, keys, accepted line) of a row that broke no rule
 
 
@@ -90,15 +87,15 @@ def _clean_shape(obj: Any) -> tuple[tuple[str, ...], list[str]] | None:
             roles.append(role)
             contents.append(content)
         return (tuple(roles), contents) if alternates(roles) else None
-    if not obj.keys() <= _ALPACA_CLEAN:
+    if not obj.keys() <= ALPACA_FIELDS:
         return None
     instruction, output, extra = obj.get("instruction"), obj.get("output"), obj.get("input")
     system, history = obj.get("system"), obj.get("history")
     if (type(instruction) is not str or type(output) is not str or (extra is not None and type(extra) is not str)
             or (system is not None and type(system) is not str) or not (history is None or history == [])):
         return None
-    prompt = f"{instruction}\n{extra}" if extra else instruction
-    return (_ROLES_SYSTEM, [system, prompt, output]) if system else (_ROLES_PLAIN, [prompt, output])
+    prompt = alpaca_prompt(instruction, extra)
+    return (SYSTEM_ROLES, [system, prompt, output]) if system else (PLAIN_ROLES, [prompt, output])
 
 
 # A row that broke no rule, as the fast lane hands it to the gate: (line, tokens, keys, accepted

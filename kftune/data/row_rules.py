@@ -6,13 +6,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kftune.data.formats import ROLES, to_messages
+from kftune.data.formats import ALPACA_FIELDS, MESSAGE_FIELDS, PLAIN_ROLES, ROLES, SYSTEM_ROLES, Message, to_messages
 from kftune.data.rules import Options, Row
 from kftune.data.pii import EIGHT_DIGITS, PII_MASKS, find_pii, masked, PII_OUTCOME
-
-ALPACA_FIELDS = {"instruction", "input", "output", "system", "history"}
-MESSAGE_FIELDS = {"role", "content"}
-
 
 def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
@@ -96,7 +92,7 @@ def schema(row: Row) -> None:
         row.messages = to_messages(obj)
 
 
-_PLAIN, _WITH_SYSTEM = ["user", "assistant"], ["system", "user", "assistant"]
+_PLAIN, _WITH_SYSTEM = list(PLAIN_ROLES), list(SYSTEM_ROLES)  # lists: compared with lists of roles
 
 
 def alternates(roles: list[str]) -> bool:
@@ -227,3 +223,15 @@ def check_row(row: Row, options: Options) -> None:
         _content(row, suspects)
         _pii(row, options.pii_policy, suspects)
     _short_response(row, options.min_response_chars)
+
+
+def structure_problem(obj: Any) -> tuple[str | None, list[Message] | None]:
+    """(the first schema or role problem of a parsed row, as the gate words it, None) or (None, its messages).
+
+    Training and evaluation read rows through this, so a row the gate accepts loads to the same messages.
+    """
+    row = Row(0, None, obj)
+    schema(row)
+    if not row.problems:
+        _roles(row)
+    return (row.problems[0][1], None) if row.problems else (None, row.messages)

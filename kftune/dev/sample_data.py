@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kftune.core.errors import KftuneError
+from kftune.data.formats import alpaca_to_messages
 
 FORMATS = ("alpaca", "messages")
 
@@ -214,16 +215,9 @@ def _sample(rng: random.Random) -> dict[str, str]:
     }
 
 
-def to_messages(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
-    """The messages form of an alpaca row, with the blogger system prompt."""
-    user = row["instruction"] + ("\n" + row["input"] if row["input"] else "")
-    return {
-        "messages": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": row["output"]},
-        ]
-    }
+def messages_row(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """The messages-form row of an alpaca sample, with the blogger system prompt."""
+    return {"messages": alpaca_to_messages({**row, "system": SYSTEM_PROMPT})}
 
 
 def generate_samples(rows: int, fmt: str = "alpaca", seed: int = 0) -> list[dict]:
@@ -234,7 +228,7 @@ def generate_samples(rows: int, fmt: str = "alpaca", seed: int = 0) -> list[dict
         raise KftuneError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     rng = random.Random(seed)
     samples = [_sample(rng) for _ in range(rows)]
-    return samples if fmt == "alpaca" else [to_messages(s) for s in samples]
+    return samples if fmt == "alpaca" else [messages_row(s) for s in samples]
 
 
 def write_samples(path: str | os.PathLike, rows: int, fmt: str = "alpaca", seed: int = 0) -> Path:

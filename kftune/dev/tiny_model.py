@@ -18,11 +18,12 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kftune.core.atomic import building
 from kftune.core.errors import ConfigError, KftuneError
-from kftune.dev.sample_data import SYSTEM_PROMPT, generate_samples, to_messages
+from kftune.data.row_rules import structure_problem
+from kftune.dev.sample_data import SYSTEM_PROMPT, generate_samples, messages_row
 
 if TYPE_CHECKING:  # imported lazily below, so `--help` and flag errors stay instant
     from tokenizers import Tokenizer
@@ -70,19 +71,18 @@ def _qwen2_pipeline(tokenizer: Tokenizer) -> None:
     tokenizer.decoder = decoders.ByteLevel()
 
 
-def _row_texts(row: dict, where: str) -> list[str]:
-    """The strings of one alpaca or messages row."""
-    if isinstance(row, dict) and isinstance(row.get("messages"), list):
-        return [str(m.get("content", "")) for m in row["messages"] if isinstance(m, dict)]
-    if isinstance(row, dict) and "output" in row:
-        return [str(row.get(k) or "") for k in ("instruction", "input", "output")]
-    raise KftuneError(f"{where}: expected an alpaca row (instruction/input/output) or a messages row")
+def _row_texts(row: Any, where: str) -> list[str]:
+    """The texts of one alpaca or messages row, as training reads it (the data layer's checks and messages)."""
+    problem, messages = structure_problem(row)
+    if problem:
+        raise KftuneError(f"{where}: {problem}")
+    return [m["content"] for m in messages]
 
 
 def corpus_texts(data_path: str | os.PathLike | None = None) -> list[str]:
     """Tokenizer training text: the data set (default: the 600 sample rows) plus the chat scaffolding."""
     if data_path is None:
-        texts = [t for row in generate_samples(600) for t in _row_texts(to_messages(row), "sample")]
+        texts = [t for row in generate_samples(600) for t in _row_texts(messages_row(row), "sample")]
     else:
         texts = list(_read_texts(Path(data_path)))
     return texts + [SYSTEM_PROMPT, DEFAULT_SYSTEM, "system\n", "user\n", "assistant\n"]

@@ -217,7 +217,7 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
     `validation`: the validation step's report.json (or its folder), for the report's token-length histogram.
     """
     from kftune.core.atomic import building
-    from kftune.data.formats import load_conversations
+    from kftune.data.reading import load_conversations
     from kftune.evaluate.report import write_report
     from kftune.core.storage import resolve_path, sha256_file
 
@@ -271,7 +271,7 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
 def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None = None) -> dict[str, Any]:
     """The tuned-side metrics of `model` on the eval data and with the settings an earlier evaluation recorded,
     so a registered champion can be compared with a new candidate like for like."""
-    from kftune.data.formats import load_conversations
+    from kftune.data.reading import load_conversations
     from kftune.core.storage import resolve_path
 
     fields = {f.name for f in dataclasses.fields(Settings)}

@@ -156,7 +156,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
     """
-    from kftune.data.formats import load_conversations, to_dataset
+    from kftune.data.reading import load_conversations, to_dataset
     from kftune.train.measure import peak_memory, reset_peak_memory
     from kftune.models.loading import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
     from kftune.train.preflight import check as memory_preflight
