@@ -20,18 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kftune.train.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
+from kftune.train.config import CONFIG_FILENAME, FIELDS, METHODS, TrainConfig, resolve, with_method_defaults
 from kftune.core.errors import KftuneError
 from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
 from kftune.registry.tracking import Registration, check_reachable
 from kftune.core.storage import resolve_path, upload_dir
 
-METHODS = ("full", "lora", "qlora")
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
 # what a model's MLflow run records of its training config (None for keys its method does not use)
 TRAIN_PARAMS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "quantization_bit",
                 "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "max_seq_length", "seed")
+# the training settings a pipeline passes to its train component, each a TrainConfig key
+TRAIN_SETTINGS = tuple(k for k in TRAIN_PARAMS if k != "base_model")
 TRAIN_METRICS = ("train_loss", "first_loss", "last_loss", "global_steps", "train_rows", "trainable_params",
                  "total_params", "train_seconds", "train_tokens", "tokens_per_second", "peak_memory_bytes")
 
@@ -161,7 +162,7 @@ def train_values(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The guide's config keys for `method`: settings a method does not use are dropped, not contradicted."""
     if method not in METHODS:
         raise KftuneError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    values = dict(settings)
+    values = with_method_defaults(method, dict(settings))
     if method == "full":
         values = {k: v for k, v in values.items() if not k.startswith("lora_") and k != "quantization_bit"}
     elif method == "lora":
@@ -169,6 +170,13 @@ def train_values(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     else:
         values["use_qlora"] = True
     return values
+
+
+def train_settings(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The training settings among a train component's parameters (its `locals()`); "" targets mean automatic."""
+    settings = {k: parameters[k] for k in TRAIN_SETTINGS}
+    settings["lora_target_modules"] = settings["lora_target_modules"] or None
+    return settings
 
 
 def check_train_settings(method: str, settings: Mapping[str, Any]) -> TrainConfig:

@@ -35,6 +35,7 @@ HELP = {
     "base_model": "a model folder (uploaded), an s3:// artifact URI or a hub id; default: the tiny demo model, "
                   "built once from the sample data",
     "method": "full, lora or qlora",
+    "learning_rate": "peak learning rate; 0: the guide's rate for the method (full 2e-5, lora 1e-4, qlora 2e-4)",
     "quantization_bit": "QLoRA bits, 4 or 8",
     "artifact_root": "where the tasks store their artifacts; default: s3://<stack bucket>/pipeline",
     "sample_tokens": "max new tokens of each greedy answer evaluate scores",
@@ -46,6 +47,9 @@ HELP = {
     "ranks": "LoRA ranks, space-separated, e.g. 8 16",
     "target_presets": "LoRA target modules, space-separated presets: all, attention, mlp, auto (every linear layer)",
 }
+DEFAULTS_NOTE = ("Training defaults are the guide's config for the method (configs/train_config_*.json), with two "
+                 "deliberate differences: LoRA targets are found automatically (every linear layer but the LM head) and "
+                 "gradient checkpointing is left to the memory pre-flight, which turns it on when only that fits.")
 STAGED = ("data_uri", "base_model", "artifact_root")  # defaults set here, for the local stack
 CHOICES = {"method": steps.METHODS, "methods": tuple(SWEEP_METHODS), "target_presets": tuple(TARGET_PRESETS),
            "primary_metric": tuple(DIRECTIONS)}
@@ -63,11 +67,11 @@ def build_parser(pipeline: str = "finetune") -> argparse.ArgumentParser:
     """The parser; `pipeline` (see `chosen_pipeline`) decides the parameter flags of submit and schedule."""
     parser = argparse.ArgumentParser(prog="kftune pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack")
+    run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack", epilog=DEFAULTS_NOTE)
     add_parameter_flags(run, HELP, STAGED)
     add_local_flags(run)
     sweep = commands.add_parser("sweep", help="run the method x rank sweep on this machine through kfp.local "
-                                              "against the local stack")
+                                              "against the local stack", epilog=DEFAULTS_NOTE)
     add_parameter_flags(sweep, HELP, STAGED, pipeline="sweep")
     add_local_flags(sweep)
     sweep.add_argument("--parallelism", type=int, default=LOCAL_PARALLELISM,
@@ -119,7 +123,8 @@ def add_cluster_commands(commands: Any, pipeline: str = "finetune") -> None:
                     "base_model": "an s3:// artifact URI or a hub id"}
     for name, what in (("submit", "start a run on a Kubeflow Pipelines cluster (once per idempotency key)"),
                        ("schedule", "create a recurring run on a Kubeflow Pipelines cluster")):
-        cmd = commands.add_parser(name, help=what, description=f"{what}. Token: ${TOKEN_ENV} (bearer), never printed.")
+        cmd = commands.add_parser(name, help=what, description=f"{what}. Token: ${TOKEN_ENV} (bearer), never printed.",
+                                  epilog=DEFAULTS_NOTE)
         cmd.add_argument("--host", help="KFP API URL, e.g. https://kfp.example.com/pipeline (required unless --dry-run)")
         cmd.add_argument("--experiment", default="kftune", help="KFP experiment, created if missing (default: kftune)")
         cmd.add_argument("--run-name", help="run name (default: kftune-<method>); the idempotency key is appended")

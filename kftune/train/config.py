@@ -101,6 +101,28 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+METHODS = ("full", "lora", "qlora")
+# The guide's config for each method (configs/train_config_*.json): TrainConfig's defaults are the LoRA
+# config's, and this is where the others differ. The pipelines' defaults come from here (tests/test_settings.py).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"full": {"learning_rate": 2e-5}, "lora": {},
+                                              "qlora": {"learning_rate": 2e-4, "gradient_checkpointing": True}}
+# A pipeline trains any method from one set of parameters; where the guide's value differs by method, the
+# parameter's default is this placeholder, and training uses the method's value.
+BY_METHOD = 0
+
+
+def method_default(method: str, key: str) -> Any:
+    """The guide's value of `key` for `method` (full, lora, qlora)."""
+    return METHOD_DEFAULTS[method].get(key, FIELDS[key].default)
+
+
+def with_method_defaults(method: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with each BY_METHOD placeholder replaced by the guide's value for `method`."""
+    return {k: method_default(method, k) if v == BY_METHOD and k in BY_METHOD_KEYS else v for k, v in settings.items()}
+
+
+BY_METHOD_KEYS = frozenset(k for k in FIELDS if len({method_default(m, k) for m in METHODS}) > 1) - {
+    "gradient_checkpointing"}  # not a pipeline parameter: the memory pre-flight turns it on when only that fits
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
