@@ -92,8 +92,8 @@ def write_rows(path: Path, rows: int, seq: int, model: Path) -> Path:
     Checked with `model`'s tokenizer and chat template: a step must see exactly batch x seq tokens.
     """
     from kftune.data.reading import load_conversations
-    from kftune.models.loading import load_tokenizer
     from kftune.dev.sample_data import generate_samples
+    from kftune.models.loading import load_tokenizer
 
     posts = [row["output"] for row in generate_samples(64, seed=3)]
     with path.open("w", encoding="utf-8") as f:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import QWEN2_5_0_5B, Spec, build_model, measure, write_rows  # noqa: E402
+from measure import QWEN2_5_0_5B, Spec, build_model, measure, write_rows
 
 GiB = 2**30
 # the user's guide's figures for Qwen2.5-0.5B, GB

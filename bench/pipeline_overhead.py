@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 training steps, no sample answers: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON")
     args = parser.parse_args(argv)
-    from kftune.dev.stack import StackConfig, down, free_ports, up
     from kftune.core.storage import connect
+    from kftune.dev.stack import StackConfig, down, free_ports, up
     from pipelines.cli import SAMPLE_DATA, demo_model, stage
     from pipelines.local import run
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # noqa: E402
-from measure import QWEN2_5_0_5B, build_model  # noqa: E402
+import measure
+from measure import QWEN2_5_0_5B, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "data" / "store_xhs_sft_samples.jsonl"
@@ -80,7 +80,13 @@ def baseline(model_dir: str, data: Path, args, precision: str, out: str) -> Run:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     from kftune.data.reading import load_conversations
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kftune.train.config import CONFIG_FILENAME, FIELDS, METHODS, TrainConfig, resolve, with_method_defaults
 from kftune.core.errors import KftuneError
+from kftune.core.storage import resolve_path, upload_dir
 from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
 from kftune.registry.tracking import Registration, check_reachable
-from kftune.core.storage import resolve_path, upload_dir
+from kftune.train.config import CONFIG_FILENAME, FIELDS, METHODS, TrainConfig, resolve, with_method_defaults
 
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
 # what a model's MLflow run records of its training config (None for keys its method does not use)

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from kftune import steps
-from kftune.sweep.compare import DIRECTIONS
 from kftune.core.errors import KftuneError
-from kftune.registry.promote import git_commit
-from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
 from kftune.core.storage import S3, connect, upload_dir, upload_file
+from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
+from kftune.registry.promote import git_commit
+from kftune.sweep.compare import DIRECTIONS
 from kftune.sweep.plan import SWEEP_METHODS, TARGET_PRESETS
 from pipelines.compile import PIPELINES, compile_pipeline
 from pipelines.local import RunSummary, SweepSummary, run, run_sweep

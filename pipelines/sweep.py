@@ -29,9 +29,9 @@ def build(parallelism: int = PARALLELISM):
                                                     "target modules; merge and register the winner")
     def sweep_pipeline(
         data_uri: str,
-        methods: List[str] = ["lora", "qlora4", "full"],
-        ranks: List[int] = [8, 16],
-        target_presets: List[str] = ["all"],
+        methods: List[str] = ["lora", "qlora4", "full"],  # noqa: B006 (KFP reads the defaults, never mutates them)
+        ranks: List[int] = [8, 16],  # noqa: B006
+        target_presets: List[str] = ["all"],  # noqa: B006
         primary_metric: str = "eval_loss",
         base_model: str = "Qwen/Qwen2.5-0.5B-Instruct",
         lora_alpha: int = 16,

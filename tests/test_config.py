@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kftune.train.config import SEVEN_PROJECTIONS, parse_args, resolve
 from kftune.core.errors import ConfigError
+from kftune.train.config import SEVEN_PROJECTIONS, parse_args, resolve
 
 from .conftest import REPO, run_cli
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kftune.data.reading import load_conversations
 from kftune.core.errors import KftuneError
+from kftune.data.reading import load_conversations
 
 from .conftest import EXTERNAL_ALPACA, REPO
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from kftune.train.config import resolve
 from kftune.core.errors import KftuneError
+from kftune.train.config import resolve
 from kftune.train.training import run
 
 from .conftest import run_cli

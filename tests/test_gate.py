@@ -10,7 +10,7 @@ LOSS = "eval_loss"
 
 
 def _d(candidate, base, champion=None, **kwargs):
-    wrap = lambda v: None if v is None else {LOSS: v}  # noqa: E731
+    wrap = lambda v: None if v is None else {LOSS: v}
     return decide(wrap(candidate), wrap(base), wrap(champion), **kwargs)
 
 

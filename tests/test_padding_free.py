@@ -2,9 +2,9 @@
 
 import torch
 
-from kftune.train.config import resolve
 from kftune.data.reading import load_conversations, to_dataset
 from kftune.models.loading import load_tokenizer, pick_runtime
+from kftune.train.config import resolve
 from kftune.train.training import build_model, data_collator, sft_config
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kftune.train.config import resolve
 from kftune.core.errors import KftuneError
 from kftune.models.loading import Runtime
+from kftune.train.config import resolve
 from kftune.train.preflight import GiB, ModelShape, check, device_memory, estimate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ interpreter start per trial; tests/integration/test_resume_s3.py restarts throug
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
 import shutil
 import sys
@@ -20,10 +19,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kftune.train.checkpoints import Store, check_safe_to_load, run_key
-from kftune.train.config import parse_args
 from kftune.core.errors import KftuneError
 from kftune.core.storage import MANIFEST
+from kftune.train.checkpoints import Store, check_safe_to_load, run_key
+from kftune.train.config import parse_args
 
 from .conftest import REPO
 

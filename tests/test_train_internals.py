@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kftune.train.config import resolve
 from kftune.models.loading import find_linear_targets
+from kftune.train.config import resolve
 from kftune.train.training import run
 
 PROBE = torch.tensor([[5, 17, 33, 70, 120, 9, 301, 2]])

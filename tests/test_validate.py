@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kftune.data.formats import to_messages
 from kftune.core.errors import ConfigError, KftuneError
+from kftune.data.formats import to_messages
 from kftune.data.pii import find_pii
 from kftune.data.rules import RULES, Options
 from kftune.data.streaming import BOM, ArrayItems
@@ -258,7 +258,7 @@ LANE_TEXT = st.text(alphabet=st.sampled_from(list("ab XY 12345678，。！？你
 @st.composite
 def lane_row(draw) -> dict:
     """Rows near the lane's edges: both forms, extra fields, odd types and roles, suspect text."""
-    text = lambda: draw(st.one_of(LANE_TEXT, st.sampled_from(["好", "回答：很好", " ", ""])))  # noqa: E731
+    text = lambda: draw(st.one_of(LANE_TEXT, st.sampled_from(["好", "回答：很好", " ", ""])))
     form = draw(st.sampled_from(["alpaca", "alpaca", "messages", "messages", "odd"]))
     if form == "alpaca":
         row = {"instruction": text(), "input": draw(st.sampled_from([None, "", "补充"])), "output": text()}

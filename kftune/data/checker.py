@@ -10,12 +10,19 @@ import re
 import unicodedata
 from typing import Any
 
-from kftune.data.formats import ALPACA_FIELDS, PLAIN_ROLES, SYSTEM_ROLES, Message, alpaca_prompt, messages_json, messages_line
-from kftune.data.token_counting import TokenCounter
-from kftune.data.rules import Options, Row
+from kftune.data.formats import (
+    ALPACA_FIELDS,
+    PLAIN_ROLES,
+    SYSTEM_ROLES,
+    Message,
+    alpaca_prompt,
+    messages_json,
+    messages_line,
+)
 from kftune.data.pii import EIGHT_DIGITS
-from kftune.data.row_rules import label, alternates, SUSPECT_OR_AT, check_row
-
+from kftune.data.row_rules import SUSPECT_OR_AT, alternates, check_row, label
+from kftune.data.rules import Options, Row
+from kftune.data.token_counting import TokenCounter
 
 # Full-width punctuation NFKC maps to one ASCII character each, as it does on its own in any
 # context, so replacing it first gives the same NFKC text; most Chinese text then passes the

@@ -11,11 +11,11 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from kftune.data.checker import Checker, CleanRow
 from kftune.data.formats import from_json
-from kftune.data.rules import Options, Row, Note
-from kftune.data.streaming import BOM, BrokenFile, jsonl_rows
-from kftune.data.checker import CleanRow, Checker
+from kftune.data.rules import Note, Options, Row
 from kftune.data.sink import Sink
+from kftune.data.streaming import BOM, BrokenFile, jsonl_rows
 
 PARALLEL_MIN_BYTES = 8 * 1024 * 1024  # smaller files are checked in-process (forking costs more than it saves)
 BLOCK_BYTES = 1 << 19  # lines per worker task, by size (about 3,000 short rows)

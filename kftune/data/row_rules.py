@@ -7,8 +7,9 @@ import re
 from typing import Any
 
 from kftune.data.formats import ALPACA_FIELDS, MESSAGE_FIELDS, PLAIN_ROLES, ROLES, SYSTEM_ROLES, Message, to_messages
+from kftune.data.pii import EIGHT_DIGITS, PII_MASKS, PII_OUTCOME, find_pii, masked
 from kftune.data.rules import Options, Row
-from kftune.data.pii import EIGHT_DIGITS, PII_MASKS, find_pii, masked, PII_OUTCOME
+
 
 def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
@@ -97,7 +98,7 @@ _PLAIN, _WITH_SYSTEM = list(PLAIN_ROLES), list(SYSTEM_ROLES)  # lists: compared 
 
 def alternates(roles: list[str]) -> bool:
     """An optional system message, then user/assistant pairs: the one shape that needs no diagnosis."""
-    if roles == _PLAIN or roles == _WITH_SYSTEM:
+    if roles in (_PLAIN, _WITH_SYSTEM):
         return True
     body = roles[1:] if roles[0] == "system" else roles
     pairs = len(body) // 2

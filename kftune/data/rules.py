@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kftune.train.config import FIELDS as TRAIN_FIELDS
-from kftune.data.formats import Message
 from kftune.core.errors import ConfigError
+from kftune.data.formats import Message
+from kftune.train.config import FIELDS as TRAIN_FIELDS
 
 # Every rule, by its stable name (used in rejected.jsonl, warnings.jsonl and report.json).
 RULES: dict[str, str] = {

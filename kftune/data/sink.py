@@ -9,9 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kftune.data.formats import to_json, from_json
-from kftune.data.rules import Options, Row, Note
 from kftune.data.checker import CleanRow
+from kftune.data.formats import from_json, to_json
+from kftune.data.rules import Note, Options, Row
 
 EXAMPLES = 20  # rejected and warned rows shown in report.html
 MASK32 = (1 << 32) - 1
@@ -22,7 +22,8 @@ class Sink:
 
     def __init__(self, options: Options, name: str, folder: Path) -> None:
         self.options, self.name, self.folder = options, name, folder
-        self.files = {k: open(folder / f"{k}.jsonl", "w", encoding="utf-8") for k in ("accepted", "rejected", "warnings")}
+        self.files = {k: open(folder / f"{k}.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
+                      for k in ("accepted", "rejected", "warnings")}
         self.rule_rows: Counter[str] = Counter()
         self.rows_in = self.accepted = self.rejected = self.warned = 0
         self.fatal: str | None = None

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from kftune.core.errors import KftuneError
 from kftune.data.formats import from_json
-from kftune.data.rules import Row, Note
+from kftune.data.rules import Note, Row
 
 BOM = b"\xef\xbb\xbf"
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from kftune.data.formats import Message
 from kftune.core.errors import KftuneError
+from kftune.data.formats import Message
 
 Roles = tuple[str, ...]
 _DIGIT_RUNS = re.compile("[0-9]+")

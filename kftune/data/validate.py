@@ -28,13 +28,13 @@ from typing import Any
 
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
-from kftune.data.token_counting import load_counter
-from kftune.data.rules import RULES, POLICY_KINDS, Options, Note
-from kftune.data.streaming import BrokenFile, read_rows, fetch, open_data
-from kftune.data.row_rules import schema
-from kftune.data.checker import norm, hash64, question_of, Checker
-from kftune.data.sink import Sink, token_stats, gate_failures
+from kftune.data.checker import Checker, hash64, norm, question_of
 from kftune.data.parallel import parallel_batches, row_batches, serial_blocks, worker_count
+from kftune.data.row_rules import schema
+from kftune.data.rules import POLICY_KINDS, RULES, Note, Options
+from kftune.data.sink import Sink, gate_failures, token_stats
+from kftune.data.streaming import BrokenFile, fetch, open_data, read_rows
+from kftune.data.token_counting import load_counter
 from kftune.data.validation_report import Report, render_html
 
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024

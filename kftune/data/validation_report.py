@@ -9,6 +9,7 @@ from typing import Any
 
 from kftune.data.rules import RULES
 
+
 @dataclass(frozen=True)
 class Report:
     """What the gate found; `passed` decides whether the pipeline goes on to training."""

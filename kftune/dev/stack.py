@@ -28,8 +28,16 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from kftune.core.errors import ConfigError, KftuneError
 from kftune.core.storage import connect
-from kftune.dev.processes import (HOST, alive, executable, free_ports, port_in_use, recorded_process, start,
-                                    with_children)
+from kftune.dev.processes import (
+    HOST,
+    alive,
+    executable,
+    free_ports,
+    port_in_use,
+    recorded_process,
+    start,
+    with_children,
+)
 
 REGION = "us-east-1"
 SERVICES = {"weed": "SeaweedFS S3", "mlflow": "MLflow"}  # file stem -> what the user reads

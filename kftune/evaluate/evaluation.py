@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kftune.data.formats import Message
 from kftune.core.errors import KftuneError
+from kftune.data.formats import Message
 
 log = logging.getLogger("kftune")
 
@@ -135,8 +135,8 @@ class Candidate:
 
 def describe(model: str, base_model: str | None = None) -> Candidate:
     """Resolve `model` (adapter folder, merged/full folder or s3:// URI) and what it was trained from."""
-    from kftune.train.config import CONFIG_FILENAME
     from kftune.models.loading import resolve_model_location
+    from kftune.train.config import CONFIG_FILENAME
 
     folder = Path(resolve_model_location(model, "--model"))
     if not folder.is_dir():
@@ -173,8 +173,8 @@ def training_tokenizer(candidate: Candidate, allow_template_mismatch: bool = Fal
 
 def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Settings) -> tuple[dict[str, Any], list[str]]:
     """(metrics, generated outputs) of one loaded model on the eval conversations."""
-    from kftune.models.infer import generate_reply
     from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
+    from kftune.models.infer import generate_reply
 
     loss = assistant_loss(model, tokenizer, list(conversations), settings.max_seq_length, settings.batch_size)
     gen = {"max_new_tokens": settings.max_new_tokens, "do_sample": False, "repetition_penalty": settings.repetition_penalty,
@@ -217,9 +217,9 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
     `validation`: the validation step's report.json (or its folder), for the report's token-length histogram.
     """
     from kftune.core.atomic import building
+    from kftune.core.storage import resolve_path, sha256_file
     from kftune.data.reading import load_conversations
     from kftune.evaluate.report import write_report
-    from kftune.core.storage import resolve_path, sha256_file
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -240,8 +240,8 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
     log.info("scoring the tuned model %s", model)
     tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings)
 
-    from kftune.models import fingerprint
     from kftune.evaluate.scoring import load_checks, pass_rates, run_checks
+    from kftune.models import fingerprint
 
     checks = load_checks(settings.checks)
     prompts = conversations[: settings.samples]
@@ -271,8 +271,8 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
 def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None = None) -> dict[str, Any]:
     """The tuned-side metrics of `model` on the eval data and with the settings an earlier evaluation recorded,
     so a registered champion can be compared with a new candidate like for like."""
-    from kftune.data.reading import load_conversations
     from kftune.core.storage import resolve_path
+    from kftune.data.reading import load_conversations
 
     fields = {f.name for f in dataclasses.fields(Settings)}
     recorded = {k: v for k, v in evaluation["settings"].items() if k in fields}

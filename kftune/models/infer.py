@@ -73,7 +73,7 @@ def match_adapter_dtype(model, adapter_dir: str) -> None:
     from safetensors import safe_open
 
     with safe_open(str(Path(adapter_dir, "adapter_model.safetensors")), framework="pt") as f:
-        saved = {f.get_slice(k).get_dtype() for k in f.keys()}
+        saved = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     if saved == {"BF16"}:
         import torch
 

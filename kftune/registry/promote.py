@@ -28,9 +28,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kftune.core.errors import KftuneError
 from kftune.registry import gate
 from kftune.registry import tracking as registry
-from kftune.core.errors import KftuneError
 from kftune.registry.tracking import CHALLENGER, CHAMPION, Registration
 
 log = logging.getLogger("kftune")
@@ -75,8 +75,8 @@ def _metrics_of(version) -> dict[str, float]:
 
 def _carded_copy(model_dir: Path, card: str, dest: str) -> tuple[str, str]:
     """Upload `model_dir` plus README.md (files hard-linked, not copied, where the disk allows); (uri, sha256)."""
-    from kftune.registry.modelcard import README
     from kftune.core.storage import MANIFEST, upload_dir
+    from kftune.registry.modelcard import README
 
     with tempfile.TemporaryDirectory(prefix="kftune-card-") as tmp:
         folder = Path(tmp, "model")
@@ -104,9 +104,9 @@ def _existing(mlflow, name: str, version) -> Registration:
 def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir, evaluation, artifact_root,
                  lineage_tags, params, train_metrics, loss_history, data_stats):
     """Model card into a copy of the artifact, a run with the evaluation's files, a version tagged with it all."""
+    from kftune.core.storage import resolve_path
     from kftune.evaluate.evaluation import METRICS_FILENAME, REPORT_FILENAME, SAMPLES_FILENAME
     from kftune.registry.modelcard import render
-    from kftune.core.storage import resolve_path
 
     model_dir = Path(resolve_path(model_uri))
     kind = "adapter" if (model_dir / "adapter_config.json").is_file() else "model"

@@ -202,8 +202,8 @@ def load_registered(uri: str, allow_template_mismatch: bool = False):
     from the environment), then loaded with transformers (a full or merged model) or with peft on
     the base named by the version's `base_model` tag (an adapter).
     """
-    from kftune.models.infer import load_for_inference
     from kftune.core.storage import resolve_path
+    from kftune.models.infer import load_for_inference
 
     version = resolve_registered(uri)
     folder = resolve_path(version.source)

@@ -19,7 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kftune.core.errors import KftuneError
-from kftune.registry.gate import DIRECTIONS, finite  # metric -> True when higher is better; the names are Evaluation fields
+from kftune.registry.gate import (  # metric -> True when higher is better; the names are Evaluation fields
+    DIRECTIONS,
+    finite,
+)
 
 QUALITY_COLUMNS: dict[str, str] = {"eval_loss": "eval loss", "perplexity": "perplexity", "rougeL": "ROUGE-L",
                                    "chrf": "chrF", "checks_pass_rate": "checks passed"}

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kftune.sweep import compare as comparing
-from kftune.train.config import SEVEN_PROJECTIONS
 from kftune.core.errors import ConfigError, KftuneError
+from kftune.core.storage import upload_dir
 from kftune.evaluate.evaluation import METRICS_FILENAME
 from kftune.steps import DataSplit, Evaluation, TrainedModel, check_train_settings, fetch, reports_errors
-from kftune.core.storage import upload_dir
+from kftune.sweep import compare as comparing
+from kftune.train.config import SEVEN_PROJECTIONS
 
 # sweep method -> (training method, QLoRA bits)
 SWEEP_METHODS: dict[str, tuple[str, int | None]] = {"full": ("full", None), "lora": ("lora", None),

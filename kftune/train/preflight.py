@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from kftune.core.errors import KftuneError
 
 if TYPE_CHECKING:
-    from kftune.train.config import TrainConfig
     from kftune.models.loading import Runtime
+    from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kftune.models import fingerprint
 from kftune.core.atomic import building, staging_dir
-from kftune.train.config import TrainConfig, parse_args
 from kftune.core.errors import KftuneError
+from kftune.models import fingerprint
+from kftune.train.config import TrainConfig, parse_args
 
 log = logging.getLogger("kftune")
 
@@ -157,8 +157,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
     """
     from kftune.data.reading import load_conversations, to_dataset
-    from kftune.train.measure import peak_memory, reset_peak_memory
     from kftune.models.loading import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
+    from kftune.train.measure import peak_memory, reset_peak_memory
     from kftune.train.preflight import check as memory_preflight
 
     # everything that can fail on bad input is checked before anything heavy is imported or written

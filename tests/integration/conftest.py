@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kftune.dev.stack import StackConfig, StackInfo, down, free_ports, up
 from kftune.core.storage import S3, connect, upload_dir, upload_file
+from kftune.dev.stack import StackConfig, StackInfo, down, free_ports, up
 
 
 @pytest.fixture(scope="session")

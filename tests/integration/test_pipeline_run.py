@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kftune.core.errors import KftuneError
-from kftune.dev.stack import free_ports
 from kftune.core.storage import MANIFEST, download_dir, sha256_file, upload_file
+from kftune.dev.stack import free_ports
 from pipelines.local import RunSummary, run
 
 from ..conftest import assert_generates, run_cli

@@ -9,9 +9,9 @@ import uuid
 import pytest
 import torch
 
+from kftune.core.storage import MANIFEST, connect, list_artifacts, split_artifact_uri
 from kftune.train.checkpoints import Store
 from kftune.train.config import parse_args
-from kftune.core.storage import MANIFEST, connect, list_artifacts, split_artifact_uri
 
 from ..test_resume import one_thread, references, soak, write_checkpoint  # noqa: F401  (fixtures used below)
 

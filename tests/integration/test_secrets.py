@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kftune.dev.stack import CREDENTIALS, StackInfo
 from kftune.core.storage import S3, connect
+from kftune.dev.stack import CREDENTIALS, StackInfo
 
 from ..conftest import run_cli
 

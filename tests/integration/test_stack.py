@@ -17,8 +17,8 @@ import pytest
 
 from kftune.cli import main as cli_main
 from kftune.core.errors import KftuneError
-from kftune.dev.stack import CREDENTIALS, StackConfig, StackInfo, down, free_ports, port_in_use, status, up
 from kftune.core.storage import connect
+from kftune.dev.stack import CREDENTIALS, StackConfig, StackInfo, down, free_ports, port_in_use, status, up
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from kftune.core.errors import KftuneError
-from kftune.dev.stack import StackConfig, StackInfo, down, free_ports, up
 from kftune.core.storage import (
     MANIFEST,
     S3,
@@ -30,6 +29,7 @@ from kftune.core.storage import (
     upload_dir,
     upload_file,
 )
+from kftune.dev.stack import StackConfig, StackInfo, down, free_ports, up
 
 pytestmark = pytest.mark.integration
 WRITES = {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"}
