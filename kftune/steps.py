@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 from kftune.core.storage import resolve_path, upload_dir
 from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
 from kftune.registry.tracking import Registration, check_reachable
-from kftune.train.config import CONFIG_FILENAME, FIELDS, METHODS, TrainConfig, resolve, with_method_defaults
+from kftune.train.config import METHODS, TrainConfig, resolve, with_method_defaults
 
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
 # what a model's MLflow run records of its training config (None for keys its method does not use)
@@ -221,15 +222,6 @@ def train(
     return TrainedModel(artifact.uri, artifact.sha256, cfg.method, params, metrics)
 
 
-def saved_config(model_dir: Path) -> TrainConfig:
-    """The config a model folder was trained with (written by kftune.train)."""
-    path = model_dir / CONFIG_FILENAME
-    if not path.is_file():
-        raise KftuneError(f"{model_dir} has no {CONFIG_FILENAME}; pass a model that kftune trained")
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    return TrainConfig(**{k: v for k, v in saved.items() if k in FIELDS})  # skip keys this version does not know
-
-
 @reports_errors
 def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int = 8, sample_tokens: int = 256,
              samples: int = 8, validation_uri: str | None = None) -> Evaluation:
@@ -268,7 +260,7 @@ def merge(model_uri: str, artifact_root: str) -> MergedModel:
     """Merge a LoRA/QLoRA adapter into its full-precision base (parity-checked) and upload the merged model."""
     from kftune.models.merge import merge as merge_adapter
 
-    cfg = saved_config(fetch(model_uri))
+    cfg = TrainConfig.load(fetch(model_uri))
     with tempfile.TemporaryDirectory(prefix="kftune-merge-") as tmp:
         result = merge_adapter(cfg.base_model, model_uri, f"{tmp}/merged")
         artifact = upload_dir(result.output_dir, f"{artifact_root}/merged")
@@ -307,7 +299,7 @@ def data_statistics(data: DataSplit) -> dict[str, Any]:
     """Rows, sha256 and token lengths of the training data, from the validation report, for the model card."""
     stats: dict[str, Any] = {"train_rows": data.train_rows, "eval_rows": data.eval_rows,
                              "dataset_sha256": data.dataset_sha256}
-    report = fetch(data.uri) / "report.json"
+    report = fetch(data.uri) / artifacts.VALIDATION_REPORT
     lengths = json.loads(report.read_text(encoding="utf-8")).get("token_lengths") if report.is_file() else None
     if lengths:
         stats |= {f"tokens_{k}": lengths[k] for k in ("mean", "p50", "p90", "max") if k in lengths}

@@ -133,7 +133,7 @@ def run_trial(index: int, method: str, rng: random.Random, workdir: Path, model:
     finished = out.exists()  # on a loaded machine the kill can land after the output was written
     if not finished:
         train_to_end(argv, env)
-    resumed = json.loads((out / "metrics.json").read_text())["resumed_from_step"]
+    resumed = json.loads((out / "train_metrics.json").read_text())["resumed_from_step"]
     diff = differing(reference, final_tensors(out))
     return Trial(index, method, "s3" if store_root.startswith("s3://") else "local", published, round(fraction, 2),
                  "finished" if finished else resumed, len(diff), round(time.perf_counter() - started, 1))

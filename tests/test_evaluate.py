@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 from kftune.train.config import resolve
 from kftune.train.training import run
@@ -177,8 +178,8 @@ def test_a_fingerprint_of_another_version_is_not_compared(tiny_model, tmp_path):
 
     tokenizer = load_tokenizer(str(tiny_model))
     record = {"chat_template": "0" * 64, "tokenizer": "0" * 64, "fingerprint": "0" * 64}
-    (tmp_path / fingerprint.FINGERPRINT_FILENAME).write_text(json.dumps({**record, "version": fingerprint.VERSION}))
+    (tmp_path / artifacts.FINGERPRINT).write_text(json.dumps({**record, "version": fingerprint.VERSION}))
     with pytest.raises(KftuneError, match="chat template and tokenizer changed"):
         fingerprint.check(tmp_path, tokenizer, "this tokenizer")
-    (tmp_path / fingerprint.FINGERPRINT_FILENAME).write_text(json.dumps({**record, "version": 0}))
+    (tmp_path / artifacts.FINGERPRINT).write_text(json.dumps({**record, "version": 0}))
     fingerprint.check(tmp_path, tokenizer, "this tokenizer")  # written by another version: warned, not refused

@@ -31,9 +31,10 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 
-MANIFEST = "MANIFEST.json"
+MANIFEST = artifacts.MANIFEST
 MiB = 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "Forbidden"}

@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kftune.core import artifacts
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
 from kftune.data.checker import Checker, hash64, norm, question_of
@@ -111,7 +112,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
     """Refuse to replace a folder that isn't an earlier validation output (it would be deleted)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise KftuneError(f"--out {out_dir} is a file; give a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / artifacts.VALIDATION_REPORT).is_file():
         raise KftuneError(f"--out {out_dir} exists and is not an earlier validate-data output; "
                           "pick another folder or empty it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +155,8 @@ def validate(source: str | os.PathLike, out_dir: str | os.PathLike, options: Opt
             options=asdict(options) | ({"eval_data_unusable_rows": unusable} if external is not None else {}),
             seconds=round(time.perf_counter() - started, 3),
         )
-        (tmp / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", "utf-8")
-        (tmp / "report.html").write_text(render_html(report, sink.examples), "utf-8")
+        (tmp / artifacts.VALIDATION_REPORT).write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", "utf-8")
+        (tmp / artifacts.REPORT).write_text(render_html(report, sink.examples), "utf-8")
     return report
 
 

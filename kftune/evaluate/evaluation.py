@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 from kftune.data.formats import Message
+from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
 
-METRICS_FILENAME = "metrics.json"
-SAMPLES_FILENAME = "samples.jsonl"
-REPORT_FILENAME = "report.html"
 DEFAULT_MAX_SEQ_LENGTH = 512
 
 
@@ -136,22 +135,17 @@ class Candidate:
 def describe(model: str, base_model: str | None = None) -> Candidate:
     """Resolve `model` (adapter folder, merged/full folder or s3:// URI) and what it was trained from."""
     from kftune.models.loading import resolve_model_location
-    from kftune.train.config import CONFIG_FILENAME
 
     folder = Path(resolve_model_location(model, "--model"))
     if not folder.is_dir():
         raise KftuneError(f"--model {model}: not a model folder; give an adapter or model folder or an s3:// URI")
-    saved = {}
-    if (folder / CONFIG_FILENAME).is_file():
-        saved = json.loads((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    cfg = TrainConfig.load(folder) if TrainConfig.saved_in(folder) else None
     adapter = (folder / "adapter_config.json").is_file()
-    base = base_model or saved.get("base_model")
+    base = base_model or (cfg.base_model if cfg else None)
     if not base:
-        raise KftuneError(f"--model {model} records no base model (no {CONFIG_FILENAME}); pass --base_model")
-    qlora = saved.get("use_qlora", False)
-    method = "qlora" if qlora else "lora" if saved.get("use_lora") else "full" if saved else None
-    return Candidate(folder, base, adapter, saved.get("quantization_bit") if adapter and qlora else None, method,
-                     saved.get("max_seq_length"))
+        raise KftuneError(f"--model {model} records no base model (no {artifacts.CONFIG}); pass --base_model")
+    return Candidate(folder, base, adapter, cfg.quantization_bit if cfg and adapter and cfg.use_qlora else None,
+                     cfg.method if cfg else None, cfg.max_seq_length if cfg else None)
 
 
 def training_tokenizer(candidate: Candidate, allow_template_mismatch: bool = False):
@@ -256,12 +250,12 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
         "base": base, "tuned": tuned,
         "reference_checks": pass_rates([run_checks(checks, c[-1]["content"]) for c in prompts], checks),
     }
-    training = candidate.folder / "metrics.json"
+    training = candidate.folder / artifacts.TRAIN_METRICS
     with building(out) as staging:
-        (staging / METRICS_FILENAME).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        (staging / SAMPLES_FILENAME).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples),
+        (staging / artifacts.EVAL_METRICS).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (staging / artifacts.SAMPLES).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples),
                                                 encoding="utf-8")
-        write_report(staging / REPORT_FILENAME, metrics, samples,
+        write_report(staging / artifacts.REPORT, metrics, samples,
                      training=json.loads(training.read_text(encoding="utf-8")) if training.is_file() else None,
                      validation=_validation_report(validation))
     log.info("eval loss base %.4f -> tuned %.4f; written to %s", base["eval_loss"], tuned["eval_loss"], out)
@@ -289,7 +283,7 @@ def _validation_report(location: str | None) -> dict[str, Any] | None:
     from kftune.core.storage import resolve_path
 
     path = Path(resolve_path(location))
-    path = path / "report.json" if path.is_dir() else path
+    path = path / artifacts.VALIDATION_REPORT if path.is_dir() else path
     if not path.is_file():
         raise KftuneError(f"--validation {location}: no report.json there; give the validate-data output folder")
     return json.loads(path.read_text(encoding="utf-8"))

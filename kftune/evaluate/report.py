@@ -44,7 +44,7 @@ def loss_curves(training: dict[str, Any] | None, metrics: dict[str, Any]) -> str
     """Training loss by step, eval loss by step (when training evaluated), and the final base/tuned eval loss."""
     history = (training or {}).get("loss_history") or []
     if not history:
-        return '<p class="note">no training loss history (the model folder has no metrics.json from kftune train)</p>'
+        return '<p class="note">no training loss history (the model folder has no train_metrics.json from kftune train)</p>'
     fig = _figure(9, 4)
     ax = fig.add_subplot()
     steps, losses = zip(*history)

@@ -20,11 +20,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 
 log = logging.getLogger("kftune")
 
-FINGERPRINT_FILENAME = "kftune_fingerprint.json"
 ALLOW_FLAG = "--allow-template-mismatch"
 VERSION = 1  # of what is hashed; a fingerprint of another version is not compared (it would always differ)
 PROBE = "为这家店写一篇小红书探店笔记。Café ＡＢＣ 123 #探店  \n\tthe end ✨"
@@ -51,13 +51,13 @@ def compute(tokenizer) -> dict[str, str]:
 def write(folder: str | Path, tokenizer, source: str) -> dict[str, str]:
     """Store the fingerprint of `tokenizer` (the one training used, loaded from `source`) in `folder`."""
     record = {**compute(tokenizer), "version": VERSION, "source": source}
-    Path(folder, FINGERPRINT_FILENAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    Path(folder, artifacts.FINGERPRINT).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
 
 def stored(folder: str | Path) -> dict[str, str] | None:
     """The fingerprint saved with a trained model, or None for a folder kftune did not train."""
-    path = Path(folder, FINGERPRINT_FILENAME)
+    path = Path(folder, artifacts.FINGERPRINT)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -69,14 +69,14 @@ def check(model_dir: str | Path, tokenizer, what: str, allow_mismatch: bool = Fa
         return
     if record.get("version") != VERSION:
         log.warning("%s/%s was written by another kftune version (fingerprint version %s, this one %s); not checked",
-                    model_dir, FINGERPRINT_FILENAME, record.get("version"), VERSION)
+                    model_dir, artifacts.FINGERPRINT, record.get("version"), VERSION)
         return
     now = compute(tokenizer)
     if now["fingerprint"] == record["fingerprint"]:
         return
     changed = [part.replace("_", " ") for part in ("chat_template", "tokenizer") if now[part] != record.get(part)]
     message = (f"{what} differs from the one {model_dir} was trained with ({' and '.join(changed)} changed; "
-               f"fingerprint {now['fingerprint'][:12]} vs {record['fingerprint'][:12]} in {FINGERPRINT_FILENAME}); "
+               f"fingerprint {now['fingerprint'][:12]} vs {record['fingerprint'][:12]} in {artifacts.FINGERPRINT}); "
                f"prompts would not be rendered as in training. Use the training tokenizer, or pass {ALLOW_FLAG} "
                "to go on anyway")
     if not allow_mismatch:

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
+from kftune.core import artifacts
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
-from kftune.models.fingerprint import ALLOW_FLAG, FINGERPRINT_FILENAME
-from kftune.train.training import METRICS_FILENAME
+from kftune.models.fingerprint import ALLOW_FLAG
 
 log = logging.getLogger("kftune")
 
-MERGE_REPORT = "merge_report.json"
 PROBE_TEXTS = [
     "为这家店写一篇小红书探店笔记。\n店名：山野咖啡\n品类：咖啡馆\n城市：成都\n人均：45元",
     "Write a short post about a bakery in Hangzhou.",
@@ -84,11 +83,11 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
     with building(out) as staging:
         merged.to(dtype).save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        for carried in ("kftune_config.json", FINGERPRINT_FILENAME, METRICS_FILENAME):
+        for carried in (artifacts.CONFIG, artifacts.FINGERPRINT, artifacts.TRAIN_METRICS):
             if Path(adapter, carried).is_file():
                 shutil.copy2(Path(adapter, carried), staging / carried)
         report = {"base_model": base_model, "lora_model": lora_model, "max_abs_logit_diff": diff, "tolerance": tolerance, "saved_dtype": str(dtype).removeprefix("torch.")}
-        (staging / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (staging / artifacts.MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log.info("merged model saved to %s", out)
     return MergeResult(out, diff)
 

@@ -28,10 +28,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 from kftune.registry import gate
 from kftune.registry import tracking as registry
 from kftune.registry.tracking import CHALLENGER, CHAMPION, Registration
+from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
 
@@ -45,26 +47,18 @@ Rescore = Callable[[Any], Mapping[str, float]]  # champion ModelVersion -> its m
 
 def config_sha256(model_dir: Path) -> str:
     """sha256 of the training config the model carries, without the paths that differ run to run."""
-    from kftune.train.config import CONFIG_FILENAME
-
-    path = model_dir / CONFIG_FILENAME
-    if not path.is_file():
+    if not TrainConfig.saved_in(model_dir):
         return ""
-    saved = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k not in _PLACES}
+    saved = {k: v for k, v in TrainConfig.load(model_dir).to_dict().items() if k not in _PLACES}
     return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()
 
 
 def lineage(model_dir: Path, *, dataset_sha256: str = "", git_commit: str = "", pipeline_run: str = "") -> dict[str, str]:
     """The facts a version is tagged with, read from the model's own kftune_config.json."""
-    from kftune.train.config import CONFIG_FILENAME
-
-    path = model_dir / CONFIG_FILENAME
-    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    adapter = saved.get("use_lora") or saved.get("use_qlora")
-    method = "qlora" if saved.get("use_qlora") else "lora" if saved.get("use_lora") else "full" if saved else ""
-    facts = {"method": method, "lora_r": saved.get("lora_r") if adapter else "",
-             "quantization_bit": saved.get("quantization_bit") if saved.get("use_qlora") else "",
-             "base_model": saved.get("base_model", ""), "dataset_sha256": dataset_sha256,
+    cfg = TrainConfig.load(model_dir) if TrainConfig.saved_in(model_dir) else None
+    facts = {"method": cfg.method if cfg else "", "lora_r": cfg.lora_r if cfg and cfg.uses_adapter else "",
+             "quantization_bit": cfg.quantization_bit if cfg and cfg.use_qlora else "",
+             "base_model": cfg.base_model if cfg else "", "dataset_sha256": dataset_sha256,
              "config_sha256": config_sha256(model_dir), "git_commit": git_commit, "pipeline_run": pipeline_run}
     return {k: str(v) for k, v in facts.items() if v not in (None, "")}
 
@@ -105,7 +99,6 @@ def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_d
                  lineage_tags, params, train_metrics, loss_history, data_stats):
     """Model card into a copy of the artifact, a run with the evaluation's files, a version tagged with it all."""
     from kftune.core.storage import resolve_path
-    from kftune.evaluate.evaluation import METRICS_FILENAME, REPORT_FILENAME, SAMPLES_FILENAME
     from kftune.registry.modelcard import render
 
     model_dir = Path(resolve_path(model_uri))
@@ -120,7 +113,7 @@ def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_d
     source, carded_sha = _carded_copy(model_dir, card, f"{artifact_root.rstrip('/')}/registered")
     metrics = {**(train_metrics or {}), **{k: tuned[k] for k in TAGGED_METRICS if k in tuned},
                **{f"base_{k}": base[k] for k in TAGGED_METRICS if k in base}}
-    files = [evaluation_dir / f for f in (METRICS_FILENAME, SAMPLES_FILENAME, REPORT_FILENAME)
+    files = [evaluation_dir / f for f in (artifacts.EVAL_METRICS, artifacts.SAMPLES, artifacts.REPORT)
              if (evaluation_dir / f).is_file()]
     run_id, url = registry.log_run(mlflow, experiment, f"{name}-{lineage_tags.get('method', kind)}",
                                    params={**(params or {}), **lineage_tags}, metrics=metrics, tags=tags,
@@ -177,10 +170,9 @@ def register(
     `rescore` scores the champion on this candidate's eval data when its stored metrics are for
     other eval data or settings; without it such a champion is not replaced.
     """
-    from kftune.evaluate.evaluation import METRICS_FILENAME
 
     gate.decide({metric: 1.0}, {metric: 2.0}, None, metric=metric, margin=margin)  # a bad metric or margin fails first
-    evaluation = json.loads((evaluation_dir / METRICS_FILENAME).read_text(encoding="utf-8"))
+    evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
     mlflow = registry.client()
     found = registry.find_version(mlflow, name, model_sha256)
     if found is not None and "gate.decision" in found.tags:
@@ -272,7 +264,7 @@ def main(argv: list[str]) -> int:
         model_uri, sha, root = artifact.uri, artifact.sha256, args.artifact_root
     evaluation_dir = Path(resolve_path(args.evaluation))
     model_dir = Path(resolve_path(model_uri))
-    training = model_dir / "metrics.json"
+    training = model_dir / artifacts.TRAIN_METRICS
     history = json.loads(training.read_text(encoding="utf-8")).get("loss_history", []) if training.is_file() else []
     tags = lineage(model_dir, dataset_sha256=args.dataset_sha256, git_commit=git_commit(), pipeline_run=args.pipeline_run)
     register(args.name, experiment=args.experiment, model_uri=model_uri, model_sha256=sha, evaluation_dir=evaluation_dir,
@@ -285,9 +277,9 @@ def rescorer(evaluation_dir: Path) -> Rescore:
     """Score a champion version on the eval data and with the settings recorded in `evaluation_dir`/metrics.json."""
 
     def rescore(champion) -> Mapping[str, float]:
-        from kftune.evaluate.evaluation import METRICS_FILENAME, rescore_model
+        from kftune.evaluate.evaluation import rescore_model
 
-        evaluation = json.loads((evaluation_dir / METRICS_FILENAME).read_text(encoding="utf-8"))
+        evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
         return rescore_model(champion.source, evaluation, base_model=champion.tags.get("base_model"))
 
     return rescore

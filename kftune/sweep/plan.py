@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kftune.core import artifacts
 from kftune.core.errors import ConfigError, KftuneError
 from kftune.core.storage import upload_dir
-from kftune.evaluate.evaluation import METRICS_FILENAME
 from kftune.steps import DataSplit, Evaluation, TrainedModel, check_train_settings, fetch, reports_errors
 from kftune.sweep import compare as comparing
 from kftune.train.config import SEVEN_PROJECTIONS
@@ -144,7 +144,7 @@ def _check_pairing(candidates: Sequence[Mapping[str, Any]], trained: Sequence[Tr
     for candidate, model, evaluation in zip(candidates, trained, evaluations, strict=True):
         rank = model.params.get("lora_r")
         same = model.method == candidate["method"] and (candidate["method"] == "full" or rank == int(candidate["rank"]))
-        report = json.loads(Path(fetch(evaluation.uri), METRICS_FILENAME).read_text(encoding="utf-8"))
+        report = json.loads(Path(fetch(evaluation.uri), artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
         if not same or report["model"] != model.uri:
             raise KftuneError(f"sweep candidate {candidate['name']}: the collected model ({model.method}, r={rank}) "
                               f"or its evaluation ({report['model']}) is not this candidate's")

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kftune.core import artifacts
 from kftune.core.errors import ConfigError, KftuneError
 
 SEVEN_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-CONFIG_FILENAME = "kftune_config.json"
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 
 
@@ -95,9 +95,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONFIG_FILENAME
+        path = Path(directory) / artifacts.CONFIG
         path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TrainConfig:
+        """The config a model folder was trained with (written by `save`); keys this version does not know are skipped."""
+        path = Path(directory) / artifacts.CONFIG
+        if not path.is_file():
+            raise KftuneError(f"{directory} has no {artifacts.CONFIG}; pass a model that kftune trained")
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{k: v for k, v in saved.items() if k in FIELDS})
+
+    @staticmethod
+    def saved_in(directory: str | Path) -> bool:
+        return (Path(directory) / artifacts.CONFIG).is_file()
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 from kftune.dev.processes import free_ports
 
@@ -57,15 +58,15 @@ def train_on_node(cfg: TrainConfig, num_processes: int = 0, fsdp: bool = False) 
     The pipeline's training step calls this: with one process it trains in this process, with more
     it re-executes the training command under `accelerate launch` and reads back what it wrote.
     """
-    from kftune.train.config import CONFIG_FILENAME, FIELDS
-    from kftune.train.training import METRICS_FILENAME, TrainResult, run
+    from kftune.train.config import FIELDS
+    from kftune.train.training import TrainResult, run
 
     gpus = gpu_count()
     n = num_processes or max(gpus, 1)
     if n == 1 and not fsdp:
         return run(cfg)
     out = Path(cfg.output_dir)
-    config_file = out.parent / f".{out.name}.launch-{CONFIG_FILENAME}"
+    config_file = out.parent / f".{out.name}.launch-{artifacts.CONFIG}"
     # only the keys that differ from the defaults, so a full run does not read as "LoRA keys without LoRA"
     values = {k: v for k, v in cfg.to_dict().items() if v != FIELDS[k].default}
     config_file.write_text(json.dumps(values, ensure_ascii=False), encoding="utf-8")
@@ -75,7 +76,7 @@ def train_on_node(cfg: TrainConfig, num_processes: int = 0, fsdp: bool = False) 
         config_file.unlink(missing_ok=True)
     if code:
         raise KftuneError(f"training with {n} processes under accelerate launch failed (exit code {code}); see the log above")
-    return TrainResult(out, json.loads((out / METRICS_FILENAME).read_text(encoding="utf-8")))
+    return TrainResult(out, json.loads((out / artifacts.TRAIN_METRICS).read_text(encoding="utf-8")))
 
 
 def main(argv: list[str]) -> int:

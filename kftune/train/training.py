@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kftune.core import artifacts
 from kftune.core.atomic import building, staging_dir
 from kftune.core.errors import KftuneError
 from kftune.models import fingerprint
 from kftune.train.config import TrainConfig, parse_args
 
 log = logging.getLogger("kftune")
-
-METRICS_FILENAME = "metrics.json"
-
 
 @dataclass
 class TrainResult:
@@ -250,7 +248,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             for leftover in ("training_args.bin", "README.md"):
                 (staging / leftover).unlink(missing_ok=True)
             cfg.save(staging)
-            (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+            (staging / artifacts.TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     if main and store:
         store.clear()  # the output is in place: the run's checkpoints have served their purpose
     if main:

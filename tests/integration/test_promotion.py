@@ -197,7 +197,7 @@ def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
 def test_a_champion_that_moves_while_a_candidate_is_judged_is_judged_again(good, worse, root, client, tmp_path):
     """Another registration moving `champion` while this one scores the old champion (minutes, on a real model)
     can't be timed for real here: the rescore callback stands in for it and moves the alias mid-judgement."""
-    from kftune.evaluate.evaluation import METRICS_FILENAME
+    from kftune.core.artifacts import EVAL_METRICS as METRICS_FILENAME
     from kftune.registry import promote
 
     old = str(client.get_model_version_by_alias(NAME, "champion").version)
