@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kftune.core.pages import render_page, token_histogram
 from kftune.data.rules import RULES
 
 
@@ -63,59 +63,39 @@ class Report:
         return "\n".join(lines)
 
 
-def _histogram_svg(stats: dict[str, Any]) -> str:
-    """Bars of rows per token-length bin, with the max_seq_length limit as a red line."""
-    bins, limit = stats["histogram"], stats["max_seq_length"]
-    width, height, pad = 640, 220, 30
-    top_count = max(n for _, _, n in bins) or 1
-    bar = (width - 2 * pad) / len(bins)
-    span = bins[-1][1]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" role="img" '
-             f'aria-label="token-length histogram">']
-    for i, (lo, hi, n) in enumerate(bins):
-        h = (height - pad) * n / top_count
-        parts.append(f'<rect x="{pad + i * bar:.1f}" y="{height - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" '
-                     f'fill="#4a7ebb"><title>{lo}-{hi - 1} tokens: {n} rows</title></rect>')
-    x = pad + (width - 2 * pad) * limit / span
-    parts.append(f'<line x1="{x:.1f}" y1="{pad / 2}" x2="{x:.1f}" y2="{height}" stroke="#c00" stroke-dasharray="4"/>')
-    parts.append(f'<text x="{x + 3:.1f}" y="{pad}" fill="#c00" font-size="11">max_seq_length {limit}</text>')
-    parts.append(f'<text x="{pad}" y="{height + 16}" font-size="11">0</text>')
-    parts.append(f'<text x="{width - pad}" y="{height + 16}" font-size="11" text-anchor="end">{span} tokens</text>')
-    parts.append(f'<text x="{pad}" y="{pad / 2}" font-size="11">{top_count} rows</text></svg>')
-    return "".join(parts)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+VALIDATION_PAGE = """{% extends "base.html" %}
+{% block title %}validate-data {{ verdict }}{% endblock %}
+{% block body %}
+<h1>validate-data: {{ verdict }}</h1>
+{% for failure in report.failures %}<p class="fail">{{ failure }}</p>{% endfor %}
+<table class="meta">{% for name, value in summary %}<tr><td>{{ name }}</td><td>{{ value }}</td></tr>{% endfor %}</table>
+<h2>Rules</h2>
+<table><tr><th>rule</th><th>what</th><th>action</th><th>rows</th></tr>
+{% for rule, found in report.rules.items() %}
+<tr><td>{{ rule }}</td><td>{{ rules[rule] }}</td><td>{{ found.action }}</td><td class="num">{{ found.rows }}</td></tr>
+{% endfor %}</table>
+{% if t %}
+<h2>Tokens per accepted row</h2>
+<table><tr><th>min</th><th>mean</th><th>p50</th><th>p90</th><th>p99</th><th>max</th><th>over max_seq_length</th></tr>
+<tr>{% for key in ("min", "mean", "p50", "p90", "p99", "max", "over_limit") %}<td class="num">{{ t[key] }}</td>{% endfor %}</tr></table>
+{{ histogram }}
+{% endif %}
+{% for kind, shown in examples.items() if shown %}
+<h2>First {{ shown|length }} {{ kind }} (all in {{ kind }}.jsonl)</h2>
+<table><tr><th>where</th><th>rule</th><th>message</th></tr>
+{% for e in shown %}<tr><td>{{ e.where }}</td><td>{{ e.rule }}</td><td>{{ e.message }}</td></tr>{% endfor %}</table>
+{% endfor %}
+{% endblock %}
+"""
 
 
 def render_html(report: Report, examples: dict[str, list[dict]]) -> str:
-    """One self-contained page: verdict, counts, rules, token lengths (SVG) and example rows."""
-    verdict = "PASSED" if report.passed else "FAILED"
+    """One self-contained page: verdict, counts, rules, token lengths and example rows."""
     summary = [["source", report.source], ["format", report.data_format], ["dataset sha256", report.dataset_sha256],
                ["rows in", report.rows_in], ["accepted", report.accepted], ["rejected", report.rejected],
                ["rows with warnings", report.rows_with_warnings], ["train rows", report.train_rows],
                ["eval rows", report.eval_rows], ["seconds", report.seconds]]
-    rules = [[rule, RULES[rule], v["action"], v["rows"]] for rule, v in report.rules.items()]
-    sections = [
-        f"<h1>validate-data: {verdict}</h1>",
-        "".join(f"<p class=fail>{html.escape(f)}</p>" for f in report.failures),
-        _table(["", ""], summary),
-        "<h2>Rules</h2>", _table(["rule", "what", "action", "rows"], rules),
-    ]
-    if report.token_lengths:
-        t = report.token_lengths
-        sections += ["<h2>Tokens per accepted row</h2>",
-                     _table(["min", "mean", "p50", "p90", "p99", "max", "over max_seq_length"],
-                            [[t["min"], t["mean"], t["p50"], t["p90"], t["p99"], t["max"], t["over_limit"]]]),
-                     _histogram_svg(t)]
-    for kind in ("rejected", "warnings"):
-        if examples[kind]:
-            sections += [f"<h2>First {len(examples[kind])} {kind} (all in {kind}.jsonl)</h2>",
-                         _table(["where", "rule", "message"], [[e["where"], e["rule"], e["message"]] for e in examples[kind]])]
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}.fail{color:#c00;font-weight:bold}")
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>validate-data {verdict}</title>"
-            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
+    t = report.token_lengths
+    return render_page(VALIDATION_PAGE, verdict="PASSED" if report.passed else "FAILED", report=report, summary=summary,
+                       rules=RULES, t=t, histogram=token_histogram(t) if t else "",
+                       examples={kind: examples[kind] for kind in ("rejected", "warnings")})

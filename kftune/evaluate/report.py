@@ -1,37 +1,30 @@
 """One self-contained report.html for an evaluation: loss curves, base vs tuned, token lengths, samples.
 
-Plots are matplotlib PNGs embedded as data URIs, so the one file renders anywhere (a KFP HTML
-artifact, an MLflow artifact, a browser opened on a file) with nothing to fetch. Parts whose
-inputs are missing (no training metrics, no validation report) say so instead of failing.
+The page is core/pages.py's base with this report's body; plots are matplotlib PNGs embedded as data
+URIs and the token histogram is the validation report's own. Parts whose inputs are missing (no
+training metrics, no validation report) say so instead of failing.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
+from kftune.core.pages import png_img, render_page, token_histogram
+
 TUNED_COLOR, BASE_COLOR, EVAL_COLOR = "#1f77b4", "#999999", "#d62728"
 BAR_METRICS = (("eval_loss", "eval loss (lower is better)"), ("rougeL", "ROUGE-L, characters"),
                ("chrf", "chrF"), ("checks_pass_rate", "outputs passing every check"))
 
-_CSS = """
-body{font-family:system-ui,"Noto Sans CJK SC","Noto Color Emoji",sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ddd;padding:4px 8px;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}.better{color:#087f23;font-weight:600}
-.samples td{white-space:pre-wrap;overflow-wrap:anywhere;max-width:320px;font-size:13px}.ok{color:#087f23}.no{color:#b00020}
-.meta td:first-child{color:#666}.note{color:#666;font-style:italic}img{max-width:100%}
-"""
-
-
-def _png(fig) -> str:
+def _png(fig) -> Markup:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return png_img(buffer.getvalue())
 
 
 def _figure(width: float, height: float):
@@ -40,11 +33,12 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height))
 
 
-def loss_curves(training: dict[str, Any] | None, metrics: dict[str, Any]) -> str:
+def loss_curves(training: dict[str, Any] | None, metrics: dict[str, Any]) -> Markup:
     """Training loss by step, eval loss by step (when training evaluated), and the final base/tuned eval loss."""
     history = (training or {}).get("loss_history") or []
     if not history:
-        return '<p class="note">no training loss history (the model folder has no train_metrics.json from kftune train)</p>'
+        return Markup('<p class="note">no training loss history (the model folder has no train_metrics.json from '
+                      'kftune train)</p>')
     fig = _figure(9, 4)
     ax = fig.add_subplot()
     steps, losses = zip(*history)
@@ -64,7 +58,7 @@ def loss_curves(training: dict[str, Any] | None, metrics: dict[str, Any]) -> str
     return _png(fig)
 
 
-def metrics_chart(metrics: dict[str, Any]) -> str:
+def metrics_chart(metrics: dict[str, Any]) -> Markup:
     shown = [(key, label) for key, label in BAR_METRICS if key in metrics["tuned"] and key in metrics["base"]]
     fig = _figure(3.2 * len(shown), 3.4)
     for i, (key, label) in enumerate(shown, start=1):
@@ -78,24 +72,15 @@ def metrics_chart(metrics: dict[str, Any]) -> str:
     return _png(fig)
 
 
-def length_histogram(validation: dict[str, Any] | None) -> str:
+def length_histogram(validation: dict[str, Any] | None) -> Markup:
     stats = (validation or {}).get("token_lengths")
     if not stats:
-        return '<p class="note">no validation report with token lengths (pass --validation)</p>'
-    fig = _figure(9, 3.4)
-    ax = fig.add_subplot()
-    bins = stats["histogram"]
-    ax.bar([lo for lo, _, _ in bins], [n for _, _, n in bins], width=[hi - lo for lo, hi, _ in bins], align="edge",
-           color=TUNED_COLOR, edgecolor="white")
-    ax.axvline(stats["max_seq_length"], color=EVAL_COLOR, linestyle="--", label=f"max_seq_length {stats['max_seq_length']}")
-    ax.set_xlabel("tokens per row (chat template applied)")
-    ax.set_ylabel("rows")
-    ax.set_title(f"Token lengths of {stats['rows']} accepted rows: p50 {stats['p50']}, p90 {stats['p90']}, max {stats['max']}")
-    ax.legend()
-    return _png(fig)
+        return Markup('<p class="note">no validation report with token lengths (pass --validation)</p>')
+    return Markup("<p>Token lengths of {} accepted rows: p50 {}, p90 {}, max {}</p>").format(
+        stats["rows"], stats["p50"], stats["p90"], stats["max"]) + token_histogram(stats)
 
 
-def _metrics_table(metrics: dict[str, Any]) -> str:
+def _metrics_table(metrics: dict[str, Any]) -> Markup:
     rows = []
     for key, label in (("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("rougeL", "ROUGE-L (chars)"),
                        ("chrf", "chrF"), ("checks_pass_rate", "passing every check")):
@@ -110,7 +95,7 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
         if name != "all":
             rows.append(f'<tr><td>check: {html.escape(name)}</td><td class="num">{metrics["base"]["checks"][name]:.2f}</td>'
                         f'<td class="num">{rate:.2f}</td></tr>')
-    return "<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>" + "".join(rows) + "</table>"
+    return Markup("<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>" + "".join(rows) + "</table>")
 
 
 def _checks(results: dict[str, bool]) -> str:
@@ -118,17 +103,31 @@ def _checks(results: dict[str, bool]) -> str:
                     for name, ok in results.items())
 
 
-def _samples_table(samples: Sequence[dict[str, Any]]) -> str:
+def _samples_table(samples: Sequence[dict[str, Any]]) -> Markup:
     if not samples:
-        return '<p class="note">no samples generated (--samples 0)</p>'
+        return Markup('<p class="note">no samples generated (--samples 0)</p>')
     rows = []
     for s in samples:
         prompt = "\n".join(m["content"] for m in s["prompt"] if m["role"] == "user")
         rows.append(f"<tr><td>{html.escape(prompt)}</td><td>{html.escape(s['reference'])}</td>"
                     f"<td>{html.escape(s['base_output'])}<br>{_checks(s['base_checks'])}</td>"
                     f"<td>{html.escape(s['tuned_output'])}<br>{_checks(s['tuned_checks'])}</td></tr>")
-    return ('<table class="samples"><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>'
-            + "".join(rows) + "</table>")
+    return Markup('<table class="samples"><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>'
+                  + "".join(rows) + "</table>")
+
+
+EVALUATION_PAGE = """{% extends "base.html" %}
+{% block title %}kftune evaluation report{% endblock %}
+{% block body %}
+<h1>kftune evaluation: base vs tuned</h1>
+<table class="meta">{% for name, value in meta %}<tr><td>{{ name }}</td><td>{{ value }}</td></tr>{% endfor %}</table>
+<h2>Metrics</h2>{{ metrics_table }}
+{{ metrics_chart }}
+<h2>Loss curves</h2>{{ loss_curves }}
+<h2>Token lengths (validation)</h2>{{ length_histogram }}
+<h2>Samples (greedy, side by side)</h2>{{ samples_table }}
+{% endblock %}
+"""
 
 
 def render(metrics: dict[str, Any], samples: Sequence[dict[str, Any]], training: dict[str, Any] | None = None,
@@ -137,18 +136,9 @@ def render(metrics: dict[str, Any], samples: Sequence[dict[str, Any]], training:
             ("method", metrics.get("method") or "unknown"), ("eval data", metrics["eval_data"]),
             ("eval rows / sha256", f"{metrics['eval_rows']} / {metrics['eval_sha256']}"),
             ("eval key", metrics["eval_key"]), ("template fingerprint", metrics["template_fingerprint"])]
-    meta_rows = "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in meta)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>kftune evaluation report</title><style>{_CSS}</style></head>
-<body><h1>kftune evaluation: base vs tuned</h1>
-<table class="meta">{meta_rows}</table>
-<h2>Metrics</h2>{_metrics_table(metrics)}
-{metrics_chart(metrics)}
-<h2>Loss curves</h2>{loss_curves(training, metrics)}
-<h2>Token lengths (validation)</h2>{length_histogram(validation)}
-<h2>Samples (greedy, side by side)</h2>{_samples_table(samples)}
-</body></html>
-"""
+    return render_page(EVALUATION_PAGE, meta=meta, metrics_table=_metrics_table(metrics),
+                       metrics_chart=metrics_chart(metrics), loss_curves=loss_curves(training, metrics),
+                       length_histogram=length_histogram(validation), samples_table=_samples_table(samples))
 
 
 def write_report(path: str | Path, metrics: dict[str, Any], samples: Sequence[dict[str, Any]],

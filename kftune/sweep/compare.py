@@ -9,8 +9,6 @@ winner is 100% and every other candidate is below it.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import math
@@ -19,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kftune.core.errors import KftuneError
+from kftune.core.pages import png_img, render_page
 from kftune.registry.gate import (  # metric -> True when higher is better; the names are Evaluation fields
     DIRECTIONS,
     finite,
@@ -188,19 +187,23 @@ def scatter_png(comparison: Comparison) -> bytes:
         plt.close(fig)
 
 
+SWEEP_PAGE = """{% extends "base.html" %}
+{% block title %}kftune sweep{% endblock %}
+{% block body %}
+<h1>kftune sweep</h1>
+<table><thead><tr>{% for name in columns %}<th>{{ name }}</th>{% endfor %}</tr></thead><tbody>
+{% for place, row in rows %}<tr{% if place == 1 %} class="winner"{% endif %}>{% for cell in row %}<td class="num">{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+<ul>{% for note in notes %}<li>{{ note }}</li>{% endfor %}</ul>
+{{ plot }}
+{% endblock %}
+"""
+
+
 def to_html(comparison: Comparison, png: bytes) -> str:
     """One self-contained page: the table, the notes and the plot embedded as a data URI."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in columns(comparison))
-    body = "".join("<tr" + (' class="winner"' if row.place == 1 else "") + ">"
-                   + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells(row)) + "</tr>" for row in comparison.rows)
-    items = "".join(f"<li>{html.escape(note)}</li>" for note in notes(comparison))
-    image = base64.b64encode(png).decode("ascii")
-    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>kftune sweep</title><style>"
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}tr.winner{background:#e8f5e9}"
-            "</style></head><body><h1>kftune sweep</h1>"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table><ul>{items}</ul>"
-            f"<img alt=\"quality vs peak memory\" src=\"data:image/png;base64,{image}\"></body></html>\n")
+    return render_page(SWEEP_PAGE, columns=columns(comparison), rows=[(row.place, cells(row)) for row in comparison.rows],
+                       notes=notes(comparison), plot=png_img(png, "quality vs peak memory"))
 
 
 def write_reports(comparison: Comparison, folder: str | Path) -> dict[str, str]:
