@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from kftune import steps
+from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
-from kftune.core.storage import S3, connect, upload_dir, upload_file
+from kftune.core.storage import S3, connect_s3, upload_dir, upload_file
 from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
-from kftune.registry.promote import git_commit
 from kftune.sweep.compare import DIRECTIONS
 from kftune.sweep.plan import SWEEP_METHODS, TARGET_PRESETS
 from pipelines.compile import PIPELINES, compile_pipeline
@@ -211,12 +211,12 @@ def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tup
 
         base = resolve_model_location(base, flag="--base-model")  # a local folder must hold a model, else a hub id
     info = ensure_stack(args)
-    s3 = connect(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
+    s3 = connect_s3(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
     arguments["data_uri"] = stage(data, s3, f"s3://{info.bucket}/inputs/data")
     base = base or str(demo_model(args.state_dir.parent / "demo-model"))
     arguments["base_model"] = stage(base, s3, f"s3://{info.bucket}/inputs/models")
     arguments.setdefault("artifact_root", f"s3://{info.bucket}/pipeline")
-    arguments.setdefault("git_commit", git_commit(Path(__file__).resolve().parents[1]))
+    arguments.setdefault("git_commit", head_commit(Path(__file__).resolve().parents[1]))
     return arguments, info
 
 

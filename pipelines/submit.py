@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
 from kftune.core.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
 from pipelines.parameters import resolve_parameters
@@ -72,11 +73,9 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def git_commit(repo: Path = REPO) -> str:
-    """The commit being submitted: git's HEAD, else $GITHUB_SHA (a CI checkout without .git)."""
-    from kftune.registry.promote import git_commit as head
-
-    commit = head(repo)
+def submitted_commit(repo: Path = REPO) -> str:
+    """The commit being submitted: git's HEAD, else $GITHUB_SHA (a CI checkout without .git); one is required."""
+    commit = head_commit(repo)
     if not commit:
         raise KftuneError(f"no git commit found in {repo} and $GITHUB_SHA is unset; submit from a git checkout")
     return commit
@@ -115,7 +114,7 @@ def prepare(given: Mapping[str, Any], experiment: str, run_name: str | None, nam
     parameters = resolve_parameters(given, pipeline)
     data_uri = parameters["data_uri"]
     data_sha = dataset_sha256(data_uri)
-    key = idempotency_key(git_commit(), data_sha, config_hash(parameters))
+    key = idempotency_key(submitted_commit(), data_sha, config_hash(parameters))
     stage_data, stage_dest = None, ""
     if not data_uri.startswith("s3://"):
         stage_data = Path(data_uri).expanduser()
@@ -162,7 +161,7 @@ def _message(body: Any) -> str:
         return str(body)[:300]
 
 
-def connect(host: str, namespace: str) -> Any:
+def kfp_client(host: str, namespace: str) -> Any:
     """A kfp.Client with the bearer token from $TOKEN_ENV (none: e.g. a port-forward to a single-user KFP)."""
     if not host.startswith(("http://", "https://")):
         raise KftuneError(f"--host {host}: give the KFP API URL with its scheme, e.g. https://kfp.example.com")
@@ -204,7 +203,7 @@ def stage_data(sub: Submission) -> Submission:
 
 def submit(sub: Submission, host: str, force: bool = False, wait_s: float | None = None) -> Outcome:
     """Start a run (or find the run with the same key); with `wait_s`, wait for it to finish."""
-    client = connect(host, sub.namespace)
+    client = kfp_client(host, sub.namespace)
     with api_errors(host):
         existing = client.list_runs(namespace=sub.namespace, sort_by="created_at desc", page_size=1,
                                     filter=_filter("display_name", KEY_TAG + sub.key, _IS_SUBSTRING)).runs or []
@@ -227,7 +226,7 @@ def submit(sub: Submission, host: str, force: bool = False, wait_s: float | None
 
 def schedule(sub: Submission, host: str, cron: str, force: bool = False) -> Outcome:
     """A recurring run (one at a time, no backfill), or the existing one with the same key."""
-    client = connect(host, sub.namespace)
+    client = kfp_client(host, sub.namespace)
     with api_errors(host):
         existing = client.list_recurring_runs(namespace=sub.namespace, page_size=1, filter=_filter(
             "display_name", KEY_TAG + sub.key, _IS_SUBSTRING)).recurring_runs or []

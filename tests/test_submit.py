@@ -184,7 +184,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 def expected_key(**overrides: Any) -> str:
     params = parameters.resolve_parameters({"data_uri": DATA_URI, "lora_r": 8, "max_steps": 50, **overrides})
-    return submit.idempotency_key(submit.git_commit(), DATA_SHA, submit.config_hash(params))
+    return submit.idempotency_key(submit.submitted_commit(), DATA_SHA, submit.config_hash(params))
 
 
 def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, capsys, monkeypatch):
@@ -254,7 +254,7 @@ def test_dry_run_contacts_nothing_and_hashes_a_local_file(kfp_api, workdir, caps
     assert rc == 0, err
     assert kfp_api.requests == []
     params = parameters.resolve_parameters({"data_uri": str(data)})
-    key = submit.idempotency_key(submit.git_commit(), sha256_file(data), submit.config_hash(params))
+    key = submit.idempotency_key(submit.submitted_commit(), sha256_file(data), submit.config_hash(params))
     assert f"key           {key}" in out and "kftune-finetune" in out and "experiment    kftune" in out
     assert "s3://kftune/inputs/data/<sha256>/" in out  # it would upload the file first
     data.write_text('{"instruction": "hi", "input": "", "output": "changed"}\n')

@@ -62,7 +62,7 @@ class S3:
         return self.client.meta.endpoint_url
 
 
-def connect(
+def connect_s3(
     endpoint_url: str | None = None,
     *,
     access_key: str | None = None,
@@ -117,7 +117,7 @@ def canonical_json(manifest: dict[str, Any]) -> bytes:
 
 def upload_dir(local_dir: str | Path, dest: str, s3: S3 | None = None) -> Artifact:
     """Upload a folder to `dest`/<sha256>/, manifest last; a folder already there is not sent again."""
-    return _upload(_files(local_dir), dest, s3 or connect())
+    return _upload(_files(local_dir), dest, s3 or connect_s3())
 
 
 def upload_file(path: str | Path, dest: str, s3: S3 | None = None) -> Artifact:
@@ -125,7 +125,7 @@ def upload_file(path: str | Path, dest: str, s3: S3 | None = None) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise KftuneError(f"{path} is not a file; pass the file to upload")
-    folder = _upload({path.name: path}, dest, s3 or connect())
+    folder = _upload({path.name: path}, dest, s3 or connect_s3())
     return Artifact(uri=f"{folder.uri}/{path.name}", sha256=folder.sha256)
 
 
@@ -142,7 +142,7 @@ def download_dir(uri: str, local_dir: str | Path, s3: S3 | None = None) -> Path:
         return local_dir
     if local_dir.exists():
         raise KftuneError(f"{local_dir} exists but is not a verified copy of {uri}; remove it or pick another folder")
-    s3 = s3 or connect()
+    s3 = s3 or connect_s3()
     manifest = _read_manifest(s3, bucket, base)
     local_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{local_dir.name}.", dir=local_dir.parent))
@@ -184,7 +184,7 @@ def list_artifacts(prefix: str, s3: S3 | None = None) -> list[str]:
 
     A folder whose upload was cut short has no manifest and is not listed.
     """
-    s3 = s3 or connect()
+    s3 = s3 or connect_s3()
     bucket, key = _split_uri(prefix)
     found = []
     with _s3_errors(s3, prefix):
@@ -198,7 +198,7 @@ def list_artifacts(prefix: str, s3: S3 | None = None) -> list[str]:
 
 def delete_tree(prefix: str, s3: S3 | None = None) -> int:
     """Delete every object under `prefix`, manifests first, so no folder ever looks complete while half gone."""
-    s3 = s3 or connect()
+    s3 = s3 or connect_s3()
     bucket, key = _split_uri(prefix)
     with _s3_errors(s3, prefix):
         keys = [item["Key"] for page in s3.client.get_paginator("list_objects_v2").paginate(

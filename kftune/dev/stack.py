@@ -27,7 +27,7 @@ import psutil
 from botocore.exceptions import BotoCoreError, ClientError
 
 from kftune.core.errors import ConfigError, KftuneError
-from kftune.core.storage import connect
+from kftune.core.storage import connect_s3
 from kftune.dev.processes import (
     HOST,
     alive,
@@ -332,7 +332,7 @@ def _startup_error(info: StackInfo, name: str, why: str) -> KftuneError:
 
 def _s3_client(info: StackInfo) -> Any:
     """A client that answers fast and never retries: health checks poll instead."""
-    return connect(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key,
+    return connect_s3(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key,
                    max_attempts=1, timeout_s=2.0).client
 
 

@@ -121,7 +121,7 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class TunedModel:
     """A model to score: a full/merged model folder, or an adapter on `base_model`."""
 
     folder: Path
@@ -132,7 +132,7 @@ class Candidate:
     max_seq_length: int | None  # from its training config
 
 
-def describe(model: str, base_model: str | None = None) -> Candidate:
+def describe(model: str, base_model: str | None = None) -> TunedModel:
     """Resolve `model` (adapter folder, merged/full folder or s3:// URI) and what it was trained from."""
     from kftune.models.loading import resolve_model_location
 
@@ -144,11 +144,11 @@ def describe(model: str, base_model: str | None = None) -> Candidate:
     base = base_model or (cfg.base_model if cfg else None)
     if not base:
         raise KftuneError(f"--model {model} records no base model (no {artifacts.CONFIG}); pass --base_model")
-    return Candidate(folder, base, adapter, cfg.quantization_bit if cfg and adapter and cfg.use_qlora else None,
+    return TunedModel(folder, base, adapter, cfg.quantization_bit if cfg and adapter and cfg.use_qlora else None,
                      cfg.method if cfg else None, cfg.max_seq_length if cfg else None)
 
 
-def training_tokenizer(candidate: Candidate, allow_template_mismatch: bool = False):
+def training_tokenizer(candidate: TunedModel, allow_template_mismatch: bool = False):
     """The tokenizer the candidate was trained with, checked against its fingerprint; the base's must match too."""
     from kftune.models import fingerprint
     from kftune.models.infer import has_tokenizer_files
@@ -188,7 +188,7 @@ def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Se
     return metrics, outputs
 
 
-def score_candidate(candidate: Candidate, tokenizer, conversations: Sequence[list[Message]], settings: Settings,
+def score_candidate(candidate: TunedModel, tokenizer, conversations: Sequence[list[Message]], settings: Settings,
                     as_base: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Load the candidate (or, with `as_base`, its base alone, quantized the same way), score it, free it."""
     from kftune.models.infer import load_for_inference

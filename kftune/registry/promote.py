@@ -22,13 +22,13 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from kftune.core import artifacts
+from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
 from kftune.registry import gate
 from kftune.registry import tracking as registry
@@ -218,18 +218,6 @@ def register(
     return result
 
 
-def git_commit(folder: Path | None = None) -> str:
-    """HEAD of the git checkout kftune runs from, else $GITHUB_SHA, else "" (a pipeline pod has no .git)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder or Path.cwd(), capture_output=True, text=True,
-                             timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return os.environ.get("GITHUB_SHA", "")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kftune register", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="the candidate: merged/full model or adapter folder, or s3:// artifact URI")
@@ -266,7 +254,7 @@ def main(argv: list[str]) -> int:
     model_dir = Path(resolve_path(model_uri))
     training = model_dir / artifacts.TRAIN_METRICS
     history = json.loads(training.read_text(encoding="utf-8")).get("loss_history", []) if training.is_file() else []
-    tags = lineage(model_dir, dataset_sha256=args.dataset_sha256, git_commit=git_commit(), pipeline_run=args.pipeline_run)
+    tags = lineage(model_dir, dataset_sha256=args.dataset_sha256, git_commit=head_commit(), pipeline_run=args.pipeline_run)
     register(args.name, experiment=args.experiment, model_uri=model_uri, model_sha256=sha, evaluation_dir=evaluation_dir,
              artifact_root=root, lineage_tags=tags, loss_history=[(int(s), float(v)) for s, v in history],
              metric=args.metric, margin=args.margin, rescore=rescorer(evaluation_dir))

@@ -34,7 +34,7 @@ from kftune.core.storage import (
     MANIFEST,
     S3,
     canonical_json,
-    connect,
+    connect_s3,
     delete_tree,
     download_dir,
     list_artifacts,
@@ -85,7 +85,7 @@ class Store:
     def for_run(cls, cfg: TrainConfig) -> Store:
         uri = cfg.checkpoint_uri
         if uri.startswith("s3://"):
-            return cls(f"{uri.rstrip('/')}/{run_key(cfg)}", connect())
+            return cls(f"{uri.rstrip('/')}/{run_key(cfg)}", connect_s3())
         return cls(str(Path(uri).expanduser() / run_key(cfg)))
 
     def listed(self) -> list[tuple[int, str]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kftune import steps
-from kftune.core.storage import connect, download_dir, upload_dir, upload_file
+from kftune.core.storage import connect_s3, download_dir, upload_dir, upload_file
 from kftune.dev.stack import StackInfo
 
 from ..conftest import assert_generates, run_cli
@@ -132,7 +132,7 @@ def test_a_worse_candidate_stays_challenger_and_the_tags_say_why(good, worse, cl
 
 def test_the_registered_artifact_carries_a_model_card_and_the_run_the_report(good, client, tmp_path):
     *_, reg = good
-    folder = download_dir(reg.source, tmp_path / "registered", connect())
+    folder = download_dir(reg.source, tmp_path / "registered", connect_s3())
     card = (folder / "README.md").read_text(encoding="utf-8")
     for expected in ("# promotion-test", "| eval loss (assistant tokens) |", "load_registered(\"models:/promotion-test@champion\")",
                      "AutoModelForCausalLM.from_pretrained", "train rows", "lora"):

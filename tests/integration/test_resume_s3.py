@@ -9,7 +9,7 @@ import uuid
 import pytest
 import torch
 
-from kftune.core.storage import MANIFEST, connect, list_artifacts, split_artifact_uri
+from kftune.core.storage import MANIFEST, connect_s3, list_artifacts, split_artifact_uri
 from kftune.train.checkpoints import Store
 from kftune.train.config import parse_args
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def s3_store(stack) -> Store:
-    s3 = connect(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
+    s3 = connect_s3(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
     return Store(f"s3://{stack.bucket}/checkpoints-{uuid.uuid4().hex[:8]}/run", s3)
 
 
