@@ -23,9 +23,15 @@ from typing import Any, TypeVar
 from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 from kftune.core.storage import resolve_path, upload_dir
+from kftune.data.validate import Options, validate
+from kftune.evaluate.evaluation import Settings
+from kftune.evaluate.evaluation import evaluate as score_both
 from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
+from kftune.registry.promote import lineage, rescorer
+from kftune.registry.promote import register as register_candidate
 from kftune.registry.tracking import Registration, check_reachable
 from kftune.train.config import METHODS, TrainConfig, resolve, with_method_defaults
+from kftune.train.launch import train_on_node
 
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
 # what a model's MLflow run records of its training config (None for keys its method does not use)
@@ -141,8 +147,6 @@ def validate_data(
     Also checks that MLflow answers: it is needed only at the last step, and a pipeline should
     fail in seconds, not after training, when a service is down.
     """
-    from kftune.data.validate import Options, validate
-
     if not 0 < eval_fraction < 1:
         raise KftuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     check_reachable()
@@ -201,8 +205,6 @@ def train(
 
     `processes`: 0 trains with one process per GPU of the node (DDP under accelerate launch).
     """
-    from kftune.train.launch import train_on_node
-
     cfg = check_train_settings(method, settings)  # before downloading anything
     with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
         # checkpoints go to <artifact_root>/checkpoints/<run key>: a retry of this step resumes from them
@@ -231,9 +233,6 @@ def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int 
     A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
     difference is the adapter's alone.
     """
-    from kftune.evaluate.evaluation import Settings
-    from kftune.evaluate.evaluation import evaluate as score_both
-
     settings = Settings(samples=samples, max_new_tokens=max(sample_tokens, 1), batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
         metrics = score_both(model_uri, eval_uri, f"{tmp}/evaluation", settings=settings, validation=validation_uri)
@@ -258,7 +257,7 @@ def copy_report(evaluation: Evaluation, path: str) -> None:
 @reports_errors
 def merge(model_uri: str, artifact_root: str) -> MergedModel:
     """Merge a LoRA/QLoRA adapter into its full-precision base (parity-checked) and upload the merged model."""
-    from kftune.models.merge import merge as merge_adapter
+    from kftune.models.merge import merge as merge_adapter  # heavy: imports torch; loaded when used
 
     cfg = TrainConfig.load(fetch(model_uri))
     with tempfile.TemporaryDirectory(prefix="kftune-merge-") as tmp:
@@ -277,9 +276,6 @@ def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel,
     on `metric` (kftune.promote; the returned Registration carries the decision and its reasons).
     Registering the same artifact again returns the existing version.
     """
-    from kftune.registry.promote import lineage, rescorer
-    from kftune.registry.promote import register as register_candidate
-
     model = merged or trained
     evaluation_dir = fetch(evaluation.uri)
     tags = lineage(fetch(model.uri), dataset_sha256=data.dataset_sha256, git_commit=git_commit, pipeline_run=pipeline_run)

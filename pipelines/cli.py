@@ -20,11 +20,14 @@ from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
 from kftune.core.storage import S3, connect_s3, upload_dir, upload_file
 from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
+from kftune.dev.tiny_model import build_tiny_model
 from kftune.sweep.compare import DIRECTIONS
 from kftune.sweep.plan import SWEEP_METHODS, TARGET_PRESETS
+from pipelines import submit
 from pipelines.compile import PIPELINES, compile_pipeline
 from pipelines.local import RunSummary, SweepSummary, run, run_sweep
 from pipelines.parameters import check, pipeline_parameters, read_params
+from pipelines.submit import NAMESPACE, TOKEN_ENV
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "store_xhs_sft_samples.jsonl"
 # Wide enough that LoRA on its random weights learns the post format in ~300 CPU steps (measured:
@@ -93,7 +96,7 @@ def add_local_flags(cmd: argparse.ArgumentParser) -> None:
 
 
 def add_pipeline_choice(cmd: argparse.ArgumentParser) -> None:
-    from pipelines.sweep import PARALLELISM
+    from pipelines.sweep import PARALLELISM  # heavy: imports kfp; loaded when used
 
     cmd.add_argument("--pipeline", choices=PIPELINES, default="finetune",
                      help="finetune (one method, the default) or sweep (methods x ranks, the winner registered)")
@@ -116,8 +119,6 @@ def add_parameter_flags(parser: argparse.ArgumentParser, help_: dict[str, str], 
 
 def add_cluster_commands(commands: Any, pipeline: str = "finetune") -> None:
     """`submit` and `schedule`: the same flags, plus --cron for schedule."""
-    from pipelines.submit import NAMESPACE, TOKEN_ENV
-
     cluster_help = {**HELP, "data_uri": "a local JSONL/JSON file (uploaded to the cluster's S3 with $AWS_* credentials) "
                                         "or an s3:// artifact URI",
                     "base_model": "an s3:// artifact URI or a hub id"}
@@ -143,8 +144,6 @@ def add_cluster_commands(commands: Any, pipeline: str = "finetune") -> None:
 
 def cluster_main(args: argparse.Namespace) -> int:
     """submit / schedule: prepare offline, print it, then (unless --dry-run) send it."""
-    from pipelines import submit
-
     given = {**read_params(args.params),
              **{k: v for k, v in vars(args).items() if k in pipeline_parameters(args.pipeline) and v is not None}}
     if args.command == "schedule":
@@ -181,8 +180,6 @@ def ensure_stack(args: argparse.Namespace) -> StackInfo:
 def demo_model(folder: Path) -> Path:
     """The tiny Qwen2-shaped demo model, built once (its tokenizer learns the sample data's vocabulary)."""
     if not (folder / "config.json").is_file():
-        from kftune.dev.tiny_model import build_tiny_model
-
         print(f"[pipeline] building the tiny demo model in {folder} (once) ...", file=sys.stderr, flush=True)
         build_tiny_model(folder, data_path=SAMPLE_DATA, force=True, **DEMO_MODEL)
     return folder

@@ -172,7 +172,7 @@ def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str
 
     Training settings are checked first, so a bad one fails at once, not after the data step.
     """
-    from pipelines.finetune import finetune_pipeline
+    from pipelines.finetune import finetune_pipeline  # heavy: imports kfp; loaded when used
 
     check_arguments(arguments)
     run_dir, seconds, log_path = _run_locally(finetune_pipeline, arguments, env, pipeline_root, progress)
@@ -234,7 +234,7 @@ class SweepSummary:
 def run_sweep(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path, parallelism: int = 1,
               progress: TextIO | None = sys.stderr) -> SweepSummary:
     """Run the sweep pipeline through kfp.local; `parallelism` branches at once (1: timings undisturbed)."""
-    from pipelines.sweep import build
+    from pipelines.sweep import build  # heavy: imports kfp; loaded when used
 
     check_sweep_arguments(arguments)
     started = time.monotonic()

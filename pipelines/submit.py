@@ -24,6 +24,7 @@ from typing import Any
 from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
 from kftune.core.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
+from pipelines.compile import compile_pipeline
 from pipelines.parameters import resolve_parameters
 
 TOKEN_ENV = "KFP_TOKEN"  # bearer token for the KFP API (e.g. `kubectl create token`, an OIDC id token)
@@ -108,8 +109,6 @@ def idempotency_key(commit: str, data_sha: str, cfg_hash: str) -> str:
 def prepare(given: Mapping[str, Any], experiment: str, run_name: str | None, namespace: str = NAMESPACE,
             package: Path | None = None, pipeline: str = "finetune", parallelism: int | None = None) -> Submission:
     """Resolve the parameters, compute the key and compile the DAG (or the sweep): everything a submit sends, offline."""
-    from pipelines.compile import compile_pipeline
-
     package = package or Path(f"build/{pipeline}.yaml")
     parameters = resolve_parameters(given, pipeline)
     data_uri = parameters["data_uri"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kftune.core.errors import KftuneError
+from kftune.core.storage import resolve_path
 from kftune.data.formats import from_json
 from kftune.data.rules import Note, Row
 
@@ -193,8 +194,6 @@ def array_rows(stream: io.BufferedReader) -> Iterator[Row | Note]:
 def fetch(source: str) -> Path:
     """A local path for the data: `s3://` artifacts are downloaded (verified, cached) first."""
     if source.startswith("s3://"):
-        from kftune.core.storage import resolve_path
-
         return Path(resolve_path(source))
     path = Path(source)
     if not path.is_file():

@@ -319,7 +319,7 @@ class TokenCounter:
 
 def load_counter(location: str, limit: int) -> TokenCounter:
     """A TokenCounter for a base model or tokenizer folder, hub id or s3:// URI."""
-    from kftune.models.loading import load_tokenizer, resolve_model_location
+    from kftune.models.loading import load_tokenizer, resolve_model_location  # heavy: imports torch; loaded when used
 
     folder = Path(location).expanduser()
     if location.startswith("s3://") or not folder.is_dir():  # an artifact, a hub id, or a path that isn't there

@@ -27,8 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from kftune.core import artifacts
+from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
+from kftune.core.storage import resolve_path, sha256_file
 from kftune.data.formats import Message
+from kftune.data.reading import load_conversations
+from kftune.evaluate.report import write_report
+from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
+from kftune.models import fingerprint
+from kftune.models.fingerprint import ALLOW_FLAG
+from kftune.models.infer import generate_reply, has_tokenizer_files, load_for_inference
 from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
@@ -113,8 +121,6 @@ class Settings:
 
     def key(self, eval_sha256: str) -> str:
         """sha256 of the eval data and every setting that changes a score: equal keys, comparable metrics."""
-        from kftune.evaluate.scoring import load_checks
-
         fields = {**dataclasses.asdict(self), "checks": [c.name for c in load_checks(self.checks)], "eval": eval_sha256}
         fields.pop("batch_size")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -134,7 +140,7 @@ class TunedModel:
 
 def describe(model: str, base_model: str | None = None) -> TunedModel:
     """Resolve `model` (adapter folder, merged/full folder or s3:// URI) and what it was trained from."""
-    from kftune.models.loading import resolve_model_location
+    from kftune.models.loading import resolve_model_location  # heavy: imports torch; loaded when used
 
     folder = Path(resolve_model_location(model, "--model"))
     if not folder.is_dir():
@@ -150,9 +156,7 @@ def describe(model: str, base_model: str | None = None) -> TunedModel:
 
 def training_tokenizer(candidate: TunedModel, allow_template_mismatch: bool = False):
     """The tokenizer the candidate was trained with, checked against its fingerprint; the base's must match too."""
-    from kftune.models import fingerprint
-    from kftune.models.infer import has_tokenizer_files
-    from kftune.models.loading import load_tokenizer, resolve_model_location
+    from kftune.models.loading import load_tokenizer, resolve_model_location  # heavy: imports torch; loaded when used
 
     base_location = resolve_model_location(candidate.base_model)
     base_tokenizer = load_tokenizer(base_location)
@@ -167,9 +171,6 @@ def training_tokenizer(candidate: TunedModel, allow_template_mismatch: bool = Fa
 
 def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Settings) -> tuple[dict[str, Any], list[str]]:
     """(metrics, generated outputs) of one loaded model on the eval conversations."""
-    from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
-    from kftune.models.infer import generate_reply
-
     loss = assistant_loss(model, tokenizer, list(conversations), settings.max_seq_length, settings.batch_size)
     gen = {"max_new_tokens": settings.max_new_tokens, "do_sample": False, "repetition_penalty": settings.repetition_penalty,
            "temperature": None, "top_p": None, "top_k": None}
@@ -191,8 +192,6 @@ def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Se
 def score_candidate(candidate: TunedModel, tokenizer, conversations: Sequence[list[Message]], settings: Settings,
                     as_base: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Load the candidate (or, with `as_base`, its base alone, quantized the same way), score it, free it."""
-    from kftune.models.infer import load_for_inference
-
     adapter = str(candidate.folder) if candidate.adapter else None
     location = candidate.base_model if (as_base or adapter) else str(candidate.folder)
     model, _ = load_for_inference(location, None if as_base else adapter, candidate.bits)
@@ -210,11 +209,6 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
 
     `validation`: the validation step's report.json (or its folder), for the report's token-length histogram.
     """
-    from kftune.core.atomic import building
-    from kftune.core.storage import resolve_path, sha256_file
-    from kftune.data.reading import load_conversations
-    from kftune.evaluate.report import write_report
-
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise KftuneError(f"{out}: output_dir already exists and is not empty; choose another --output_dir")
@@ -234,8 +228,6 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
     log.info("scoring the tuned model %s", model)
     tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings)
 
-    from kftune.evaluate.scoring import load_checks, pass_rates, run_checks
-    from kftune.models import fingerprint
 
     checks = load_checks(settings.checks)
     prompts = conversations[: settings.samples]
@@ -265,9 +257,6 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
 def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None = None) -> dict[str, Any]:
     """The tuned-side metrics of `model` on the eval data and with the settings an earlier evaluation recorded,
     so a registered champion can be compared with a new candidate like for like."""
-    from kftune.core.storage import resolve_path
-    from kftune.data.reading import load_conversations
-
     fields = {f.name for f in dataclasses.fields(Settings)}
     recorded = {k: v for k, v in evaluation["settings"].items() if k in fields}
     settings = Settings(**recorded)
@@ -280,7 +269,6 @@ def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None
 def _validation_report(location: str | None) -> dict[str, Any] | None:
     if not location:
         return None
-    from kftune.core.storage import resolve_path
 
     path = Path(resolve_path(location))
     path = path / artifacts.VALIDATION_REPORT if path.is_dir() else path
@@ -290,8 +278,6 @@ def _validation_report(location: str | None) -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kftune.models.fingerprint import ALLOW_FLAG
-
     p = argparse.ArgumentParser(prog="kftune evaluate", description="Score a base and a tuned model on the same "
                                 "held-out data: loss on assistant tokens, ROUGE-L/chrF and checks on greedy answers.")
     p.add_argument("--model", required=True, help="the tuned model: adapter folder, merged/full model folder or s3:// URI")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from kftune.core.errors import KftuneError
+from kftune.models import fingerprint
 
 log = logging.getLogger("kftune")
 
@@ -32,8 +33,7 @@ def checked_tokenizer(model_dir: str, base: str | None = None, allow_template_mi
     Every tokenizer involved (that one, and the base's) must match the fingerprint saved with the
     model at training, unless `allow_template_mismatch`; a folder kftune did not train is not checked.
     """
-    from kftune.models import fingerprint
-    from kftune.models.loading import load_tokenizer
+    from kftune.models.loading import load_tokenizer  # heavy: imports torch; loaded when used
 
     own = has_tokenizer_files(model_dir)
     tokenizer = load_tokenizer(model_dir if own or not base else base)
@@ -47,7 +47,12 @@ def checked_tokenizer(model_dir: str, base: str | None = None, allow_template_mi
 def load_for_inference(base_model: str, lora_model: str | None = None, bits: int | None = None, precision: str = "auto",
                        allow_template_mismatch: bool = False):
     """(model, tokenizer) ready for generation; the adapter's saved tokenizer wins over the base's."""
-    from kftune.models.loading import load_adapter, load_model, pick_runtime, resolve_model_location
+    from kftune.models.loading import (  # heavy: imports torch; loaded when used
+        load_adapter,
+        load_model,
+        pick_runtime,
+        resolve_model_location,
+    )
 
     runtime = pick_runtime(precision)
     base = resolve_model_location(base_model)

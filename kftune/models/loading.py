@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kftune.core.errors import KftuneError
+from kftune.core.storage import resolve_path
 
 log = logging.getLogger("kftune")
 
@@ -54,8 +55,6 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model_location(name: str, flag: str = "--base_model") -> str:
     """A local folder, a downloaded s3:// artifact, or a hub id; a missing local path is an error naming `flag`."""
     if name.startswith("s3://"):
-        from kftune.core.storage import resolve_path
-
         return resolve_path(name)
     path = Path(name).expanduser()
     if path.exists():

@@ -20,6 +20,7 @@ from kftune.core import artifacts
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
 from kftune.models.fingerprint import ALLOW_FLAG
+from kftune.models.infer import checked_tokenizer
 
 log = logging.getLogger("kftune")
 
@@ -48,8 +49,12 @@ def probe_batch(tokenizer) -> dict:
 def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = DEFAULT_TOLERANCE, save_dtype: str = "auto",
           allow_template_mismatch: bool = False) -> MergeResult:
     """Merge, check parity, save safetensors + tokenizer; output_dir appears only if parity holds."""
-    from kftune.models.infer import checked_tokenizer
-    from kftune.models.loading import load_adapter, load_model, pick_runtime, resolve_model_location
+    from kftune.models.loading import (  # heavy: imports torch; loaded when used
+        load_adapter,
+        load_model,
+        pick_runtime,
+        resolve_model_location,
+    )
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):

@@ -30,8 +30,11 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
+from kftune.core.storage import MANIFEST, resolve_path, split_artifact_uri, upload_dir
+from kftune.evaluate.evaluation import rescore_model
 from kftune.registry import gate
 from kftune.registry import tracking as registry
+from kftune.registry.modelcard import README, render
 from kftune.registry.tracking import CHALLENGER, CHAMPION, Registration
 from kftune.train.config import TrainConfig
 
@@ -69,9 +72,6 @@ def _metrics_of(version) -> dict[str, float]:
 
 def _carded_copy(model_dir: Path, card: str, dest: str) -> tuple[str, str]:
     """Upload `model_dir` plus README.md (files hard-linked, not copied, where the disk allows); (uri, sha256)."""
-    from kftune.core.storage import MANIFEST, upload_dir
-    from kftune.registry.modelcard import README
-
     with tempfile.TemporaryDirectory(prefix="kftune-card-") as tmp:
         folder = Path(tmp, "model")
 
@@ -98,9 +98,6 @@ def _existing(mlflow, name: str, version) -> Registration:
 def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir, evaluation, artifact_root,
                  lineage_tags, params, train_metrics, loss_history, data_stats):
     """Model card into a copy of the artifact, a run with the evaluation's files, a version tagged with it all."""
-    from kftune.core.storage import resolve_path
-    from kftune.registry.modelcard import render
-
     model_dir = Path(resolve_path(model_uri))
     kind = "adapter" if (model_dir / "adapter_config.json").is_file() else "model"
     tuned, base = evaluation["tuned"], evaluation["base"]
@@ -236,8 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from kftune.core.storage import resolve_path, split_artifact_uri, upload_dir
-
     args = build_parser().parse_args(argv)
     if args.model.startswith("s3://"):
         bucket, base, _ = split_artifact_uri(args.model)
@@ -265,8 +260,6 @@ def rescorer(evaluation_dir: Path) -> Rescore:
     """Score a champion version on the eval data and with the settings recorded in `evaluation_dir`/metrics.json."""
 
     def rescore(champion) -> Mapping[str, float]:
-        from kftune.evaluate.evaluation import rescore_model
-
         evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
         return rescore_model(champion.source, evaluation, base_model=champion.tags.get("base_model"))
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from kftune.core.errors import KftuneError
+from kftune.core.storage import resolve_path
+from kftune.models.infer import load_for_inference
 
 _HINT = "check that the server runs (`kftune stack status` for the local one) and MLFLOW_TRACKING_URI"
 
@@ -202,9 +204,6 @@ def load_registered(uri: str, allow_template_mismatch: bool = False):
     from the environment), then loaded with transformers (a full or merged model) or with peft on
     the base named by the version's `base_model` tag (an adapter).
     """
-    from kftune.core.storage import resolve_path
-    from kftune.models.infer import load_for_inference
-
     version = resolve_registered(uri)
     folder = resolve_path(version.source)
     if Path(folder, "adapter_config.json").is_file():

@@ -24,6 +24,7 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.errors import ConfigError, KftuneError
 from kftune.core.storage import upload_dir
+from kftune.registry.tracking import check_reachable, experiment_id_for, run_url
 from kftune.steps import DataSplit, Evaluation, TrainedModel, check_train_settings, fetch, reports_errors
 from kftune.sweep import compare as comparing
 from kftune.train.config import SEVEN_PROJECTIONS
@@ -181,7 +182,6 @@ def log_to_mlflow(experiment: str, comparison: comparing.Comparison, reports: Pa
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
-    from kftune.registry.tracking import check_reachable, experiment_id_for, run_url
 
     uri = check_reachable()
     now = int(time.time() * 1000)

@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING
 from kftune.core import artifacts
 from kftune.core.errors import KftuneError
 from kftune.dev.processes import free_ports
+from kftune.train.config import FIELDS
+from kftune.train.training import TrainResult, run
+from kftune.train.training import main as train_main
 
 if TYPE_CHECKING:
     from kftune.train.config import TrainConfig
@@ -58,9 +61,6 @@ def train_on_node(cfg: TrainConfig, num_processes: int = 0, fsdp: bool = False) 
     The pipeline's training step calls this: with one process it trains in this process, with more
     it re-executes the training command under `accelerate launch` and reads back what it wrote.
     """
-    from kftune.train.config import FIELDS
-    from kftune.train.training import TrainResult, run
-
     gpus = gpu_count()
     n = num_processes or max(gpus, 1)
     if n == 1 and not fsdp:
@@ -92,7 +92,5 @@ def main(argv: list[str]) -> int:
     if gpus and n > gpus:
         raise KftuneError(f"--num-processes {n}: this node has {gpus} GPU(s); give at most {gpus}")
     if n == 1 and not args.fsdp:
-        from kftune.train.training import main as train_main
-
         return train_main(train_argv)
     return subprocess.run(command(train_argv, n, args.fsdp), env=_env(n, gpus)).returncode

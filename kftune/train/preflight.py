@@ -170,7 +170,7 @@ def estimate(
 
 def estimate_for(cfg: TrainConfig, location: str, device: str = "cpu", precision: str | None = None) -> Estimate:
     """The estimate for a config and a model folder or hub id (reads only its config.json)."""
-    from kftune.models.loading import pick_runtime
+    from kftune.models.loading import pick_runtime  # heavy: imports torch; loaded when used
 
     return estimate(
         model_shape(location, cfg.trust_remote_code), method=cfg.method, batch=cfg.per_device_train_batch_size,

@@ -20,8 +20,11 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.atomic import building, staging_dir
 from kftune.core.errors import KftuneError
+from kftune.data.reading import load_conversations, to_dataset
 from kftune.models import fingerprint
 from kftune.train.config import TrainConfig, parse_args
+from kftune.train.measure import peak_memory, reset_peak_memory
+from kftune.train.preflight import check as memory_preflight
 
 log = logging.getLogger("kftune")
 
@@ -45,7 +48,7 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     """The model to train: full-precision for full fine-tuning, frozen (maybe quantized) base + LoRA otherwise."""
     import torch
 
-    from kftune.models.loading import find_linear_targets, load_model
+    from kftune.models.loading import find_linear_targets, load_model  # heavy: imports torch; loaded when used
 
     if cfg.method == "full":
         # fp32 master weights; bf16 runs as autocast so optimizer updates stay exact
@@ -154,10 +157,12 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
     """
-    from kftune.data.reading import load_conversations, to_dataset
-    from kftune.models.loading import count_parameters, load_tokenizer, pick_runtime, resolve_model_location
-    from kftune.train.measure import peak_memory, reset_peak_memory
-    from kftune.train.preflight import check as memory_preflight
+    from kftune.models.loading import (  # heavy: imports torch; loaded when used
+        count_parameters,
+        load_tokenizer,
+        pick_runtime,
+        resolve_model_location,
+    )
 
     # everything that can fail on bad input is checked before anything heavy is imported or written
     out = check_output_dir(cfg)
@@ -167,7 +172,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     location = resolve_model_location(cfg.base_model)
     cfg = memory_preflight(cfg, location, runtime)  # may turn on checkpointing; refuses what cannot fit
     if cfg.use_qlora:
-        from kftune.models.loading import check_bitsandbytes
+        from kftune.models.loading import check_bitsandbytes  # heavy: imports torch; loaded when used
 
         check_bitsandbytes()
     from trl import SFTTrainer
