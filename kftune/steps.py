@@ -227,7 +227,7 @@ def train(
 @reports_errors
 def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int = 8, sample_tokens: int = 256,
              samples: int = 8, validation_uri: str | None = None) -> Evaluation:
-    """Score the base and the tuned model on the eval split (kftune.evaluate) and upload metrics.json,
+    """Score the base and the tuned model on the eval split (kftune.evaluate.evaluation) and upload metrics.json,
     samples.jsonl and report.html; `validation_uri`: the validation artifact, for the report's histogram.
 
     A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
@@ -273,7 +273,7 @@ def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel,
              git_commit: str = "", pipeline_run: str = "") -> Registration:
     """Register the merged model (LoRA, QLoRA) or the trained one (full) with its lineage, model card and
     evaluation, and move `champion` to it only when it beats its base by `margin` and the current champion
-    on `metric` (kftune.promote; the returned Registration carries the decision and its reasons).
+    on `metric` (kftune.registry.promote; the returned Registration carries the decision and its reasons).
     Registering the same artifact again returns the existing version.
     """
     model = merged or trained

@@ -7,7 +7,7 @@ prompt, which neither model was asked to predict. So the same template and mask 
 and the loss is a token-weighted mean over the whole split (perplexity is its exponential).
 
 Generations: greedy answers to the first N eval prompts, scored against the reference answers
-with character-level ROUGE-L and chrF and a set of output checks (kftune.scoring). Both models
+with character-level ROUGE-L and chrF and a set of output checks (kftune.evaluate.scoring). Both models
 are prompted with the tokenizer and chat template the tuned model was trained with, checked
 against its stored fingerprint. Writes metrics.json, samples.jsonl and report.html.
 """

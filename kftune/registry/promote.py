@@ -8,7 +8,7 @@ the evaluation `kftune evaluate` wrote for it. Registering it:
    becomes the version's source (the artifact is content-addressed, so the card makes a new one);
 3. logs a run (params, metrics, loss curve, metrics.json, samples.jsonl, report.html) and creates
    the version, tagged with its lineage and metrics, with the alias `challenger`;
-4. asks kftune.gate whether it beats its base by the margin and the current champion on the same
+4. asks kftune.registry.gate whether it beats its base by the margin and the current champion on the same
    eval data (stored metrics when the eval key matches, else the champion scored again), moves
    `champion` if so, and writes the decision and its reasons as tags.
 """

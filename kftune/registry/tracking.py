@@ -3,7 +3,7 @@
 MLflow 3 cannot register a plain folder through `runs:/<id>/path`, and copying a model into
 MLflow's artifact store would store it twice; so a version's source is the content-addressed
 S3 URI kftune uploaded, and its run links it to params, metrics and the evaluation report.
-What to register and whether it is promoted is decided in kftune.promote and kftune.gate.
+What to register and whether it is promoted is decided in kftune.registry.promote and kftune.registry.gate.
 """
 
 from __future__ import annotations

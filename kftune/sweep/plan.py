@@ -2,7 +2,7 @@
 
 `plan` turns the sweep's lists (methods, ranks, target-module presets) into one candidate per
 combination. Full fine-tuning has neither rank nor targets, so it is one candidate however many
-ranks are swept. `compare` ranks the trained and evaluated candidates (kftune.compare), uploads
+ranks are swept. `compare` ranks the trained and evaluated candidates (kftune.sweep.compare), uploads
 the table as Markdown, JSON and HTML (with a quality-vs-memory plot) to S3, logs it to MLflow as
 a parent run with one child run per candidate, and returns the winner, which the pipeline then
 merges and registers like a single run's model.

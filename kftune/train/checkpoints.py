@@ -1,7 +1,7 @@
 """Checkpoints that outlive the process: each one is published as it is saved; a restart resumes from the newest complete one.
 
 A run's checkpoints live under `<checkpoint_uri>/<run key>/checkpoint-<step>/<sha256>/`, in the
-content-addressed form of every kftune artifact (see kftune.storage): MANIFEST.json is written last
+content-addressed form of every kftune artifact (see kftune.core.storage): MANIFEST.json is written last
 and names the folder by its own sha256. "Complete" means the same in S3 and in a local folder: the
 manifest exists, hashes to its folder name, and every file matches it. A folder cut short or
 altered is skipped, with a warning, for the next older one.
