@@ -129,13 +129,15 @@ def method_default(method: str, key: str) -> Any:
     return METHOD_DEFAULTS[method].get(key, FIELDS[key].default)
 
 
+BY_METHOD_KEYS = frozenset(k for k in FIELDS if len({method_default(m, k) for m in METHODS}) > 1) - {
+    "gradient_checkpointing"}  # not a pipeline parameter: the memory pre-flight turns it on when only that fits
+
+
 def with_method_defaults(method: str, settings: dict[str, Any]) -> dict[str, Any]:
     """`settings` with each BY_METHOD placeholder replaced by the guide's value for `method`."""
     return {k: method_default(method, k) if v == BY_METHOD and k in BY_METHOD_KEYS else v for k, v in settings.items()}
 
 
-BY_METHOD_KEYS = frozenset(k for k in FIELDS if len({method_default(m, k) for m in METHODS}) > 1) - {
-    "gradient_checkpointing"}  # not a pipeline parameter: the memory pre-flight turns it on when only that fits
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
