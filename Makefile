@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup up down clean
+.PHONY: run test lint setup up down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,7 +27,11 @@ up: $(STAMP)
 down: $(STAMP)
 	$(BIN)/kftune stack down
 
-test: $(STAMP)
+# ruff's lint rules (pyproject.toml [tool.ruff]); `make test` runs it first
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -8,4 +8,4 @@ import sys
 from kftune.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(run_command("kftune.infer", sys.argv[1:]))
+    sys.exit(run_command("kftune.models.infer", sys.argv[1:]))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "kftune.train", "kftune.modeling", "kftune.data"]
+PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "kftune.train.training", "kftune.models.loading", "kftune.data.reading"]
 QWEN2_5_0_5B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2, "intermediate_size": 4864,
                 "embedding_rows": 151_936}
 
@@ -68,7 +68,7 @@ def build_model(folder: Path, shape: dict[str, int], dtype: str = "bfloat16") ->
     Built in a child process, so the parent does not keep the memory of a 494M-parameter init.
     """
     if not (folder / "config.json").is_file():
-        from kftune.tiny_model import build_tiny_model
+        from kftune.dev.tiny_model import build_tiny_model
 
         proc = _context().Process(target=build_tiny_model, args=(folder,), kwargs={"dtype": dtype, "force": True, **shape})
         proc.start()
@@ -91,9 +91,9 @@ def write_rows(path: Path, rows: int, seq: int, model: Path) -> Path:
 
     Checked with `model`'s tokenizer and chat template: a step must see exactly batch x seq tokens.
     """
-    from kftune.data import load_conversations
-    from kftune.modeling import load_tokenizer
-    from kftune.sample_data import generate_samples
+    from kftune.data.reading import load_conversations
+    from kftune.dev.sample_data import generate_samples
+    from kftune.models.loading import load_tokenizer
 
     posts = [row["output"] for row in generate_samples(64, seed=3)]
     with path.open("w", encoding="utf-8") as f:
@@ -150,9 +150,9 @@ def _child(spec: Spec, conn) -> None:
 def _train_and_measure(spec: Spec) -> dict[str, Any]:
     import torch
 
-    from kftune.config import resolve
-    from kftune.preflight import estimate_for
-    from kftune.train import run
+    from kftune.train.config import resolve
+    from kftune.train.preflight import estimate_for
+    from kftune.train.training import run
 
     cuda = torch.cuda.is_available()
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import QWEN2_5_0_5B, Spec, build_model, measure, write_rows  # noqa: E402
+from measure import QWEN2_5_0_5B, Spec, build_model, measure, write_rows
 
 GiB = 2**30
 # the user's guide's figures for Qwen2.5-0.5B, GB
@@ -58,7 +58,7 @@ def machine() -> str:
 
 def add_estimates(rows: list[dict], shape: dict[str, int]) -> None:
     """kftune's pre-flight estimate for each measured row: a pure function of the shape and the settings."""
-    from kftune.preflight import ModelShape, estimate
+    from kftune.train.preflight import ModelShape, estimate
 
     model = ModelShape(hidden=shape["hidden_size"], layers=shape["num_layers"], heads=shape["num_heads"],
                        kv_heads=shape["num_kv_heads"], intermediate=shape["intermediate_size"],

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 training steps, no sample answers: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON")
     args = parser.parse_args(argv)
-    from kftune.stack import StackConfig, down, free_ports, up
-    from kftune.storage import connect
+    from kftune.core.storage import connect_s3
+    from kftune.dev.stack import StackConfig, down, free_ports, up
     from pipelines.cli import SAMPLE_DATA, demo_model, stage
     from pipelines.local import run
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         info = up(StackConfig(Path(tmp) / "stack", s3_port, mlflow_port))
         os.environ.update(saved)
         try:
-            s3 = connect(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
+            s3 = connect_s3(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
             model = demo_model(Path(tmp) / "demo-model")
             base = {
                 "method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 1e-3,

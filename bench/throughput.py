@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # noqa: E402
-from measure import QWEN2_5_0_5B, build_model  # noqa: E402
+import measure
+from measure import QWEN2_5_0_5B, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "data" / "store_xhs_sft_samples.jsonl"
@@ -80,9 +80,15 @@ def baseline(model_dir: str, data: Path, args, precision: str, out: str) -> Run:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
-    from kftune.data import load_conversations
+    from kftune.data.reading import load_conversations
 
     run = Run("baseline: Trainer + peft, padded to max_length")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -114,8 +120,8 @@ def baseline(model_dir: str, data: Path, args, precision: str, out: str) -> Run:
 
 
 def kftune_run(model_dir: str, data: Path, args, precision: str, out: str, padding_free: bool) -> Run:
-    from kftune.config import resolve
-    from kftune.train import run as train
+    from kftune.train.config import resolve
+    from kftune.train.training import run as train
 
     run = Run("kftune, padding-free (default)" if padding_free else "kftune, padded (padding_free: false)")
     cfg = resolve({
@@ -157,7 +163,7 @@ def matmul_peak(cuda: bool) -> float:
 
 def flops_per_token(model_dir: str, trainable: int) -> float:
     """LoRA: 4N + 6T (see the module docstring)."""
-    from kftune.preflight import model_shape
+    from kftune.train.preflight import model_shape
 
     shape = model_shape(model_dir)
     matmul = shape.linear_params + shape.vocab * shape.hidden
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         args.shape, args.steps, args.warmup = "tiny", 6, 1
     import torch
 
-    from kftune.modeling import pick_runtime
+    from kftune.models.loading import pick_runtime
 
     cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16" if cuda else "auto")

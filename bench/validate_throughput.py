@@ -61,7 +61,7 @@ def json_loads(path: Path) -> int:
 
 
 def gate(path: Path, out: Path, tokenizer: str | None, workers: int = 0) -> int:
-    from kftune.validate import Options, validate
+    from kftune.data.validate import Options, validate
 
     report = validate(path, out, Options(tokenizer=tokenizer, min_rows=0, workers=workers))
     if tokenizer:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp_path = Path(tmp)
         tokenizer = args.tokenizer
         if tokenizer is None:
-            from kftune.tiny_model import build_tiny_model
+            from kftune.dev.tiny_model import build_tiny_model
 
             tokenizer = str(build_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, num_heads=2,
                                              num_kv_heads=1, intermediate_size=32))

@@ -29,7 +29,8 @@ def compare_candidates(
     """
     import dataclasses
 
-    from kftune import steps, sweep
+    from kftune import steps
+    from kftune.sweep import plan as sweep
 
     result, model, evaluation = sweep.compare(
         steps.from_metadata(steps.DataSplit, data.metadata),

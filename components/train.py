@@ -29,23 +29,11 @@ def train(
 ):
     """Train on the train split; `model` carries the S3 URI of the adapter or full model.
 
-    lora_target_modules: comma-separated module names; empty: every linear layer but the LM head."""
+    lora_target_modules: comma-separated module names; empty: every linear layer but the LM head.
+    learning_rate: 0 trains with the guide's rate for the method (full 2e-5, lora 1e-4, qlora 2e-4)."""
     from kftune import steps
 
-    settings = {
-        "lora_r": lora_r,
-        "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout,
-        "quantization_bit": quantization_bit,
-        "learning_rate": learning_rate,
-        "max_steps": max_steps,
-        "num_train_epochs": num_train_epochs,
-        "per_device_train_batch_size": per_device_train_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps,
-        "max_seq_length": max_seq_length,
-        "seed": seed,
-        "lora_target_modules": lora_target_modules or None,
-    }
+    settings = steps.train_settings(locals())  # the TrainConfig keys above (tests/test_settings.py checks them)
     split = steps.from_metadata(steps.DataSplit, data.metadata)
     result = steps.train(split, base_model, method, artifact_root, settings, processes)
     model.metadata.update(steps.write_pointer(model.path, result))

@@ -20,19 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kftune.config import CONFIG_FILENAME, FIELDS, TrainConfig, resolve
-from kftune.errors import KftuneError
-from kftune.gate import DEFAULT_MARGIN, DEFAULT_METRIC
-from kftune.gate_stop import stop_message
-from kftune.registry import Registration, check_reachable
-from kftune.storage import resolve_path, upload_dir
+from kftune.core import artifacts
+from kftune.core.errors import KftuneError
+from kftune.core.storage import resolve_path, upload_dir
+from kftune.data.gate_stop import stop_message
+from kftune.data.validate import Options, validate
+from kftune.evaluate.evaluation import Settings
+from kftune.evaluate.evaluation import evaluate as score_both
+from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
+from kftune.registry.promote import lineage, rescorer
+from kftune.registry.promote import register as register_candidate
+from kftune.registry.tracking import Registration, check_reachable
+from kftune.train.config import METHODS, TrainConfig, resolve, with_method_defaults
+from kftune.train.launch import train_on_node
 
-METHODS = ("full", "lora", "qlora")
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
 # what a model's MLflow run records of its training config (None for keys its method does not use)
 TRAIN_PARAMS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "quantization_bit",
                 "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "max_seq_length", "seed")
+# the training settings a pipeline passes to its train component, each a TrainConfig key
+TRAIN_SETTINGS = tuple(k for k in TRAIN_PARAMS if k != "base_model")
 TRAIN_METRICS = ("train_loss", "first_loss", "last_loss", "global_steps", "train_rows", "trainable_params",
                  "total_params", "train_seconds", "train_tokens", "tokens_per_second", "peak_memory_bytes")
 
@@ -151,8 +159,6 @@ def validate_data(
     Also checks that MLflow answers: it is needed only at the last step, and a pipeline should
     fail in seconds, not after training, when a service is down.
     """
-    from kftune.validate import Options, validate
-
     if not 0 < eval_fraction < 1:
         raise KftuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     check_reachable()
@@ -170,7 +176,7 @@ def train_values(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The guide's config keys for `method`: settings a method does not use are dropped, not contradicted."""
     if method not in METHODS:
         raise KftuneError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    values = dict(settings)
+    values = with_method_defaults(method, dict(settings))
     if method == "full":
         values = {k: v for k, v in values.items() if not k.startswith("lora_") and k != "quantization_bit"}
     elif method == "lora":
@@ -178,6 +184,13 @@ def train_values(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     else:
         values["use_qlora"] = True
     return values
+
+
+def train_settings(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The training settings among a train component's parameters (its `locals()`); "" targets mean automatic."""
+    settings = {k: parameters[k] for k in TRAIN_SETTINGS}
+    settings["lora_target_modules"] = settings["lora_target_modules"] or None
+    return settings
 
 
 def check_train_settings(method: str, settings: Mapping[str, Any]) -> TrainConfig:
@@ -201,8 +214,6 @@ def train(
 
     `processes`: 0 trains with one process per GPU of the node (DDP under accelerate launch).
     """
-    from kftune.launch import train_on_node
-
     cfg = check_train_settings(method, settings)  # before downloading anything
     with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
         # checkpoints go to <artifact_root>/checkpoints/<run key>: a retry of this step resumes from them
@@ -222,26 +233,15 @@ def train(
     return TrainedModel(artifact.uri, artifact.sha256, cfg.method, params, metrics)
 
 
-def saved_config(model_dir: Path) -> TrainConfig:
-    """The config a model folder was trained with (written by kftune.train)."""
-    saved = TrainConfig.load(model_dir)
-    if saved is None:
-        raise KftuneError(f"{model_dir} has no {CONFIG_FILENAME}; pass a model that kftune trained")
-    return saved
-
-
 @reports_errors
 def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int = 8, sample_tokens: int = 256,
              samples: int = 8, validation_uri: str | None = None) -> Evaluation:
-    """Score the base and the tuned model on the eval split (kftune.evaluate) and upload metrics.json,
+    """Score the base and the tuned model on the eval split (kftune.evaluate.evaluation) and upload metrics.json,
     samples.jsonl and report.html; `validation_uri`: the validation artifact, for the report's histogram.
 
     A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
     difference is the adapter's alone.
     """
-    from kftune.evaluate import Settings
-    from kftune.evaluate import evaluate as score_both
-
     settings = Settings(samples=samples, max_new_tokens=max(sample_tokens, 1), batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
         metrics = score_both(model_uri, eval_uri, f"{tmp}/evaluation", settings=settings, validation=validation_uri)
@@ -266,9 +266,9 @@ def copy_report(evaluation: Evaluation, path: str) -> None:
 @reports_errors
 def merge(model_uri: str, artifact_root: str) -> MergedModel:
     """Merge a LoRA/QLoRA adapter into its full-precision base (parity-checked) and upload the merged model."""
-    from kftune.merge import merge as merge_adapter
+    from kftune.models.merge import merge as merge_adapter  # heavy: imports torch; loaded when used
 
-    cfg = saved_config(fetch(model_uri))
+    cfg = TrainConfig.load(fetch(model_uri))
     with tempfile.TemporaryDirectory(prefix="kftune-merge-") as tmp:
         result = merge_adapter(cfg.base_model, model_uri, f"{tmp}/merged")
         artifact = upload_dir(result.output_dir, f"{artifact_root}/merged")
@@ -282,12 +282,9 @@ def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel,
              git_commit: str = "", pipeline_run: str = "") -> Registration:
     """Register the merged model (LoRA, QLoRA) or the trained one (full) with its lineage, model card and
     evaluation, and move `champion` to it only when it beats its base by `margin` and the current champion
-    on `metric` (kftune.promote; the returned Registration carries the decision and its reasons).
+    on `metric` (kftune.registry.promote; the returned Registration carries the decision and its reasons).
     Registering the same artifact again returns the existing version.
     """
-    from kftune.promote import lineage, rescorer
-    from kftune.promote import register as register_candidate
-
     model = merged or trained
     evaluation_dir = fetch(evaluation.uri)
     tags = lineage(fetch(model.uri), dataset_sha256=data.dataset_sha256, git_commit=git_commit, pipeline_run=pipeline_run)
@@ -307,7 +304,7 @@ def data_statistics(data: DataSplit) -> dict[str, Any]:
     """Rows, sha256 and token lengths of the training data, from the validation report, for the model card."""
     stats: dict[str, Any] = {"train_rows": data.train_rows, "eval_rows": data.eval_rows,
                              "dataset_sha256": data.dataset_sha256}
-    report = fetch(data.uri) / "report.json"
+    report = fetch(data.uri) / artifacts.VALIDATION_REPORT
     lengths = json.loads(report.read_text(encoding="utf-8")).get("token_lengths") if report.is_file() else None
     if lengths:
         stats |= {f"tokens_{k}": lengths[k] for k in ("mean", "p50", "p90", "max") if k in lengths}

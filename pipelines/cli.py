@@ -9,7 +9,6 @@ model (built once from the committed sample data) and that data are used, so the
 """
 
 import argparse
-import functools
 import inspect
 import sys
 import typing
@@ -17,14 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from kftune import steps
-from kftune.compare import DIRECTIONS
-from kftune.errors import KftuneError
-from kftune.promote import git_commit
-from kftune.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
-from kftune.storage import S3, connect, upload_dir, upload_file
-from kftune.sweep import SWEEP_METHODS, TARGET_PRESETS
-from pipelines.compile import PIPELINES, compile_pipeline, pipeline_function
-from pipelines.local import RunSummary, SweepSummary, check_arguments, check_sweep_arguments, run, run_sweep
+from kftune.core.commit import head_commit
+from kftune.core.errors import KftuneError
+from kftune.core.storage import S3, connect_s3, upload_dir, upload_file
+from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
+from kftune.dev.tiny_model import build_tiny_model
+from kftune.sweep.compare import DIRECTIONS
+from kftune.sweep.plan import SWEEP_METHODS, TARGET_PRESETS
+from pipelines import submit
+from pipelines.compile import PIPELINES, compile_pipeline
+from pipelines.local import RunSummary, SweepSummary, run, run_sweep
+from pipelines.parameters import check, pipeline_parameters, read_params
+from pipelines.submit import NAMESPACE, TOKEN_ENV
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "store_xhs_sft_samples.jsonl"
 # Wide enough that LoRA on its random weights learns the post format in ~300 CPU steps (measured:
@@ -35,6 +38,7 @@ HELP = {
     "base_model": "a model folder (uploaded), an s3:// artifact URI or a hub id; default: the tiny demo model, "
                   "built once from the sample data",
     "method": "full, lora or qlora",
+    "learning_rate": "peak learning rate; 0: the guide's rate for the method (full 2e-5, lora 1e-4, qlora 2e-4)",
     "quantization_bit": "QLoRA bits, 4 or 8",
     "artifact_root": "where the tasks store their artifacts; default: s3://<stack bucket>/pipeline",
     "sample_tokens": "max new tokens of each greedy answer evaluate scores",
@@ -46,15 +50,13 @@ HELP = {
     "ranks": "LoRA ranks, space-separated, e.g. 8 16",
     "target_presets": "LoRA target modules, space-separated presets: all, attention, mlp, auto (every linear layer)",
 }
+DEFAULTS_NOTE = ("Training defaults are the guide's config for the method (configs/train_config_*.json), with two "
+                 "deliberate differences: LoRA targets are found automatically (every linear layer but the LM head) and "
+                 "gradient checkpointing is left to the memory pre-flight, which turns it on when only that fits.")
 STAGED = ("data_uri", "base_model", "artifact_root")  # defaults set here, for the local stack
 CHOICES = {"method": steps.METHODS, "methods": tuple(SWEEP_METHODS), "target_presets": tuple(TARGET_PRESETS),
            "primary_metric": tuple(DIRECTIONS)}
 LOCAL_PARALLELISM = 1  # sweep branches at once here: one at a time keeps each one's time and memory its own
-
-
-@functools.cache
-def pipeline_parameters(pipeline: str = "finetune") -> dict[str, inspect.Parameter]:
-    return dict(inspect.signature(pipeline_function(pipeline).pipeline_func).parameters)
 
 
 def chosen_pipeline(argv: list[str]) -> str:
@@ -68,11 +70,11 @@ def build_parser(pipeline: str = "finetune") -> argparse.ArgumentParser:
     """The parser; `pipeline` (see `chosen_pipeline`) decides the parameter flags of submit and schedule."""
     parser = argparse.ArgumentParser(prog="kftune pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack")
+    run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack", epilog=DEFAULTS_NOTE)
     add_parameter_flags(run, HELP, STAGED)
     add_local_flags(run)
     sweep = commands.add_parser("sweep", help="run the method x rank sweep on this machine through kfp.local "
-                                              "against the local stack")
+                                              "against the local stack", epilog=DEFAULTS_NOTE)
     add_parameter_flags(sweep, HELP, STAGED, pipeline="sweep")
     add_local_flags(sweep)
     sweep.add_argument("--parallelism", type=int, default=LOCAL_PARALLELISM,
@@ -94,7 +96,7 @@ def add_local_flags(cmd: argparse.ArgumentParser) -> None:
 
 
 def add_pipeline_choice(cmd: argparse.ArgumentParser) -> None:
-    from pipelines.sweep import PARALLELISM
+    from pipelines.sweep import PARALLELISM  # heavy: imports kfp; loaded when used
 
     cmd.add_argument("--pipeline", choices=PIPELINES, default="finetune",
                      help="finetune (one method, the default) or sweep (methods x ranks, the winner registered)")
@@ -117,14 +119,13 @@ def add_parameter_flags(parser: argparse.ArgumentParser, help_: dict[str, str], 
 
 def add_cluster_commands(commands: Any, pipeline: str = "finetune") -> None:
     """`submit` and `schedule`: the same flags, plus --cron for schedule."""
-    from pipelines.submit import NAMESPACE, TOKEN_ENV
-
     cluster_help = {**HELP, "data_uri": "a local JSONL/JSON file (uploaded to the cluster's S3 with $AWS_* credentials) "
                                         "or an s3:// artifact URI",
                     "base_model": "an s3:// artifact URI or a hub id"}
     for name, what in (("submit", "start a run on a Kubeflow Pipelines cluster (once per idempotency key)"),
                        ("schedule", "create a recurring run on a Kubeflow Pipelines cluster")):
-        cmd = commands.add_parser(name, help=what, description=f"{what}. Token: ${TOKEN_ENV} (bearer), never printed.")
+        cmd = commands.add_parser(name, help=what, description=f"{what}. Token: ${TOKEN_ENV} (bearer), never printed.",
+                                  epilog=DEFAULTS_NOTE)
         cmd.add_argument("--host", help="KFP API URL, e.g. https://kfp.example.com/pipeline (required unless --dry-run)")
         cmd.add_argument("--experiment", default="kftune", help="KFP experiment, created if missing (default: kftune)")
         cmd.add_argument("--run-name", help="run name (default: kftune-<method>); the idempotency key is appended")
@@ -143,9 +144,7 @@ def add_cluster_commands(commands: Any, pipeline: str = "finetune") -> None:
 
 def cluster_main(args: argparse.Namespace) -> int:
     """submit / schedule: prepare offline, print it, then (unless --dry-run) send it."""
-    from pipelines import submit
-
-    given = {**submit.read_params(args.params),
+    given = {**read_params(args.params),
              **{k: v for k, v in vars(args).items() if k in pipeline_parameters(args.pipeline) and v is not None}}
     if args.command == "schedule":
         submit.kfp_cron(args.cron)  # a bad expression fails before compiling
@@ -181,8 +180,6 @@ def ensure_stack(args: argparse.Namespace) -> StackInfo:
 def demo_model(folder: Path) -> Path:
     """The tiny Qwen2-shaped demo model, built once (its tokenizer learns the sample data's vocabulary)."""
     if not (folder / "config.json").is_file():
-        from kftune.tiny_model import build_tiny_model
-
         print(f"[pipeline] building the tiny demo model in {folder} (once) ...", file=sys.stderr, flush=True)
         build_tiny_model(folder, data_path=SAMPLE_DATA, force=True, **DEMO_MODEL)
     return folder
@@ -201,22 +198,22 @@ def stage(value: str, s3: S3, dest: str) -> str:
 def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tuple[dict[str, Any], StackInfo]:
     """Check the settings, make sure the stack runs and the inputs are in S3; the pipeline's arguments."""
     arguments: dict[str, Any] = {k: v for k, v in vars(args).items() if k in pipeline_parameters(pipeline) and v is not None}
-    (check_sweep_arguments if pipeline == "sweep" else check_arguments)(arguments)  # before starting anything
+    check(arguments, pipeline)  # before starting anything
     data = arguments.get("data_uri") or str(SAMPLE_DATA)
     if not data.startswith("s3://") and not Path(data).expanduser().is_file():
         raise KftuneError(f"--data-uri {data}: no such file; give a JSONL/JSON file or an s3:// URI")
     base = arguments.get("base_model")
     if base and not base.startswith("s3://"):
-        from kftune.modeling import resolve_model_location  # imports torch: only when needed
+        from kftune.models.loading import resolve_model_location  # imports torch: only when needed
 
         base = resolve_model_location(base, flag="--base-model")  # a local folder must hold a model, else a hub id
     info = ensure_stack(args)
-    s3 = connect(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
+    s3 = connect_s3(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
     arguments["data_uri"] = stage(data, s3, f"s3://{info.bucket}/inputs/data")
     base = base or str(demo_model(args.state_dir.parent / "demo-model"))
     arguments["base_model"] = stage(base, s3, f"s3://{info.bucket}/inputs/models")
     arguments.setdefault("artifact_root", f"s3://{info.bucket}/pipeline")
-    arguments.setdefault("git_commit", git_commit(Path(__file__).resolve().parents[1]))
+    arguments.setdefault("git_commit", head_commit(Path(__file__).resolve().parents[1]))
     return arguments, info
 
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 
 PIPELINES = ("finetune", "sweep")
 
@@ -13,11 +13,11 @@ def pipeline_function(name: str = "finetune", parallelism: int | None = None) ->
     if name == "finetune":
         if parallelism is not None:
             raise KftuneError("--parallelism applies to the sweep pipeline only (--pipeline sweep)")
-        from pipelines.finetune import finetune_pipeline
+        from pipelines.finetune import finetune_pipeline  # heavy: imports kfp; loaded when used
 
         return finetune_pipeline
     if name == "sweep":
-        from pipelines.sweep import PARALLELISM, build, sweep_pipeline
+        from pipelines.sweep import PARALLELISM, build, sweep_pipeline  # heavy: imports kfp; loaded when used
 
         if parallelism is not None and parallelism < 0:
             raise KftuneError(f"--parallelism {parallelism}: give 0 (no limit) or more")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from kftune.cli import run_command
-from kftune.stack import default_state_dir
+from kftune.dev.stack import default_state_dir
 from pipelines.cli import build_parser, run_pipeline
 
 # Measured on 2 CPU cores: 300 steps take about 130 s and bring the eval loss from 8.6 to 3.5;

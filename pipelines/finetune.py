@@ -77,13 +77,13 @@ def finetune_pipeline(
     data_uri: str,
     method: str = "lora",
     base_model: str = "Qwen/Qwen2.5-0.5B-Instruct",
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
+    lora_r: int = 64,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.1,
     quantization_bit: int = 4,
-    learning_rate: float = 2e-4,
+    learning_rate: float = 0.0,
     max_steps: int = -1,
-    num_train_epochs: float = 1.0,
+    num_train_epochs: float = 3.0,
     per_device_train_batch_size: int = 4,
     gradient_accumulation_steps: int = 4,
     max_seq_length: int = 512,
@@ -100,6 +100,8 @@ def finetune_pipeline(
     git_commit: str = "",
 ) -> None:
     """method: full | lora | qlora (quantization_bit 4 or 8); lora_* and quantization_bit apply where the method uses them.
+    Training defaults are the guide's config for the method (configs/train_config_*.json); learning_rate 0 means
+    the method's rate (full 2e-5, lora 1e-4, qlora 2e-4).
     data_uri: JSONL/JSON data, an s3:// artifact URI or a path the task can read.
     train_processes: 0 trains with one process per GPU of the training node (DDP); set TRAIN_GPUS for more GPUs.
     eval_samples: prompts answered greedily by base and tuned model and scored (ROUGE-L, chrF, checks).

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kftune import steps
-from kftune.errors import KftuneError
-from kftune.sweep import SweepResult
+from kftune.core.errors import KftuneError
+from kftune.sweep.plan import SweepResult
+from pipelines.parameters import check_arguments, check_sweep_arguments
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([\w-]+)'")
@@ -165,19 +166,13 @@ def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSum
                       results["register-model"], results.get("merge-adapter"), report if report.is_file() else None)
 
 
-def check_arguments(arguments: Mapping[str, Any]) -> None:
-    """Check the training settings among the pipeline arguments, all at once, before anything runs."""
-    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
-    steps.check_train_settings(arguments.get("method", "lora"), settings)
-
-
 def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
         progress: TextIO | None = sys.stderr) -> RunSummary:
     """Run `finetune_pipeline(**arguments)` through kfp.local with `env` (S3 + MLflow endpoints and keys).
 
     Training settings are checked first, so a bad one fails at once, not after the data step.
     """
-    from pipelines.finetune import finetune_pipeline
+    from pipelines.finetune import finetune_pipeline  # heavy: imports kfp; loaded when used
 
     check_arguments(arguments)
     run_dir, seconds, log_path = _run_locally(finetune_pipeline, arguments, env, pipeline_root, progress)
@@ -236,22 +231,10 @@ class SweepSummary:
             f"MLflow model run  {reg.run_url or reg.run_id}", f"task logs         {self.log}"])
 
 
-def check_sweep_arguments(arguments: Mapping[str, Any]) -> None:
-    """The sweep's lists, its primary metric and every candidate's training settings, all at once."""
-    from kftune import sweep
-
-    settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_PARAMS and k != "base_model"}
-    from pipelines.cli import pipeline_parameters
-
-    defaults = {k: p.default for k, p in pipeline_parameters("sweep").items()}
-    sweep.check(*(arguments.get(k, defaults[k]) for k in ("methods", "ranks", "target_presets")), settings,
-                primary_metric=arguments.get("primary_metric", defaults["primary_metric"]))
-
-
 def run_sweep(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path, parallelism: int = 1,
               progress: TextIO | None = sys.stderr) -> SweepSummary:
     """Run the sweep pipeline through kfp.local; `parallelism` branches at once (1: timings undisturbed)."""
-    from pipelines.sweep import build
+    from pipelines.sweep import build  # heavy: imports kfp; loaded when used
 
     check_sweep_arguments(arguments)
     started = time.monotonic()

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kftune.errors import KftuneError
-from kftune.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
+from kftune.core.commit import head_commit
+from kftune.core.errors import KftuneError
+from kftune.core.storage import canonical_json, sha256_file, split_artifact_uri, upload_file
+from pipelines.compile import compile_pipeline
+from pipelines.parameters import resolve_parameters
 
 TOKEN_ENV = "KFP_TOKEN"  # bearer token for the KFP API (e.g. `kubectl create token`, an OIDC id token)
 SERVICE_ACCOUNT = "kftune-pipeline"  # k8s/base: the pipeline pods' least-privilege ServiceAccount
@@ -71,11 +74,9 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def git_commit(repo: Path = REPO) -> str:
-    """The commit being submitted: git's HEAD, else $GITHUB_SHA (a CI checkout without .git)."""
-    from kftune.promote import git_commit as head
-
-    commit = head(repo)
+def submitted_commit(repo: Path = REPO) -> str:
+    """The commit being submitted: git's HEAD, else $GITHUB_SHA (a CI checkout without .git); one is required."""
+    commit = head_commit(repo)
     if not commit:
         raise KftuneError(f"no git commit found in {repo} and $GITHUB_SHA is unset; submit from a git checkout")
     return commit
@@ -105,67 +106,14 @@ def idempotency_key(commit: str, data_sha: str, cfg_hash: str) -> str:
     return hashlib.sha256(f"{commit}\n{data_sha}\n{cfg_hash}".encode()).hexdigest()[:16]
 
 
-def resolve_parameters(given: Mapping[str, Any], pipeline: str = "finetune") -> dict[str, Any]:
-    """Pipeline defaults overlaid with the given values, each coerced to its declared type; all problems at once."""
-    import inspect
-    import typing
-
-    from pipelines.cli import pipeline_parameters
-    from pipelines.local import check_arguments, check_sweep_arguments
-
-    declared = pipeline_parameters(pipeline)
-    problems = [f"unknown pipeline parameter {k!r} (known: {', '.join(declared)})" for k in given if k not in declared]
-    resolved: dict[str, Any] = {}
-    for name, param in declared.items():
-        value = given.get(name, param.default)
-        if value is inspect.Parameter.empty:
-            problems.append(f"{name} is required (--{name.replace('_', '-')} or a key in --params)")
-            continue
-        many = typing.get_origin(param.annotation) is list
-        kind = typing.get_args(param.annotation)[0] if many else param.annotation
-        try:
-            if many and not isinstance(value, list):
-                raise TypeError
-            resolved[name] = [_typed(kind, v) for v in value] if many else _typed(kind, value)
-        except (TypeError, ValueError):
-            problems.append(f"{name}: {value!r} is not a {'list of ' if many else ''}{kind.__name__}")
-    if problems:
-        raise KftuneError("; ".join(problems))
-    (check_sweep_arguments if pipeline == "sweep" else check_arguments)(resolved)
-    return resolved
-
-
-def _typed(kind: type, value: Any) -> Any:
-    typed = kind(value)
-    if kind is int and float(value) != typed:
-        raise ValueError
-    return typed
-
-
-def read_params(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        params = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise KftuneError(f"--params {path}: cannot read it ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise KftuneError(f"--params {path}: not JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(params, dict):
-        raise KftuneError(f"--params {path}: expected a JSON object of pipeline parameters")
-    return params
-
-
 def prepare(given: Mapping[str, Any], experiment: str, run_name: str | None, namespace: str = NAMESPACE,
             package: Path | None = None, pipeline: str = "finetune", parallelism: int | None = None) -> Submission:
     """Resolve the parameters, compute the key and compile the DAG (or the sweep): everything a submit sends, offline."""
-    from pipelines.compile import compile_pipeline
-
     package = package or Path(f"build/{pipeline}.yaml")
     parameters = resolve_parameters(given, pipeline)
     data_uri = parameters["data_uri"]
     data_sha = dataset_sha256(data_uri)
-    key = idempotency_key(git_commit(), data_sha, config_hash(parameters))
+    key = idempotency_key(submitted_commit(), data_sha, config_hash(parameters))
     stage_data, stage_dest = None, ""
     if not data_uri.startswith("s3://"):
         stage_data = Path(data_uri).expanduser()
@@ -212,7 +160,7 @@ def _message(body: Any) -> str:
         return str(body)[:300]
 
 
-def connect(host: str, namespace: str) -> Any:
+def kfp_client(host: str, namespace: str) -> Any:
     """A kfp.Client with the bearer token from $TOKEN_ENV (none: e.g. a port-forward to a single-user KFP)."""
     if not host.startswith(("http://", "https://")):
         raise KftuneError(f"--host {host}: give the KFP API URL with its scheme, e.g. https://kfp.example.com")
@@ -254,7 +202,7 @@ def stage_data(sub: Submission) -> Submission:
 
 def submit(sub: Submission, host: str, force: bool = False, wait_s: float | None = None) -> Outcome:
     """Start a run (or find the run with the same key); with `wait_s`, wait for it to finish."""
-    client = connect(host, sub.namespace)
+    client = kfp_client(host, sub.namespace)
     with api_errors(host):
         existing = client.list_runs(namespace=sub.namespace, sort_by="created_at desc", page_size=1,
                                     filter=_filter("display_name", KEY_TAG + sub.key, _IS_SUBSTRING)).runs or []
@@ -277,7 +225,7 @@ def submit(sub: Submission, host: str, force: bool = False, wait_s: float | None
 
 def schedule(sub: Submission, host: str, cron: str, force: bool = False) -> Outcome:
     """A recurring run (one at a time, no backfill), or the existing one with the same key."""
-    client = connect(host, sub.namespace)
+    client = kfp_client(host, sub.namespace)
     with api_errors(host):
         existing = client.list_recurring_runs(namespace=sub.namespace, page_size=1, filter=_filter(
             "display_name", KEY_TAG + sub.key, _IS_SUBSTRING)).recurring_runs or []

@@ -29,16 +29,16 @@ def build(parallelism: int = PARALLELISM):
                                                     "target modules; merge and register the winner")
     def sweep_pipeline(
         data_uri: str,
-        methods: List[str] = ["lora", "qlora4", "full"],
-        ranks: List[int] = [8, 16],
-        target_presets: List[str] = ["all"],
+        methods: List[str] = ["lora", "qlora4", "full"],  # noqa: B006 (KFP reads the defaults, never mutates them)
+        ranks: List[int] = [8, 16],  # noqa: B006
+        target_presets: List[str] = ["all"],  # noqa: B006
         primary_metric: str = "eval_loss",
         base_model: str = "Qwen/Qwen2.5-0.5B-Instruct",
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
-        learning_rate: float = 2e-4,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.1,
+        learning_rate: float = 0.0,
         max_steps: int = -1,
-        num_train_epochs: float = 1.0,
+        num_train_epochs: float = 3.0,
         per_device_train_batch_size: int = 4,
         gradient_accumulation_steps: int = 4,
         max_seq_length: int = 512,
@@ -55,7 +55,8 @@ def build(parallelism: int = PARALLELISM):
     ) -> None:
         """methods: full, lora, qlora4, qlora8. ranks: LoRA ranks (full trains once). target_presets: all,
         attention, mlp or auto (every linear layer). primary_metric: what the winner is chosen by and the
-        promotion gate compares (eval_loss, perplexity, rougeL, chrf, checks_pass_rate). The rest is shared by every candidate."""
+        promotion gate compares (eval_loss, perplexity, rougeL, chrf, checks_pass_rate). The rest is shared by every candidate; training defaults are the guide's
+        config for each candidate's method, learning_rate 0 meaning the method's rate (full 2e-5, lora 1e-4, qlora 2e-4)."""
         data = _cpu_task(validate_data(
             data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction,
             base_model=base_model, max_seq_length=max_seq_length,

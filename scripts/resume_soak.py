@@ -135,7 +135,7 @@ def run_trial(index: int, method: str, rng: random.Random, workdir: Path, model:
     finished = out.exists()  # on a loaded machine the kill can land after the output was written
     if not finished:
         train_to_end(argv, env)
-    resumed = json.loads((out / "metrics.json").read_text())["resumed_from_step"]
+    resumed = json.loads((out / "train_metrics.json").read_text())["resumed_from_step"]
     diff = differing(reference, final_tensors(out))
     return Trial(index, method, "s3" if store_root.startswith("s3://") else "local", published, round(fraction, 2),
                  "finished" if finished else resumed, len(diff), round(time.perf_counter() - started, 1))
@@ -150,15 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     sys.path.insert(0, str(REPO))
-    from kftune.sample_data import write_samples
-    from kftune.tiny_model import build_tiny_model
+    from kftune.dev.sample_data import write_samples
+    from kftune.dev.tiny_model import build_tiny_model
 
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="kftune-soak-") as tmp, contextlib.ExitStack() as cleanup:
         work = Path(tmp)
         env, store_root = None, str(work / "checkpoints")
         if args.s3:  # a private stack on free ports, stopped at the end
-            from kftune.stack import StackConfig, down, free_ports, up
+            from kftune.dev.stack import StackConfig, down, free_ports, up
 
             s3_port, mlflow_port = free_ports(2)
             info = up(StackConfig(work / "stack", s3_port, mlflow_port, bucket="kftune-soak"))

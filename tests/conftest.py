@@ -18,7 +18,7 @@ TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from kftune.tiny_model import build_tiny_model
+    from kftune.dev.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", **TINY)
 
@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """24 alpaca rows: a few epochs of a short run show the loss falling."""
-    from kftune.sample_data import write_samples
+    from kftune.dev.sample_data import write_samples
 
     return write_samples(tmp_path_factory.mktemp("data") / "train.jsonl", rows=24, seed=1)
 

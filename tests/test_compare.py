@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from kftune import compare
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
+from kftune.sweep import compare
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kftune.config import SEVEN_PROJECTIONS, parse_args, resolve
-from kftune.errors import ConfigError
+from kftune.core.errors import ConfigError
+from kftune.train.config import SEVEN_PROJECTIONS, parse_args, resolve
 
 from .conftest import REPO, run_cli
 
@@ -76,7 +76,7 @@ def test_configs_are_all_present():
 
 
 def test_readme_documents_every_key_with_its_default():
-    from kftune.config import FIELDS
+    from kftune.train.config import FIELDS
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name, f in FIELDS.items():

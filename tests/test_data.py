@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kftune.data import load_conversations
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
+from kftune.data.reading import load_conversations
 
 from .conftest import EXTERNAL_ALPACA, REPO
 
@@ -40,9 +40,9 @@ def test_llama_factory_json_array_loads():
     ("lines", "expected"),
     [
         (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b"'], "d.jsonl:2: invalid JSON"),
-        (['["not", "an", "object"]'], "d.jsonl: item 0: expected a JSON object"),
+        (['["not", "an", "object"]'], "d.jsonl: item 0: the row is a JSON str; expected an object"),
         (['{"instruction": "a", "output": "b"}', '{"prompt": "a"}'], "d.jsonl:2: neither alpaca form"),
-        (['{"messages": [{"role": "user", "content": "hi"}]}'], "d.jsonl:1: the last message must be from the assistant"),
+        (['{"messages": [{"role": "user", "content": "hi"}]}'], "d.jsonl:1: no assistant turn"),
         (['{"messages": [{"role": "bot", "content": "hi"}]}'], "d.jsonl:1: messages[0].role is 'bot'"),
         ([""], "no samples (the file is empty)"),
     ],

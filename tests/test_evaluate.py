@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
-from kftune.config import resolve
-from kftune.errors import KftuneError
-from kftune.train import run
+from kftune.core import artifacts
+from kftune.core.errors import KftuneError
+from kftune.train.config import resolve
+from kftune.train.training import run
 
 from .conftest import run_cli
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow  # trains a tiny adapter once for the module (abou
 
 @pytest.fixture(scope="module")
 def eval_data(tmp_path_factory):
-    from kftune.sample_data import write_samples
+    from kftune.dev.sample_data import write_samples
 
     return write_samples(tmp_path_factory.mktemp("eval") / "eval.jsonl", rows=6, seed=7)
 
@@ -40,7 +41,7 @@ def evaluated(adapter, tiny_model, eval_data, tmp_path_factory):
 
 
 def test_evaluate_scores_base_and_tuned_on_the_same_rows(evaluated, eval_data):
-    from kftune.storage import sha256_file
+    from kftune.core.storage import sha256_file
 
     out, stdout = evaluated
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.html", "samples.jsonl"]
@@ -78,7 +79,7 @@ def test_the_report_embeds_the_plots_and_the_samples(evaluated):
 
 
 def test_the_eval_key_changes_with_data_and_settings():
-    from kftune.evaluate import Settings
+    from kftune.evaluate.evaluation import Settings
 
     key = Settings(max_seq_length=256).key("a" * 64)
     assert key == Settings(max_seq_length=256, batch_size=1).key("a" * 64)  # batch size changes no number
@@ -88,8 +89,8 @@ def test_the_eval_key_changes_with_data_and_settings():
 
 
 def test_training_stores_the_fingerprint_of_the_base_tokenizer(adapter, tiny_model):
-    from kftune import fingerprint
-    from kftune.modeling import load_tokenizer
+    from kftune.models import fingerprint
+    from kftune.models.loading import load_tokenizer
 
     stored = fingerprint.stored(adapter)
     assert stored["fingerprint"] == fingerprint.compute(load_tokenizer(str(tiny_model)))["fingerprint"]
@@ -127,7 +128,7 @@ def test_a_changed_chat_template_is_refused_by_evaluate_merge_and_infer(edited_t
 
 
 def test_a_base_with_another_tokenizer_is_refused(adapter, tiny_model, tmp_path):
-    from kftune.infer import checked_tokenizer
+    from kftune.models.infer import checked_tokenizer
 
     other = tmp_path / "other-base"
     shutil.copytree(tiny_model, other)
@@ -143,7 +144,7 @@ def test_a_base_with_another_tokenizer_is_refused(adapter, tiny_model, tmp_path)
 
 
 def test_character_level_scores_see_chinese():
-    from kftune.scoring import chrf, rouge_l
+    from kftune.evaluate.scoring import chrf, rouge_l
 
     reference = "💐广州花店天花板｜星河花店🔥\n终于打卡了广州的星河花店！\n#广州探店 #花店"
     assert rouge_l([reference], [reference]) == [1.0]
@@ -154,14 +155,14 @@ def test_character_level_scores_see_chinese():
 
 
 def test_checks_are_pluggable():
-    from kftune.scoring import DEFAULT_CHECKS, load_checks, pass_rates, run_checks
+    from kftune.evaluate.scoring import DEFAULT_CHECKS, load_checks, pass_rates, run_checks
 
     post = "☕成都咖啡店天花板｜山野咖啡\n" + "手冲单品很好喝，露台安静适合办公。" * 4 + "\n#成都探店 #咖啡"
     assert run_checks(DEFAULT_CHECKS, post) == {"title": True, "hashtag": True, "length": True}
     assert run_checks(DEFAULT_CHECKS, "短") == {"title": False, "hashtag": False, "length": False}
     assert [c.name for c in load_checks("hashtag,title")] == ["hashtag", "title"]
     assert load_checks("") == () and load_checks(None) == DEFAULT_CHECKS
-    assert [c.name for c in load_checks("kftune.scoring:DEFAULT_CHECKS")] == ["title", "hashtag", "length"]
+    assert [c.name for c in load_checks("kftune.evaluate.scoring:DEFAULT_CHECKS")] == ["title", "hashtag", "length"]
     assert pass_rates([{"a": True, "b": False}, {"a": True, "b": True}], load_checks("")) == {"all": 0.5}
     with pytest.raises(KftuneError, match="--checks emoji: unknown check"):
         load_checks("emoji")
@@ -172,15 +173,15 @@ def test_checks_are_pluggable():
 
 
 def test_a_fingerprint_of_another_version_is_not_compared(tiny_model, tmp_path):
-    from kftune import fingerprint
-    from kftune.modeling import load_tokenizer
+    from kftune.models import fingerprint
+    from kftune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     record = {"chat_template": "0" * 64, "tokenizer": "0" * 64, "fingerprint": "0" * 64}
-    (tmp_path / fingerprint.FINGERPRINT_FILENAME).write_text(json.dumps({**record, "version": fingerprint.VERSION}))
+    (tmp_path / artifacts.FINGERPRINT).write_text(json.dumps({**record, "version": fingerprint.VERSION}))
     with pytest.raises(KftuneError, match="chat template and tokenizer changed"):
         fingerprint.check(tmp_path, tokenizer, "this tokenizer")
-    (tmp_path / fingerprint.FINGERPRINT_FILENAME).write_text(json.dumps({**record, "version": 0}))
+    (tmp_path / artifacts.FINGERPRINT).write_text(json.dumps({**record, "version": 0}))
     fingerprint.check(tmp_path, tokenizer, "this tokenizer")  # written by another version: warned, not refused
 
 
@@ -198,7 +199,7 @@ def test_evaluate_reproduces_the_eval_loss_training_reported(precision, tiny_mod
     """
     import math
 
-    from kftune.evaluate import Settings, evaluate
+    from kftune.evaluate.evaluation import Settings, evaluate
 
     result = run(resolve({"base_model": str(tiny_model), "data_path": str(small_data), "eval_data_path": str(eval_data),
                           "output_dir": str(tmp_path / "lora"), "use_lora": True, "lora_r": 8, "max_steps": 6,

@@ -4,15 +4,14 @@ import math
 
 import pytest
 
-from kftune.errors import KftuneError
-
-from kftune.gate import DEFAULT_MARGIN, DIRECTIONS, decide
+from kftune.core.errors import KftuneError
+from kftune.registry.gate import DEFAULT_MARGIN, DIRECTIONS, decide
 
 LOSS = "eval_loss"
 
 
 def _d(candidate, base, champion=None, **kwargs):
-    wrap = lambda v: None if v is None else {LOSS: v}  # noqa: E731
+    wrap = lambda v: None if v is None else {LOSS: v}
     return decide(wrap(candidate), wrap(base), wrap(champion), **kwargs)
 
 

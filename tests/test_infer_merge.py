@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from kftune.config import resolve
-from kftune.train import run
+from kftune.train.config import resolve
+from kftune.train.training import run
 
 from .conftest import run_cli
 
@@ -118,8 +118,8 @@ def test_merged_model_matches_the_adapter_in_bf16_within_rounding(kind, tiny_mod
     """
     import math
 
-    from kftune.infer import load_for_inference
-    from kftune.merge import merge
+    from kftune.models.infer import load_for_inference
+    from kftune.models.merge import merge
 
     merged_dir = merge(str(tiny_model), str(adapters[kind]), str(tmp_path / "merged")).output_dir
     ids = torch.tensor([[3, 14, 15, 92, 65, 200, 300, 17, 9, 1000, 512, 44]])

@@ -22,7 +22,7 @@ def test_two_cpu_processes_train_like_one(tiny_model, small_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {p.name for p in out.iterdir()} == ADAPTER_FILES
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # no .ddp.partial left by either process
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["global_steps"] == 12
     losses = [loss for _, loss in metrics["loss_history"]]
     assert all(torch.isfinite(torch.tensor(losses)))

@@ -2,10 +2,10 @@
 
 import torch
 
-from kftune.config import resolve
-from kftune.data import load_conversations, to_dataset
-from kftune.modeling import load_tokenizer, pick_runtime
-from kftune.train import build_model, data_collator, sft_config
+from kftune.data.reading import load_conversations, to_dataset
+from kftune.models.loading import load_tokenizer, pick_runtime
+from kftune.train.config import resolve
+from kftune.train.training import build_model, data_collator, sft_config
 
 
 def trainer_for(tiny_model, small_data, tmp_path, padding_free: bool):

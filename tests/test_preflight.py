@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kftune.config import resolve
-from kftune.errors import KftuneError
-from kftune.modeling import Runtime
-from kftune.preflight import GiB, ModelShape, check, device_memory, estimate
+from kftune.core.errors import KftuneError
+from kftune.models.loading import Runtime
+from kftune.train.config import resolve
+from kftune.train.preflight import GiB, ModelShape, check, device_memory, estimate
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = ModelShape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151_936)
@@ -50,7 +50,7 @@ def lora_config(folder: Path, **values):
 
 
 def shape_of(folder: Path) -> ModelShape:
-    from kftune.preflight import model_shape
+    from kftune.train.preflight import model_shape
 
     return model_shape(str(folder))
 

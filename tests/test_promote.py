@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from kftune.errors import KftuneError
-from kftune.modelcard import render
-from kftune.promote import config_sha256, lineage
-from kftune.registry import parse_models_uri
+from kftune.core.errors import KftuneError
+from kftune.registry.modelcard import render
+from kftune.registry.promote import config_sha256, lineage
+from kftune.registry.tracking import parse_models_uri
 
 EVALUATION = {"eval_rows": 60, "eval_sha256": "c" * 64, "base_model": "s3://b/base/" + "b" * 64,
               "settings": {"samples": 8, "max_new_tokens": 256},

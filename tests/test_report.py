@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from kftune.report import render, write_report
+from kftune.evaluate.report import render, write_report
 from scripts.screenshot_report import find_browser, screenshot
 
 METRICS = {
@@ -29,7 +29,7 @@ SAMPLES = [{"prompt": [{"role": "user", "content": "为这家店写一篇小红�
 
 def test_every_part_is_on_the_page_and_model_text_is_escaped():
     page = render(METRICS, SAMPLES, TRAINING, VALIDATION)
-    assert page.count('src="data:image/png;base64,') == 3  # metrics chart, loss curves, token lengths
+    assert page.count('src="data:image/png;base64,') == 2 and page.count("<svg") == 1  # metrics, loss; token lengths
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page
     assert "☕成都咖啡店天花板｜山野咖啡" in page and "✓ title" in page and "✗ length" in page
     assert re.search(r'class="num better">3\.6<', page)  # lower loss is better, and marked so

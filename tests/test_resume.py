@@ -10,7 +10,6 @@ interpreter start per trial; tests/integration/test_resume_s3.py restarts throug
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
 import shutil
 import sys
@@ -20,10 +19,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kftune.checkpoints import Store, check_safe_to_load, run_key
-from kftune.config import parse_args
-from kftune.errors import KftuneError
-from kftune.storage import MANIFEST
+from kftune.core.errors import KftuneError
+from kftune.core.storage import MANIFEST
+from kftune.train.checkpoints import Store, check_safe_to_load, run_key
+from kftune.train.config import parse_args
 
 from .conftest import REPO
 
@@ -42,7 +41,7 @@ def one_thread():
 
 
 def train_here(argv: list[str], callbacks: list | None = None):
-    from kftune.train import run
+    from kftune.train.training import run
 
     return run(parse_args(argv), callbacks)
 
@@ -235,8 +234,8 @@ def test_model_and_adapter_weights_load_from_safetensors_only(tiny_model, tmp_pa
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    from kftune.infer import load_for_inference
-    from kftune.modeling import load_model, pick_runtime
+    from kftune.models.infer import load_for_inference
+    from kftune.models.loading import load_model, pick_runtime
 
     pickled = tmp_path / "pickled-model"
     shutil.copytree(tiny_model, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -255,7 +254,7 @@ def test_model_and_adapter_weights_load_from_safetensors_only(tiny_model, tmp_pa
 def test_model_code_in_a_model_folder_does_not_run_unless_trusted(tiny_model, tmp_path, monkeypatch):
     import json
 
-    from kftune.modeling import load_model, pick_runtime
+    from kftune.models.loading import load_model, pick_runtime
 
     folder = tmp_path / "model-with-code"
     shutil.copytree(tiny_model, folder)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kftune import cli
-from kftune.sample_data import SYSTEM_PROMPT, generate_samples, write_samples
+from kftune.dev.sample_data import SYSTEM_PROMPT, generate_samples, write_samples
 
 COMMITTED = Path(__file__).parents[1] / "data/store_xhs_sft_samples.jsonl"
 EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from kftune.errors import KftuneError
+from kftune.core.errors import KftuneError
 from kftune.steps import ERROR_MARK, DataSplit, Evaluation, TrainedModel, one_line
 
 from .conftest import EXTERNAL_ALPACA, REPO
@@ -34,7 +34,7 @@ def trained_model(uri: str, method: str = "lora") -> dict:
 
 
 def evaluation(uri: str) -> dict:
-    fields = {f: 1.0 for f in Evaluation.__dataclass_fields__}
+    fields = dict.fromkeys(Evaluation.__dataclass_fields__, 1.0)
     return fields | {"uri": uri, "sha256": "0" * 64, "eval_key": "k", "eval_rows": 2, "eval_tokens": 10}
 
 
@@ -53,32 +53,32 @@ def failing_calls(tmp: Path, small_data: Path) -> dict[str, tuple]:
     not_trained.mkdir()
     split = artifact(dsl.Dataset, data_split(tmp))
     return {
-        "validate_data": (validate_data, dict(data_uri=str(small_data), artifact_root=str(tmp), eval_fraction=2.0,
-                                              base_model="", max_seq_length=512, data=artifact(dsl.Dataset, {})),
+        "validate_data": (validate_data, {"data_uri": str(small_data), "artifact_root": str(tmp), "eval_fraction": 2.0,
+                                              "base_model": "", "max_seq_length": 512, "data": artifact(dsl.Dataset, {})},
                           "eval_fraction must be between 0 and 1"),
-        "train": (train, dict(data=split, base_model=missing, method="bogus", artifact_root=str(tmp), lora_r=4,
-                              lora_alpha=8, lora_dropout=0.0, quantization_bit=4, learning_rate=1e-4, max_steps=1,
-                              num_train_epochs=1.0, per_device_train_batch_size=1, gradient_accumulation_steps=1,
-                              max_seq_length=64, seed=0, processes=1, model=artifact(dsl.Model, {})),
+        "train": (train, {"data": split, "base_model": missing, "method": "bogus", "artifact_root": str(tmp), "lora_r": 4,
+                              "lora_alpha": 8, "lora_dropout": 0.0, "quantization_bit": 4, "learning_rate": 1e-4, "max_steps": 1,
+                              "num_train_epochs": 1.0, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                              "max_seq_length": 64, "seed": 0, "processes": 1, "model": artifact(dsl.Model, {})},
                   "method must be one of"),
-        "evaluate": (evaluate, dict(data=split, model=artifact(dsl.Model, trained_model(str(not_trained))),
-                                    artifact_root=str(tmp), sample_tokens=8, eval_samples=1,
-                                    metrics=artifact(dsl.Metrics, {}), report=artifact(dsl.HTML, {})),
+        "evaluate": (evaluate, {"data": split, "model": artifact(dsl.Model, trained_model(str(not_trained))),
+                                    "artifact_root": str(tmp), "sample_tokens": 8, "eval_samples": 1,
+                                    "metrics": artifact(dsl.Metrics, {}), "report": artifact(dsl.HTML, {})},
                      "folder has no config.json or adapter_config.json"),
-        "merge_adapter": (merge_adapter, dict(model=artifact(dsl.Model, trained_model(str(not_trained))),
-                                              artifact_root=str(tmp), merged=artifact(dsl.Model, {})),
+        "merge_adapter": (merge_adapter, {"model": artifact(dsl.Model, trained_model(str(not_trained))),
+                                              "artifact_root": str(tmp), "merged": artifact(dsl.Model, {})},
                           "has no kftune_config.json; pass a model that kftune trained"),
-        "register_model": (register_model, dict(data=split, trained=artifact(dsl.Model, trained_model(str(not_trained))),
-                                                evaluation=artifact(dsl.Metrics, evaluation(str(tmp))),
-                                                registered_model_name="m", experiment_name="e", artifact_root=str(tmp),
-                                                primary_metric="no_such_metric", promotion_margin=0.01,
-                                                git_commit="", pipeline_run="", registered=artifact(dsl.Model, {})),
+        "register_model": (register_model, {"data": split, "trained": artifact(dsl.Model, trained_model(str(not_trained))),
+                                                "evaluation": artifact(dsl.Metrics, evaluation(str(tmp))),
+                                                "registered_model_name": "m", "experiment_name": "e", "artifact_root": str(tmp),
+                                                "primary_metric": "no_such_metric", "promotion_margin": 0.01,
+                                                "git_commit": "", "pipeline_run": "", "registered": artifact(dsl.Model, {})},
                            "no_such_metric"),
-        "plan_sweep": (plan_sweep, dict(methods=["bogus"], ranks=[8], target_presets=["all"]), "bogus"),
-        "compare_candidates": (compare_candidates, dict(
-            data=split, candidates=[{"name": "lora-r8-all", "method": "lora", "rank": 8}], trained=[], evaluations=[],
-            primary_metric="eval_loss", experiment_name="e", artifact_root=str(tmp), report=artifact(dsl.HTML, {}),
-            winner=artifact(dsl.Model, {}), winner_evaluation=artifact(dsl.Metrics, {})), "candidate"),
+        "plan_sweep": (plan_sweep, {"methods": ["bogus"], "ranks": [8], "target_presets": ["all"]}, "bogus"),
+        "compare_candidates": (compare_candidates, {
+            "data": split, "candidates": [{"name": "lora-r8-all", "method": "lora", "rank": 8}], "trained": [], "evaluations": [],
+            "primary_metric": "eval_loss", "experiment_name": "e", "artifact_root": str(tmp), "report": artifact(dsl.HTML, {}),
+            "winner": artifact(dsl.Model, {}), "winner_evaluation": artifact(dsl.Metrics, {})}, "candidate"),
     }
 
 
@@ -109,8 +109,8 @@ def test_a_failing_step_prints_its_error_as_one_marked_line(name, tmp_path, smal
 
 def test_the_gate_stop_line_names_data_share_rules_fix_and_files(tiny_model, tmp_path):
     """The external alpaca file under the tiny model's tokenizer at 96 tokens: most rows too long."""
-    from kftune.gate_stop import stop_message
-    from kftune.validate import Options, validate
+    from kftune.data.gate_stop import stop_message
+    from kftune.data.validate import Options, validate
 
     data = tmp_path / EXTERNAL_ALPACA.name
     shutil.copy(EXTERNAL_ALPACA, data)

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from kftune import steps
-from kftune.errors import ConfigError, KftuneError
-from kftune.evaluate import assistant_loss, encode
+from kftune.core.errors import ConfigError, KftuneError
+from kftune.evaluate.evaluation import assistant_loss, encode
 
 
 def _conversation(prompt: str, answer: str) -> list[dict]:

@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 from kftune.cli import main as kftune_main
-from kftune.storage import sha256_file
-from pipelines import submit
+from kftune.core.storage import sha256_file
+from pipelines import parameters, submit
 
 API = "/apis/v2beta1"
 DATA_SHA = "ab" * 32
@@ -183,8 +183,8 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def expected_key(**overrides: Any) -> str:
-    params = submit.resolve_parameters({"data_uri": DATA_URI, "lora_r": 8, "max_steps": 50, **overrides})
-    return submit.idempotency_key(submit.git_commit(), DATA_SHA, submit.config_hash(params))
+    params = parameters.resolve_parameters({"data_uri": DATA_URI, "lora_r": 8, "max_steps": 50, **overrides})
+    return submit.idempotency_key(submit.submitted_commit(), DATA_SHA, submit.config_hash(params))
 
 
 def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, capsys, monkeypatch):
@@ -205,7 +205,7 @@ def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, 
     assert version.query["name"] == hashlib.sha256(spec).hexdigest()[:16]
     docs = list(yaml.safe_load_all(spec))
     assert docs[0]["pipelineInfo"]["name"] == upload.query["name"] == "kftune-finetune"
-    assert {"train", "evaluate"} <= {t for t in docs[0]["root"]["dag"]["tasks"]}
+    assert {"train", "evaluate"} <= set(docs[0]["root"]["dag"]["tasks"])
     assert "platforms" in docs[1]  # the Kubernetes spec (secrets, GPU node selector) travels too
 
     (exp,) = kfp_api.sent("POST", "/experiments")
@@ -217,7 +217,7 @@ def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, 
                                                       "pipeline_version_id": kfp_api.versions[-1]["pipeline_version_id"]}
     params = run.body["runtime_config"]["parameters"]
     assert (params["data_uri"], params["method"], params["lora_r"], params["max_steps"]) == (DATA_URI, "qlora", 8, 50)
-    assert params["learning_rate"] == 2e-4 and set(params) == set(submit.resolve_parameters({"data_uri": DATA_URI}))
+    assert params["learning_rate"] == 0.0 and set(params) == set(parameters.resolve_parameters({"data_uri": DATA_URI}))
     assert run.body["display_name"] == f"kftune-qlora [kftune-key={key}]"
     assert "run id-" in out and key in out
 
@@ -253,8 +253,8 @@ def test_dry_run_contacts_nothing_and_hashes_a_local_file(kfp_api, workdir, caps
     rc, out, err = cli(capsys, "submit", "--dry-run", "--host", kfp_api.url, "--data-uri", str(data))
     assert rc == 0, err
     assert kfp_api.requests == []
-    params = submit.resolve_parameters({"data_uri": str(data)})
-    key = submit.idempotency_key(submit.git_commit(), sha256_file(data), submit.config_hash(params))
+    params = parameters.resolve_parameters({"data_uri": str(data)})
+    key = submit.idempotency_key(submit.submitted_commit(), sha256_file(data), submit.config_hash(params))
     assert f"key           {key}" in out and "kftune-finetune" in out and "experiment    kftune" in out
     assert "s3://kftune/inputs/data/<sha256>/" in out  # it would upload the file first
     data.write_text('{"instruction": "hi", "input": "", "output": "changed"}\n')

@@ -2,10 +2,10 @@
 
 import pytest
 
-from kftune import sweep
-from kftune.config import SEVEN_PROJECTIONS
-from kftune.errors import ConfigError
+from kftune.core.errors import ConfigError
 from kftune.steps import Evaluation, TrainedModel, check_train_settings
+from kftune.sweep import plan as sweep
+from kftune.train.config import SEVEN_PROJECTIONS
 
 from .conftest import run_cli
 
@@ -93,8 +93,8 @@ def test_the_cli_rejects_a_bad_sweep_in_one_message_before_starting_anything(tmp
 def test_the_sweep_is_logged_to_mlflow_as_a_parent_run_with_a_child_run_per_candidate(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from kftune import compare
     from kftune.steps import DataSplit
+    from kftune.sweep import compare
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"  # a real store, embedded: no server needed
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

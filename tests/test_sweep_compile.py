@@ -65,7 +65,7 @@ def test_compare_collects_every_branch_and_the_winner_alone_is_merged_and_regist
     (branches,) = [name for name in root if name.startswith("condition-branches")]
     assert "compare-candidates" in root[branches]["dependentTasks"]
     conditions = {}
-    for name, task in spec["components"][root[branches]["componentRef"]["name"]]["dag"]["tasks"].items():
+    for task in spec["components"][root[branches]["componentRef"]["name"]]["dag"]["tasks"].values():
         body = spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
         conditions[task["triggerPolicy"]["condition"]] = set(body)
     winner_is_full = "inputs.parameter_values['pipelinechannel--compare-candidates-Output'] == 'full'"

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from kftune import cli
-from kftune.sample_data import generate_samples, to_messages
-from kftune.tiny_model import DEFAULT_VOCAB_SIZE, build_tiny_model, corpus_texts, train_tokenizer
+from kftune.dev.sample_data import generate_samples, messages_row
+from kftune.dev.tiny_model import DEFAULT_VOCAB_SIZE, build_tiny_model, corpus_texts, train_tokenizer
 
 ALPACA_ZH = Path(__file__).parents[2] / "shared/external/alpaca_zh_demo.json"
 OTHER_TEXT = [
@@ -81,7 +81,7 @@ def test_ids_match_on_real_chinese_alpaca_rows(tokenizer, trained):
 
 
 def test_assistant_mask_covers_content_and_im_end(tokenizer):
-    messages = to_messages(generate_samples(1)[0])["messages"]
+    messages = messages_row(generate_samples(1)[0])["messages"]
     messages += [{"role": "user", "content": "再短一点"}, {"role": "assistant", "content": "好的✨"}]
     out = tokenizer.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True, tokenize=True)
     ids, mask = out["input_ids"], out["assistant_masks"]

@@ -11,9 +11,9 @@ from .conftest import run_cli
 SHORT_RUN = ["--max_steps", "12", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
              "--logging_steps", "1", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--max_seq_length", "256"]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "kftune_config.json", "kftune_fingerprint.json", "metrics.json"}
+                 "chat_template.jinja", "kftune_config.json", "kftune_fingerprint.json", "train_metrics.json"}
 FULL_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "chat_template.jinja", "kftune_config.json", "kftune_fingerprint.json", "metrics.json"}
+              "chat_template.jinja", "kftune_config.json", "kftune_fingerprint.json", "train_metrics.json"}
 
 
 def train_with_guide_command(config: str, tiny_model, small_data, out, *extra: str):
@@ -36,7 +36,7 @@ def test_guide_config_trains_and_writes_the_guides_files(config, extra, files, t
     out = tmp_path / f"output_qwen_{config}"
     proc = train_with_guide_command(config, tiny_model, small_data, out, *extra)
     assert {p.name for p in out.iterdir()} == files
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "train_metrics.json").read_text())
     losses = [loss for _, loss in metrics["loss_history"]]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses  # falls on a short run

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kftune.config import resolve
-from kftune.modeling import find_linear_targets
-from kftune.train import run
+from kftune.models.loading import find_linear_targets
+from kftune.train.config import resolve
+from kftune.train.training import run
 
 PROBE = torch.tensor([[5, 17, 33, 70, 120, 9, 301, 2]])
 
@@ -48,7 +48,7 @@ def test_trainable_change_frozen_stay_and_model_reloads_bit_exact(method, overri
                                                                    tmp_path):
     """Inference loads the model as training computed it (dtype, fp32 norms under QLoRA, bf16 as autocast), so
     the reloaded model's logits equal the trained model's bit for bit in either precision: no tolerance."""
-    from kftune.infer import load_for_inference
+    from kftune.models.infer import load_for_inference
 
     watch = WatchParameters()
     result = run(short_config(tiny_model, small_data, tmp_path / method, precision=precision, **overrides),
@@ -80,7 +80,7 @@ def test_trainable_change_frozen_stay_and_model_reloads_bit_exact(method, overri
 
 
 def test_target_discovery_finds_the_guides_seven_projections(tiny_model):
-    from kftune.modeling import load_model, pick_runtime
+    from kftune.models.loading import load_model, pick_runtime
 
     assert find_linear_targets(load_model(str(tiny_model), pick_runtime())) == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -2,12 +2,12 @@
 
 import pytest
 
-from kftune.config import resolve
-from kftune.data import load_conversations
-from kftune.evaluate import encode
-from kftune.measure import peak_memory
-from kftune.modeling import load_tokenizer
-from kftune.train import run
+from kftune.data.reading import load_conversations
+from kftune.evaluate.evaluation import encode
+from kftune.models.loading import load_tokenizer
+from kftune.train.config import resolve
+from kftune.train.measure import peak_memory
+from kftune.train.training import run
 
 pytestmark = pytest.mark.slow  # trains a few seconds
 MAX_LENGTH = 256  # above every row's length: trl drops rows truncation leaves without assistant tokens
@@ -23,7 +23,7 @@ def _rss() -> int:
 @pytest.fixture(scope="module")
 def one_epoch(tiny_model, small_data, tmp_path_factory) -> dict:
     """A LoRA run over exactly one epoch (24 rows, 4 a step), after this process briefly held 1 GiB more."""
-    import peft, transformers, trl  # noqa: F401,E401  (imported first, so the run itself adds little)
+    import peft  # noqa: F401  (imported first, so the run itself adds little)
 
     before = _rss()
     ballast = b"\x01" * BALLAST  # written, so resident: it raises the process's RSS high-water mark

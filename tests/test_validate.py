@@ -14,9 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kftune.data import to_messages
-from kftune.errors import ConfigError, KftuneError
-from kftune.validate import BOM, RULES, Options, Report, TokenCounter, _ArrayItems, find_pii, load_counter, validate
+from kftune.core.errors import ConfigError, KftuneError
+from kftune.data.formats import to_messages
+from kftune.data.pii import find_pii
+from kftune.data.rules import RULES, Options
+from kftune.data.streaming import BOM, ArrayItems
+from kftune.data.token_counting import TokenCounter, load_counter
+from kftune.data.validate import validate
+from kftune.data.validation_report import Report
 
 from .conftest import EXTERNAL_ALPACA, REPO, run_cli
 
@@ -169,7 +174,7 @@ def test_json_array_gives_the_same_result_as_jsonl(tmp_path):
 def test_small_read_chunks_split_items_and_numbers(tmp_path):
     """Items and numbers cut at a read boundary are completed, not misread."""
     text = '[{"a": 1}, 12345, {"b": "x\\ny"},\n 6.5e3, "s", null]'
-    rows = list(_ArrayItems(io.StringIO(text), chunk_chars=3))
+    rows = list(ArrayItems(io.StringIO(text), chunk_chars=3))
     assert [r.raw for r in rows] == json.loads(text)
     assert [r.line for r in rows] == [1, 1, 1, 2, 2, 2]
 
@@ -253,7 +258,7 @@ LANE_TEXT = st.text(alphabet=st.sampled_from(list("ab XY 12345678，。！？你
 @st.composite
 def lane_row(draw) -> dict:
     """Rows near the lane's edges: both forms, extra fields, odd types and roles, suspect text."""
-    text = lambda: draw(st.one_of(LANE_TEXT, st.sampled_from(["好", "回答：很好", " ", ""])))  # noqa: E731
+    text = lambda: draw(st.one_of(LANE_TEXT, st.sampled_from(["好", "回答：很好", " ", ""])))
     form = draw(st.sampled_from(["alpaca", "alpaca", "messages", "messages", "odd"]))
     if form == "alpaca":
         row = {"instruction": text(), "input": draw(st.sampled_from([None, "", "补充"])), "output": text()}
@@ -277,11 +282,13 @@ def lane_row(draw) -> dict:
 def test_the_fast_lane_agrees_with_the_row_rules(counter, objs):
     import copy
 
-    from kftune.validate import _WORTH_A_LOOK, _Checker, _Row
+    from kftune.data.checker import Checker
+    from kftune.data.row_rules import WORTH_A_LOOK
+    from kftune.data.rules import Row
 
-    checker = _Checker(Options(tokenizer="tiny", max_seq_length=40), counter, external=None)
+    checker = Checker(Options(tokenizer="tiny", max_seq_length=40), counter, external=None)
     lane = checker.fast(copy.deepcopy(objs))
-    rows = checker.slow([_Row(i + 1, None, copy.deepcopy(obj)) for i, obj in enumerate(objs)])
+    rows = checker.slow([Row(i + 1, None, copy.deepcopy(obj)) for i, obj in enumerate(objs)])
     for obj, clean, row in zip(objs, lane, rows):
         if type(clean) is tuple:  # taken by the lane: exactly what the rules give
             assert not row.problems and not row.notes, (obj, row.problems, row.notes)
@@ -289,13 +296,13 @@ def test_the_fast_lane_agrees_with_the_row_rules(counter, objs):
         elif clean is not None:  # counted, too long: the rules say so too
             assert row.tokens == clean > 40 and row.problems[0][0] == "length.too_long"
         elif not row.problems and not row.notes and not (obj.get("history")) and not any(
-                _WORTH_A_LOOK.search(m["content"]) or "\ue000" in m["content"] for m in row.messages):
+                WORTH_A_LOOK.search(m["content"]) or "\ue000" in m["content"] for m in row.messages):
             pytest.fail(f"the lane left a clean row to the slow way: {obj}")
     assert counter.slow_reason is None  # the cross-checks never caught a fast count that was wrong
 
 
 def test_a_template_that_edits_contents_is_rendered_row_by_row(counter):
-    from kftune.modeling import load_tokenizer
+    from kftune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(counter.tokenizer.name_or_path)
     tokenizer.chat_template = counter.tokenizer.chat_template.replace("message['content'] + '<|im_end|>' }}",
@@ -337,7 +344,7 @@ def test_truncation_cannot_save_a_row_whose_prompt_is_too_long(tmp_path, tiny_mo
 
 
 def test_a_chat_template_that_refuses_a_row(tmp_path, tiny_model):
-    from kftune.modeling import load_tokenizer
+    from kftune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
@@ -460,13 +467,13 @@ def test_output_is_replaced_whole_and_foreign_folders_are_refused(tmp_path):
 
 def test_worker_processes_give_the_same_outputs(tmp_path, tiny_model, monkeypatch):
     """Rows checked in forked workers, a few lines per block, come back in order: same files, same report."""
-    import kftune.validate as gate_module
+    from kftune.data import parallel
 
     rows = distinct_rows(60) + [GOOD[0], RULE_FIXTURES["duplicate.exact"], b"", RULE_FIXTURES["pii.email"],
                                 RULE_FIXTURES["schema.missing_field"], RULE_FIXTURES["duplicate.conflicting_answer"],
                                 long_answer()] + distinct_rows(30, tag="b") + distinct_rows(5)
     data = write(tmp_path / "data.jsonl", rows)
-    monkeypatch.setattr(gate_module, "BLOCK_BYTES", 300)  # many blocks, several in flight
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 300)  # many blocks, several in flight
     reports = {w: validate(data, tmp_path / f"w{w}", Options(tokenizer=str(tiny_model), max_seq_length=LIMIT,
                                                              workers=w, min_rows=1)) for w in (1, 2)}
     for name in ("accepted", "rejected", "train", "eval"):
@@ -551,7 +558,7 @@ def test_committed_sample_data_passes(tmp_path, tiny_model):
 MEMORY_PROBE = """
 import json, sys
 import psutil
-from kftune.validate import Options, validate
+from kftune.data.validate import Options, validate
 data, rows = sys.argv[1], int(sys.argv[2])
 with open(data, "w", encoding="utf-8") as f:
     for i in range(rows):

@@ -85,7 +85,7 @@ def test_retrain_gates_then_submits_with_secrets_from_env():
     assert [cmd[1] for _, cmd in kftune] == ["validate-data", "pipeline"]  # the gate first, then submit
 
     (gate_step, gate), (submit_step, sub) = kftune
-    from kftune.validate import _parser
+    from kftune.data.validate import _parser
 
     gate_args = _parser().parse_args(gate[2:])
     assert gate_args.data == env["DATA"] and gate_args.base_model == env["BASE_MODEL"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kftune.stack import StackConfig, StackInfo, down, free_ports, up
-from kftune.storage import S3, connect, upload_dir, upload_file
+from kftune.core.storage import S3, connect_s3, upload_dir, upload_file
+from kftune.dev.stack import StackConfig, StackInfo, down, free_ports, up
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def stack_env(stack: StackInfo, monkeypatch: pytest.MonkeyPatch) -> StackInfo:
 
 @pytest.fixture(scope="module")
 def s3(stack: StackInfo) -> S3:
-    return connect(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
+    return connect_s3(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from kftune.errors import KftuneError
-from kftune.stack import free_ports
-from kftune.storage import MANIFEST, download_dir, sha256_file, upload_file
+from kftune.core.errors import KftuneError
+from kftune.core.storage import MANIFEST, download_dir, sha256_file, upload_file
+from kftune.dev.stack import free_ports
 from pipelines.local import RunSummary, run
 
 from ..conftest import EXTERNAL_ALPACA, assert_generates, run_cli
@@ -186,7 +186,7 @@ def test_the_cli_reports_bad_settings_in_one_line_before_starting_anything(stack
 def test_the_training_step_runs_one_process_per_device_under_accelerate_launch(finished, s3, tmp_path):
     method, summary = finished
     model = download_dir(summary.trained.uri, tmp_path / "model", s3)
-    metrics = json.loads((model / "metrics.json").read_text())
+    metrics = json.loads((model / "train_metrics.json").read_text())
     assert metrics["processes"] == PROCESSES[method] and metrics["global_steps"] == QUICK["max_steps"]
     if method != "full":
         assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in model.iterdir()}

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from kftune import steps
-from kftune.stack import StackInfo
-from kftune.storage import connect, download_dir, upload_dir, upload_file
+from kftune.core.storage import connect_s3, download_dir, upload_dir, upload_file
+from kftune.dev.stack import StackInfo
 
 from ..conftest import assert_generates, run_cli
 
@@ -132,7 +132,7 @@ def test_a_worse_candidate_stays_challenger_and_the_tags_say_why(good, worse, cl
 
 def test_the_registered_artifact_carries_a_model_card_and_the_run_the_report(good, client, tmp_path):
     *_, reg = good
-    folder = download_dir(reg.source, tmp_path / "registered", connect())
+    folder = download_dir(reg.source, tmp_path / "registered", connect_s3())
     card = (folder / "README.md").read_text(encoding="utf-8")
     for expected in ("# promotion-test", "| eval loss (assistant tokens) |", "load_registered(\"models:/promotion-test@champion\")",
                      "AutoModelForCausalLM.from_pretrained", "train rows", "lora"):
@@ -161,7 +161,7 @@ def test_a_champion_scored_on_other_settings_is_scored_again(good, worse, split,
 
 
 def test_the_champion_loads_through_the_registry_and_generates(good, worse, env):
-    from kftune.registry import load_registered
+    from kftune.registry.tracking import load_registered
 
     model, tokenizer = load_registered(f"models:/{NAME}@champion")
     assert_generates(model, tokenizer)
@@ -170,7 +170,7 @@ def test_the_champion_loads_through_the_registry_and_generates(good, worse, env)
 def test_an_adapter_version_loads_on_its_base_by_number(good, worse, env, client):
     from peft import PeftModel
 
-    from kftune.registry import load_registered
+    from kftune.registry.tracking import load_registered
 
     (adapter,) = [v for v in client.search_model_versions(f"name = '{NAME}'") if v.tags.get("kind") == "adapter"]
     model, tokenizer = load_registered(f"models:/{NAME}/{adapter.version}")
@@ -197,8 +197,8 @@ def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
 def test_a_champion_that_moves_while_a_candidate_is_judged_is_judged_again(good, worse, root, client, tmp_path):
     """Another registration moving `champion` while this one scores the old champion (minutes, on a real model)
     can't be timed for real here: the rescore callback stands in for it and moves the alias mid-judgement."""
-    from kftune import promote
-    from kftune.evaluate import METRICS_FILENAME
+    from kftune.core.artifacts import EVAL_METRICS as METRICS_FILENAME
+    from kftune.registry import promote
 
     old = str(client.get_model_version_by_alias(NAME, "champion").version)
     other = next(v for v in ("2", "1") if v != old)

@@ -9,9 +9,9 @@ import uuid
 import pytest
 import torch
 
-from kftune.checkpoints import Store
-from kftune.config import parse_args
-from kftune.storage import MANIFEST, connect, list_artifacts, split_artifact_uri
+from kftune.core.storage import MANIFEST, connect_s3, list_artifacts, split_artifact_uri
+from kftune.train.checkpoints import Store
+from kftune.train.config import parse_args
 
 from ..test_resume import one_thread, references, soak, write_checkpoint  # noqa: F401  (fixtures used below)
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def s3_store(stack) -> Store:
-    s3 = connect(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
+    s3 = connect_s3(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
     return Store(f"s3://{stack.bucket}/checkpoints-{uuid.uuid4().hex[:8]}/run", s3)
 
 
@@ -36,7 +36,7 @@ def test_killed_training_resumes_from_s3_through_the_cli(stack_env, tiny_model, 
 
     soak.train_to_end(argv)  # the same command again, as a KFP retry would run it
 
-    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == newest
+    assert json.loads((out / "train_metrics.json").read_text())["resumed_from_step"] == newest
     assert soak.differing(references("lora"), soak.final_tensors(out)) == []
     assert list_artifacts(store.root, store.s3) == [], "a finished run leaves no checkpoints in S3"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kftune.stack import CREDENTIALS, StackInfo
-from kftune.storage import S3, connect
+from kftune.core.storage import S3, connect_s3
+from kftune.dev.stack import CREDENTIALS, StackInfo
 
 from ..conftest import run_cli
 
@@ -85,7 +85,7 @@ def test_no_credential_in_any_output_of_a_pipeline_run(stack: StackInfo, credent
     compiled = run_cli("-m", "kftune.cli", "pipeline", "compile", "-o", str(tmp_path / "finetune.yaml"), env=env)
     assert compiled.returncode == 0, compiled.stderr
     run_id = next(line.rsplit("/", 1)[1] for line in run.stdout.splitlines() if line.startswith("MLflow run"))
-    s3 = connect(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
+    s3 = connect_s3(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
     from mlflow import MlflowClient
 
     client = MlflowClient(stack.mlflow_url)

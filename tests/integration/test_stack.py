@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from kftune.cli import main as cli_main
-from kftune.errors import KftuneError
-from kftune.stack import CREDENTIALS, StackConfig, StackInfo, down, free_ports, port_in_use, status, up
-from kftune.storage import connect
+from kftune.core.errors import KftuneError
+from kftune.core.storage import connect_s3
+from kftune.dev.stack import CREDENTIALS, StackConfig, StackInfo, down, free_ports, port_in_use, status, up
 
 pytestmark = pytest.mark.integration
 
@@ -163,5 +163,5 @@ def test_mlflow_server_keeps_runs_and_puts_artifacts_in_s3(stack_env: StackInfo,
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report.txt",
                                                 dst_path=str(tmp_path / "back"))
     assert Path(local).read_text() == "eval report"
-    listed = connect().client.list_objects_v2(Bucket=stack_env.bucket, Prefix="mlflow/")
+    listed = connect_s3().client.list_objects_v2(Bucket=stack_env.bucket, Prefix="mlflow/")
     assert any(o["Key"].endswith(f"{run_id}/artifacts/report.txt") for o in listed.get("Contents", []))

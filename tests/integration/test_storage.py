@@ -16,20 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from kftune.errors import KftuneError
-from kftune.stack import StackConfig, StackInfo, down, free_ports, up
-from kftune.storage import (
+from kftune.core.errors import KftuneError
+from kftune.core.storage import (
     MANIFEST,
     S3,
     MiB,
     canonical_json,
-    connect,
+    connect_s3,
     download_dir,
     resolve_path,
     tree_manifest,
     upload_dir,
     upload_file,
 )
+from kftune.dev.stack import StackConfig, StackInfo, down, free_ports, up
 
 pytestmark = pytest.mark.integration
 WRITES = {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"}
@@ -37,7 +37,7 @@ WRITES = {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipart
 
 @pytest.fixture
 def s3(stack_env: StackInfo) -> S3:
-    return connect(multipart_threshold=5 * MiB)
+    return connect_s3(multipart_threshold=5 * MiB)
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_wrong_credentials_are_one_clear_error_without_retries(variable: str, st
     uploaded = upload_file(data, dest)
     wrong = secrets.token_hex(20) if variable == "AWS_SECRET_ACCESS_KEY" else "KFTUNE" + secrets.token_hex(7).upper()
     monkeypatch.setenv(variable, wrong)
-    s3 = connect()
+    s3 = connect_s3()
     sent = _calls(s3, "before-send.s3")
 
     attempts = (lambda: upload_file(data, f"{dest}-other", s3),
@@ -195,7 +195,7 @@ def test_a_stopped_s3_server_gives_bounded_retries_then_one_clear_error(tmp_path
     cfg = StackConfig(tmp_path / "stack", *free_ports(2))
     try:
         info = up(cfg)
-        s3 = connect(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
+        s3 = connect_s3(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
         src = _tree(tmp_path / "src")
         art = upload_dir(src, f"s3://{info.bucket}/models", s3)
         assert "weed" in down(cfg.state_dir)  # SeaweedFS is stopped (its port closes), not just unreachable
@@ -219,8 +219,8 @@ def test_a_stopped_s3_server_gives_bounded_retries_then_one_clear_error(tmp_path
 _UPLOADER = """
 import dataclasses, sys
 from boto3.s3.transfer import TransferConfig
-from kftune.storage import MiB, connect, upload_dir
-s3 = connect()
+from kftune.core.storage import MiB, connect_s3, upload_dir
+s3 = connect_s3()
 s3 = dataclasses.replace(s3, transfer=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
                                                      max_concurrency=1))
 s3.client.meta.events.register("after-call.s3", lambda model, **_: print(model.name, flush=True))

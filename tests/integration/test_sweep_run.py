@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from kftune.storage import download_dir
+from kftune.core.storage import download_dir
 from pipelines.local import SweepSummary, run_sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

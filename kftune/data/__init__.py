@@ -1,0 +1,1 @@
+"""The data stage: row formats, reading, the validation gate and token counting."""

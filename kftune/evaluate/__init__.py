@@ -1,0 +1,1 @@
+"""The evaluation stage: base vs tuned scoring and its report."""

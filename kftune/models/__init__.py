@@ -1,0 +1,1 @@
+"""Models: loading, the template fingerprint, inference and adapter merging."""

@@ -1,0 +1,266 @@
+"""`kftune register`: every candidate becomes an MLflow model version; `champion` moves only when it wins.
+
+A candidate is a model artifact (full or merged model, or an adapter with its base named) plus
+the evaluation `kftune evaluate` wrote for it. Registering it:
+
+1. returns the existing version when this artifact (its sha256) was registered before;
+2. writes the model card (README.md) into a copy of the artifact and uploads that copy, which
+   becomes the version's source (the artifact is content-addressed, so the card makes a new one);
+3. logs a run (params, metrics, loss curve, metrics.json, samples.jsonl, report.html) and creates
+   the version, tagged with its lineage and metrics, with the alias `challenger`;
+4. asks kftune.registry.gate whether it beats its base by the margin and the current champion on the same
+   eval data (stored metrics when the eval key matches, else the champion scored again), moves
+   `champion` if so, and writes the decision and its reasons as tags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kftune.core import artifacts
+from kftune.core.commit import head_commit
+from kftune.core.errors import KftuneError
+from kftune.core.storage import MANIFEST, resolve_path, split_artifact_uri, upload_dir
+from kftune.evaluate.evaluation import rescore_model
+from kftune.registry import gate
+from kftune.registry import tracking as registry
+from kftune.registry.modelcard import README, render
+from kftune.registry.tracking import CHALLENGER, CHAMPION, Registration
+from kftune.train.config import TrainConfig
+
+log = logging.getLogger("kftune")
+
+METRIC_TAG = "metric."  # version tags holding the tuned model's metrics, e.g. metric.eval_loss
+TAGGED_METRICS = ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate")
+# config keys that say where files were, not how the model was trained: left out of the config hash
+_PLACES = ("output_dir", "data_path", "eval_data_path", "overwrite_output_dir")
+
+Rescore = Callable[[Any], Mapping[str, float]]  # champion ModelVersion -> its metrics on the candidate's eval data
+
+
+def config_sha256(model_dir: Path) -> str:
+    """sha256 of the training config the model carries, without the paths that differ run to run."""
+    if not TrainConfig.saved_in(model_dir):
+        return ""
+    saved = {k: v for k, v in TrainConfig.load(model_dir).to_dict().items() if k not in _PLACES}
+    return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()
+
+
+def lineage(model_dir: Path, *, dataset_sha256: str = "", git_commit: str = "", pipeline_run: str = "") -> dict[str, str]:
+    """The facts a version is tagged with, read from the model's own kftune_config.json."""
+    cfg = TrainConfig.load(model_dir) if TrainConfig.saved_in(model_dir) else None
+    facts = {"method": cfg.method if cfg else "", "lora_r": cfg.lora_r if cfg and cfg.uses_adapter else "",
+             "quantization_bit": cfg.quantization_bit if cfg and cfg.use_qlora else "",
+             "base_model": cfg.base_model if cfg else "", "dataset_sha256": dataset_sha256,
+             "config_sha256": config_sha256(model_dir), "git_commit": git_commit, "pipeline_run": pipeline_run}
+    return {k: str(v) for k, v in facts.items() if v not in (None, "")}
+
+
+def _metrics_of(version) -> dict[str, float]:
+    return {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
+
+
+def _carded_copy(model_dir: Path, card: str, dest: str) -> tuple[str, str]:
+    """Upload `model_dir` plus README.md (files hard-linked, not copied, where the disk allows); (uri, sha256)."""
+    with tempfile.TemporaryDirectory(prefix="kftune-card-") as tmp:
+        folder = Path(tmp, "model")
+
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        shutil.copytree(model_dir, folder, copy_function=link, ignore=shutil.ignore_patterns(MANIFEST, README))
+        (folder / README).write_text(card, encoding="utf-8")
+        artifact = upload_dir(folder, dest)
+    return artifact.uri, artifact.sha256
+
+
+def _existing(mlflow, name: str, version) -> Registration:
+    champion = registry.version_by_alias(mlflow, name, CHAMPION)
+    reasons = [r for r in version.tags.get("gate.reasons", "").split("\n") if r]
+    return Registration(name, str(version.version), version.run_id or "", "", version.source,
+                        promoted=champion is not None and str(champion.version) == str(version.version),
+                        reasons=reasons, champion=str(champion.version) if champion else "", existing=True)
+
+
+def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir, evaluation, artifact_root,
+                 lineage_tags, params, train_metrics, loss_history, data_stats):
+    """Model card into a copy of the artifact, a run with the evaluation's files, a version tagged with it all."""
+    model_dir = Path(resolve_path(model_uri))
+    kind = "adapter" if (model_dir / "adapter_config.json").is_file() else "model"
+    tuned, base = evaluation["tuned"], evaluation["base"]
+    tags = {**lineage_tags, "kind": kind, "artifact_sha256": model_sha256, "candidate_uri": model_uri,
+            "eval_key": evaluation["eval_key"], "eval_sha256": evaluation["eval_sha256"],
+            **{f"{METRIC_TAG}{k}": tuned[k] for k in TAGGED_METRICS if k in tuned},
+            **{f"base.{k}": base[k] for k in TAGGED_METRICS if k in base}}
+    card = render(name=name, kind=kind, base_model=lineage_tags.get("base_model", evaluation["base_model"]),
+                  lineage=lineage_tags, evaluation=evaluation, data=data_stats)
+    source, carded_sha = _carded_copy(model_dir, card, f"{artifact_root.rstrip('/')}/registered")
+    metrics = {**(train_metrics or {}), **{k: tuned[k] for k in TAGGED_METRICS if k in tuned},
+               **{f"base_{k}": base[k] for k in TAGGED_METRICS if k in base}}
+    files = [evaluation_dir / f for f in (artifacts.EVAL_METRICS, artifacts.SAMPLES, artifacts.REPORT)
+             if (evaluation_dir / f).is_file()]
+    run_id, url = registry.log_run(mlflow, experiment, f"{name}-{lineage_tags.get('method', kind)}",
+                                   params={**(params or {}), **lineage_tags}, metrics=metrics, tags=tags,
+                                   loss_history=loss_history or [], artifacts=files)
+    version = registry.create_version(mlflow, name, source, run_id, {**tags, "registered_sha256": carded_sha})
+    return version, run_id, url
+
+
+def _champion_metrics(champion, eval_key: str, rescore: Rescore | None) -> tuple[dict | None, str, tuple[str, ...]]:
+    """(the champion's metrics on the candidate's eval data or None without a champion, its label, a note)."""
+    if champion is None:
+        return None, "the champion", ()
+    label = f"champion version {champion.version}"
+    if champion.tags.get("eval_key") == eval_key:
+        return _metrics_of(champion), label, ()
+    if rescore is None:  # nothing comparable: decide() refuses to promote over it
+        return {}, label, (f"{label} was scored on other eval data or settings and could not be scored again",)
+    log.info("the champion (version %s) was scored on other eval data or settings: scoring it again", champion.version)
+    return dict(rescore(champion)), label, (
+        f"{label} was scored again on this eval data (its stored metrics are for other data or settings)",)
+
+
+JUDGEMENTS = 3  # a candidate is judged again when the champion moved meanwhile, at most this often
+
+
+def _champion_other_than(mlflow, name: str, number: str):
+    champion = registry.version_by_alias(mlflow, name, CHAMPION)
+    return None if champion is None or str(champion.version) == number else champion
+
+
+def _version_of(version) -> str | None:
+    return None if version is None else str(version.version)
+
+
+def register(
+    name: str,
+    *,
+    experiment: str,
+    model_uri: str,
+    model_sha256: str,
+    evaluation_dir: Path,
+    artifact_root: str,
+    lineage_tags: Mapping[str, str],
+    params: Mapping[str, Any] | None = None,
+    train_metrics: Mapping[str, float] | None = None,
+    loss_history: list[tuple[int, float]] | None = None,
+    data_stats: Mapping[str, Any] | None = None,
+    metric: str = gate.DEFAULT_METRIC,
+    margin: float = gate.DEFAULT_MARGIN,
+    rescore: Rescore | None = None,
+) -> Registration:
+    """Register the candidate at `model_uri` (sha256 `model_sha256`) scored in `evaluation_dir`, and run the gate.
+
+    `rescore` scores the champion on this candidate's eval data when its stored metrics are for
+    other eval data or settings; without it such a champion is not replaced.
+    """
+
+    gate.decide({metric: 1.0}, {metric: 2.0}, None, metric=metric, margin=margin)  # a bad metric or margin fails first
+    evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
+    mlflow = registry.client()
+    found = registry.find_version(mlflow, name, model_sha256)
+    if found is not None and "gate.decision" in found.tags:
+        result = _existing(mlflow, name, found)
+        print(result.decision(), flush=True)
+        return result
+
+    if found is None:
+        version, run_id, url = _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir,
+                                            evaluation, artifact_root, lineage_tags, params, train_metrics,
+                                            loss_history, data_stats)
+    else:  # registered before, but the gate never ran (the earlier registration was interrupted)
+        version, run_id, url = found, found.run_id, ""
+    number = str(version.version)
+    registry.set_alias(mlflow, name, CHALLENGER, number)
+
+    tuned, base = evaluation["tuned"], evaluation["base"]
+    for _ in range(JUDGEMENTS):
+        champion = _champion_other_than(mlflow, name, number)
+        champion_metrics, label, note = _champion_metrics(champion, evaluation["eval_key"], rescore)
+        decision = gate.decide(tuned, base, champion_metrics, metric=metric, margin=margin, champion_label=label)
+        decision = dataclasses.replace(decision, reasons=decision.reasons + note)
+        if not decision.promote:
+            break
+        # Judging can take minutes (the champion may be scored again); another registration may have
+        # moved the alias meanwhile. Move it only from the champion this candidate was judged against.
+        if _version_of(_champion_other_than(mlflow, name, number)) == _version_of(champion):
+            registry.set_alias(mlflow, name, CHAMPION, number)
+            break
+        log.info("the champion moved while version %s was judged; judging it again", number)
+    else:
+        decision = dataclasses.replace(decision, promote=False, reasons=decision.reasons + (
+            f"the champion moved {JUDGEMENTS} times while this candidate was judged; left as challenger",))
+    registry.tag_version(mlflow, name, number, {
+        "gate.decision": "champion" if decision.promote else "challenger", "gate.reasons": "\n".join(decision.reasons),
+        "gate.metric": metric, "gate.margin": margin,
+        "gate.compared_with": str(champion.version) if champion is not None else "none",
+    }, run_id=run_id)
+    now_champion = number if decision.promote else (str(champion.version) if champion is not None else "")
+    result = Registration(name, number, run_id or "", url, version.source, promoted=decision.promote,
+                          reasons=list(decision.reasons), champion=now_champion, existing=found is not None)
+    print(result.decision(), flush=True)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kftune register", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="the candidate: merged/full model or adapter folder, or s3:// artifact URI")
+    p.add_argument("--evaluation", required=True, help="the `kftune evaluate` output folder (or its s3:// artifact URI)")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--experiment", default="kftune", help="MLflow experiment of the registration run (default: kftune)")
+    p.add_argument("--artifact_root", help="s3://bucket/prefix where a local model and the carded copy are uploaded "
+                                           "(required unless --model is an s3:// URI: then its bucket's registered/)")
+    p.add_argument("--dataset_sha256", default="", help="sha256 of the training data file (tagged on the version)")
+    p.add_argument("--pipeline_run", default="", help="the pipeline run that made the model (tagged on the version)")
+    p.add_argument("--metric", default=gate.DEFAULT_METRIC, choices=list(gate.DIRECTIONS), help="the primary metric")
+    p.add_argument("--margin", type=float, default=gate.DEFAULT_MARGIN,
+                   help=f"how much better than the base the candidate must be, as a fraction of the base's value "
+                        f"(default: {gate.DEFAULT_MARGIN})")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.model.startswith("s3://"):
+        bucket, base, _ = split_artifact_uri(args.model)
+        model_uri, sha = f"s3://{bucket}/{base}", base.rsplit("/", 1)[-1]
+        root = args.artifact_root or f"s3://{bucket}/kftune"
+    else:
+        if not args.artifact_root:
+            raise KftuneError(f"--model {args.model} is a local folder: pass --artifact_root s3://bucket/prefix to upload it")
+        if not Path(args.model).is_dir():
+            raise KftuneError(f"--model {args.model}: no such folder")
+        artifact = upload_dir(args.model, f"{args.artifact_root.rstrip('/')}/models")
+        model_uri, sha, root = artifact.uri, artifact.sha256, args.artifact_root
+    evaluation_dir = Path(resolve_path(args.evaluation))
+    model_dir = Path(resolve_path(model_uri))
+    training = model_dir / artifacts.TRAIN_METRICS
+    history = json.loads(training.read_text(encoding="utf-8")).get("loss_history", []) if training.is_file() else []
+    tags = lineage(model_dir, dataset_sha256=args.dataset_sha256, git_commit=head_commit(), pipeline_run=args.pipeline_run)
+    register(args.name, experiment=args.experiment, model_uri=model_uri, model_sha256=sha, evaluation_dir=evaluation_dir,
+             artifact_root=root, lineage_tags=tags, loss_history=[(int(s), float(v)) for s, v in history],
+             metric=args.metric, margin=args.margin, rescore=rescorer(evaluation_dir))
+    return 0
+
+
+def rescorer(evaluation_dir: Path) -> Rescore:
+    """Score a champion version on the eval data and with the settings recorded in `evaluation_dir`/metrics.json."""
+
+    def rescore(champion) -> Mapping[str, float]:
+        evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
+        return rescore_model(champion.source, evaluation, base_model=champion.tags.get("base_model"))
+
+    return rescore

@@ -1,0 +1,1 @@
+"""The method x rank sweep: candidates, comparison and the winner."""

@@ -1,0 +1,1 @@
+"""The training stage: config, training, launch, memory pre-flight, checkpoints."""

@@ -1,0 +1,271 @@
+"""Training: full, LoRA and QLoRA on one path (QLoRA = LoRA + a quantization config).
+
+Reads top to bottom: resolve config -> load data -> load model -> wrap with LoRA -> train with
+trl's SFTTrainer (loss on assistant tokens only) -> save into a staging folder -> move into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kftune.core import artifacts
+from kftune.core.atomic import building, staging_dir
+from kftune.core.errors import KftuneError
+from kftune.data.reading import load_conversations, to_dataset
+from kftune.models import fingerprint
+from kftune.train.config import TrainConfig, parse_args
+from kftune.train.measure import peak_memory, reset_peak_memory
+from kftune.train.preflight import check as memory_preflight
+
+log = logging.getLogger("kftune")
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+        raise KftuneError(
+            f"{out}: output_dir already exists and is not empty; choose another --output_dir "
+            "or pass --overwrite_output_dir to replace it"
+        )
+    return out
+
+
+def build_model(cfg: TrainConfig, runtime, location: str):
+    """The model to train: full-precision for full fine-tuning, frozen (maybe quantized) base + LoRA otherwise."""
+    import torch
+
+    from kftune.models.loading import (  # heavy: imports torch; loaded when used
+        find_linear_targets,
+        load_model,
+        prepare_quantized,
+    )
+
+    if cfg.method == "full":
+        # fp32 master weights; bf16 runs as autocast so optimizer updates stay exact
+        return load_model(location, runtime, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code), []
+    from peft import LoraConfig, get_peft_model
+
+    bits = cfg.quantization_bit if cfg.use_qlora else None
+    model = load_model(location, runtime, quantization_bit=bits, trust_remote_code=cfg.trust_remote_code)
+    if bits:
+        model = prepare_quantized(model, gradient_checkpointing=cfg.gradient_checkpointing)
+    targets = cfg.target_modules()
+    if targets is None:
+        targets = find_linear_targets(model)
+        log.info("lora_target_modules: null -> found linear layers %s", ",".join(targets))
+    missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in model.named_modules())]
+    if missing:
+        raise KftuneError(
+            f"lora_target_modules: {', '.join(missing)} not found in {cfg.base_model}; "
+            f"its linear layers are {','.join(find_linear_targets(model))}"
+        )
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), targets
+
+
+def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
+    from transformers.utils import is_liger_kernel_available
+    from trl import SFTConfig
+
+    # Padding-free batches come from `data_collator` below: trl's own `padding_free` flag refuses a
+    # max_length without packing, although it truncates to max_length all the same.
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        max_length=cfg.max_seq_length,
+        assistant_only_loss=True,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio in transformers 5
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
+        bf16=runtime.precision == "bf16",
+        fp16=runtime.precision == "fp16",
+        use_cpu=runtime.device == "cpu",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",  # real tokens trained on, for tokens/s
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # under `kftune launch`: every trainable parameter gets a gradient
+        # fused Triton kernels (less memory, faster) when a liger-kernel version the Trainer accepts is installed
+        use_liger_kernel=runtime.device == "cuda" and is_liger_kernel_available(),
+    )
+
+
+def data_collator(cfg: TrainConfig, tokenizer):
+    """Padding-free batches (no compute spent on padding): a batch's sequences side by side in one row.
+
+    Position ids restart at 0 for each sequence, so attention never crosses from one sequence into
+    the next (transformers builds a block-diagonal causal mask from them) and each first token is
+    not predicted from its neighbour. None keeps trl's padded batches.
+    """
+    if not cfg.padding_free:
+        return None
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+
+
+def check_rows_kept(cfg: TrainConfig, flag: str, rows: int, kept: int) -> None:
+    """trl drops a row whose answer is cut off entirely by max_seq_length; all of them dropped is an error."""
+    if kept == rows:
+        return
+    where = f"{getattr(cfg, flag)} (--{flag})"
+    if kept == 0:
+        raise KftuneError(f"{where}: none of its {rows} rows has an answer token left within max_seq_length="
+                          f"{cfg.max_seq_length} (the prompts alone are longer); raise --max_seq_length "
+                          "(`kftune validate-data DATA --base_model M` prints the token lengths)")
+    log.warning("%s: %d of %d rows had no answer token left within max_seq_length=%d and were dropped",
+                where, rows - kept, rows, cfg.max_seq_length)
+
+
+def loss_history(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
+    return [(entry["step"], entry[key]) for entry in log_history if key in entry]
+
+
+def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Train per `cfg`; the output_dir appears only when everything is saved.
+
+    `callbacks` are transformers TrainerCallbacks (tests use them to watch parameters).
+    """
+    from kftune.models.loading import (  # heavy: imports torch; loaded when used
+        count_parameters,
+        load_tokenizer,
+        pick_runtime,
+        resolve_model_location,
+    )
+
+    # everything that can fail on bad input is checked before anything heavy is imported or written
+    out = check_output_dir(cfg)
+    runtime = pick_runtime(cfg.precision)
+    train_rows = load_conversations(cfg.data_path)
+    eval_rows = load_conversations(cfg.eval_data_path) if cfg.eval_data_path else None
+    location = resolve_model_location(cfg.base_model)
+    cfg = memory_preflight(cfg, location, runtime)  # may turn on checkpointing; refuses what cannot fit
+    if cfg.use_qlora:
+        from kftune.models.loading import check_bitsandbytes  # heavy: imports torch; loaded when used
+
+        check_bitsandbytes()
+    from trl import SFTTrainer
+
+    from kftune.train.checkpoints import PublishCheckpoints, Store, step_of  # imports transformers' Trainer: seconds
+
+    tokenizer = load_tokenizer(location, cfg.trust_remote_code)
+    if not tokenizer.chat_template:
+        raise KftuneError(f"{cfg.base_model}: the tokenizer has no chat template; use an instruct/chat model")
+
+    log.info("method %s on %s (%s), %d training rows", cfg.method, runtime.device, runtime.precision, len(train_rows))
+    reset_peak_memory(runtime.device)  # the peak of loading and training this model, nothing before
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA's initial weights are random: seeded, a run is reproducible (and a restart matches it)
+    model, targets = build_model(cfg, runtime, location)
+    trainable, total = count_parameters(model)
+    log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    # under `kftune launch` (accelerate/torchrun) every process trains, only the world's process zero writes
+    main = int(os.environ.get("RANK", "0")) == 0
+    store = Store.for_run(cfg) if cfg.checkpoint_uri else None
+    with (building(out) if main else contextlib.nullcontext(staging_dir(out)) as staging,
+          tempfile.TemporaryDirectory(prefix="kftune-resume-") as downloads):
+        resume = store.latest(Path(downloads)) if store else None  # refuses a checkpoint that is unsafe to load
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None),
+            train_dataset=to_dataset(train_rows),
+            eval_dataset=to_dataset(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+            data_collator=data_collator(cfg, tokenizer),
+            callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
+        )
+        check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
+        if eval_rows:
+            check_rows_kept(cfg, "eval_data_path", len(eval_rows), len(trainer.eval_dataset))
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        elapsed = time.perf_counter() - started
+        peak, tokens = peak_memory(runtime.device), trainer.state.num_input_tokens_seen
+        eval_metrics = trainer.evaluate() if eval_rows else {}
+
+        trainer.save_model(str(staging))  # every process takes part (FSDP gathers); process zero writes
+        trainer.accelerator.wait_for_everyone()  # no process still writes a checkpoint when it is removed
+        history = loss_history(trainer.state.log_history)
+        metrics = {
+            "method": cfg.method,
+            "quantization_bit": cfg.quantization_bit if cfg.use_qlora else None,
+            "lora_r": cfg.lora_r if cfg.uses_adapter else None,
+            "target_modules": targets,
+            "device": runtime.device,
+            "precision": runtime.precision,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_share": trainable / total,
+            "train_rows": len(train_rows),
+            "processes": trainer.args.world_size,
+            "global_steps": result.global_step,
+            "resumed_from_step": step_of(resume) if resume else None,
+            "train_loss": result.training_loss,
+            "first_loss": history[0][1] if history else None,
+            "last_loss": history[-1][1] if history else None,
+            "loss_history": history,
+            "eval_loss_history": loss_history(trainer.state.log_history, "eval_loss"),
+            "train_seconds": round(elapsed, 3),
+            "train_tokens": tokens,  # non-padding input tokens, all processes
+            "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+            "peak_memory_bytes": peak.bytes,  # this process's (process zero's device's) peak
+            "peak_memory_source": peak.source,
+            **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
+        }
+        if main:
+            tokenizer.save_pretrained(str(staging))
+            fingerprint.write(staging, tokenizer, cfg.base_model)  # infer/merge/evaluate refuse another template
+            shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+            # a pickle (unsafe to load) and peft's placeholder card: neither belongs in a published model
+            for leftover in ("training_args.bin", "README.md"):
+                (staging / leftover).unlink(missing_ok=True)
+            cfg.save(staging)
+            (staging / artifacts.TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if main and store:
+        store.clear()  # the output is in place: the run's checkpoints have served their purpose
+    if main:
+        log.info("saved %s run to %s (loss %.4f -> %.4f)", cfg.method, out, metrics["first_loss"] or 0, metrics["last_loss"] or 0)
+    return TrainResult(out, metrics)
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_args(argv, prog="fine_tune_qwen.py", description="Fine-tune a causal LM with full, LoRA or QLoRA training.")
+    run(cfg)
+    return 0
