@@ -72,11 +72,16 @@ def _qwen2_pipeline(tokenizer: Tokenizer) -> None:
 
 
 def _row_texts(row: Any, where: str) -> list[str]:
-    """The texts of one alpaca or messages row, as training reads it (the data layer's checks and messages)."""
+    """The texts of one alpaca or messages row, checked by the data layer's rules (as training reads it).
+
+    An alpaca row gives its instruction, input and output apart, not the joined prompt: the demo model's
+    tokenizer has always learnt them so, and other merges would change what `make run` prints."""
     problem, messages = structure_problem(row)
     if problem:
         raise KftuneError(f"{where}: {problem}")
-    return [m["content"] for m in messages]
+    if "messages" in row:
+        return [m["content"] for m in messages]
+    return [row.get(key) or "" for key in ("instruction", "input", "output")]
 
 
 def corpus_texts(data_path: str | os.PathLike | None = None) -> list[str]:
