@@ -17,6 +17,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -120,7 +121,7 @@ def write_manifest(path: Path) -> str:
 def log(client, experiment_id: str, run_id: str, model_dir: Path, *, card: str, example: Mapping[str, Any],
         facts: Mapping[str, str], params: Mapping[str, Any]) -> tuple[Any, str]:
     """The MLflow Model logged as the LoggedModel of run `run_id` (its params, its metrics); (LoggedModel, sha256)."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
     from mlflow.models import Model
 
     logged = client.create_logged_model(experiment_id, name=LOGGED_NAME, source_run_id=run_id, model_type=TASK,
@@ -133,6 +134,9 @@ def log(client, experiment_id: str, run_id: str, model_dir: Path, *, card: str, 
         sha = save(model_dir, path, card=card, example=example, facts=facts, mlflow_model=shell)
         client.log_model_artifacts(logged.model_id, str(path))
     client.set_logged_model_tags(logged.model_id, {SHA_TAG: sha})
+    now = int(time.time() * 1000)  # the run's metrics, linked to the model (as mlflow's log_model does)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=logged.model_id)
+                                      for k, v in client.get_run(run_id).data.metrics.items()])
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     return logged, sha

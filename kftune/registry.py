@@ -156,10 +156,18 @@ def version_by_alias(mlflow, name: str, alias: str):
 
 def create_version(mlflow, name: str, source: str, run_id: str, tags: Mapping[str, Any], model_id: str | None = None):
     """A new version of `name` (created if missing); `model_id`: the LoggedModel it promotes."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
     ensure_model(mlflow, name)
     with mlflow_errors(mlflow.tracking_uri, f"register a version of {name!r}"):
-        return mlflow.create_model_version(name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
-                                           model_id=model_id)
+        version = mlflow.create_model_version(name, source=source, run_id=run_id,
+                                              tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
+        if model_id:  # the LoggedModel lists its versions (as mlflow.register_model records it, for the UI)
+            mlflow.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+                [{"name": name, "version": str(version.version)}])})
+    return version
 
 
 def tag_version(mlflow, name: str, version: str, tags: Mapping[str, Any], run_id: str | None = None) -> None:

@@ -90,8 +90,9 @@ def test_the_version_is_a_chat_model_logged_with_its_run(registered, env):
     client = MlflowClient()
     version = client.get_model_version_by_alias(NAME, "champion")
     assert str(version.version) == reg.version and version.source.startswith("models:/m-")
-    logged = client.get_logged_model(version.model_id)
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == reg.run_id and logged.params["method"] == "lora"
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": NAME, "version": reg.version}]
     assert {m.key for m in logged.metrics} >= {"eval_loss", "base_eval_loss"}  # the run's metrics, linked
     assert version.tags["artifact_sha256"] == registered.merged.sha256 and len(version.tags["registered_sha256"]) == 64
     info = get_model_info(f"models:/{NAME}@champion")
@@ -136,6 +137,20 @@ def _get(url: str, timeout: float = 5.0) -> int:
         return 0
 
 
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (mlflow, uvicorn and its worker), SIGKILL after 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            server.wait(timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def test_mlflow_models_serve_answers_a_chat_request_over_http(registered, env, kftune_answer, tmp_path):
     (port,) = free_ports(1)
     mlflow_cli = Path(sys.executable).with_name("mlflow")
@@ -143,7 +158,9 @@ def test_mlflow_models_serve_answers_a_chat_request_over_http(registered, env, k
     server = subprocess.Popen(
         [str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}/{registered.registration.version}",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # as in an activated venv: the server execs `uvicorn` from PATH
+        env={**os.environ, **env, "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + SERVE_START_S
         while _get(f"http://127.0.0.1:{port}/ping") != 200:
@@ -156,12 +173,7 @@ def test_mlflow_models_serve_answers_a_chat_request_over_http(registered, env, k
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        _stop(server)
         log.close()
     assert _content(answer).strip() == kftune_answer
 
