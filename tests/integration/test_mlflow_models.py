@@ -183,6 +183,8 @@ def test_the_bucket_holds_one_registered_copy_of_the_weights(registered, env, s3
     from kftune.registry import storage_uri
 
     where = storage_uri(f"models:/{NAME}@champion")
+    printed = run_cli("-m", "kftune.cli", "registry", "storage-uri", f"{NAME}@champion", env=env)
+    assert printed.returncode == 0 and printed.stdout.strip() == where, printed.stderr[-2000:]
     bucket, prefix = where.removeprefix("s3://").split("/", 1)
     assert bucket == stack.bucket
     keys = [item["Key"] for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
