@@ -34,6 +34,7 @@ SHA_TAG = "registered_sha256"
 # transformers 5's pipeline samples by default and refuses temperature 0: answer greedily unless the loader's
 # model_config says otherwise (`mlflow.pyfunc.load_model(uri, model_config={"do_sample": True})`)
 GREEDY = {"do_sample": False}
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")  # saved by MLflow from the loaded model: not copied again
 _REQUIRED = ("mlflow", "transformers", "torch", "accelerate", "tokenizers", "safetensors", "jinja2")
 
 
@@ -81,9 +82,9 @@ def save(model_dir: Path, path: Path, *, card: str, example: Mapping[str, Any], 
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kftune.config import CONFIG_FILENAME
     from kftune.fingerprint import FINGERPRINT_FILENAME
     from kftune.modelcard import README
+    from kftune.storage import MANIFEST
 
     refuse_adapter(model_dir, str(model_dir))
     stored = model_dir / FINGERPRINT_FILENAME
@@ -100,10 +101,13 @@ def save(model_dir: Path, path: Path, *, card: str, example: Mapping[str, Any], 
         input_example=dict(example), pip_requirements=requirements(), metadata=meta, mlflow_model=mlflow_model,
         model_config=dict(GREEDY))
     del components
-    hf_files = path / HF_SUBDIR  # kftune's own files beside the weights: config, fingerprint, template, card
-    for name in (CONFIG_FILENAME, FINGERPRINT_FILENAME, "chat_template.jinja", "metrics.json"):
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, hf_files / name)
+    # model/ stays a complete HF folder (KServe's runtime and kftune's rescoring read it as one): the
+    # candidate's tokenizer, chat template and kftune's files beside the weights MLflow wrote
+    hf_files = path / HF_SUBDIR
+    for source in sorted(model_dir.iterdir()):
+        if source.is_file() and source.name != MANIFEST and source.suffix not in _WEIGHTS \
+                and not (hf_files / source.name).exists():
+            shutil.copy2(source, hf_files / source.name)
     (hf_files / README).write_text(card, encoding="utf-8")
     return write_manifest(path)
 

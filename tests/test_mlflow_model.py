@@ -35,7 +35,8 @@ def test_the_saved_model_is_a_chat_model_with_card_requirements_and_example(save
     assert (path / HF_SUBDIR / "README.md").read_text(encoding="utf-8") == CARD
     assert (path / "model_card.md").read_text(encoding="utf-8") == CARD
     # the HF folder loads on its own (tokenizer and chat template beside the weights)
-    assert (path / HF_SUBDIR / "chat_template.jinja").read_text() == (tiny_model / "chat_template.jinja").read_text()
+    for name in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
+        assert (path / HF_SUBDIR / name).read_bytes() == (tiny_model / name).read_bytes(), name
     assert len(sha) == 64 and SHA_TAG == "registered_sha256"
 
 
