@@ -96,6 +96,8 @@ def save(model_dir: Path, path: Path, *, card: str, example: Mapping[str, Any], 
     dtype = _dtype(model_dir)
     components = {"model": AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
                   "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
+    # MLmodel names the source model: the candidate's URI, not this machine's cache folder
+    components["model"].name_or_path = facts.get("candidate_uri") or str(model_dir)
     mlflow.transformers.save_model(
         transformers_model=components, path=str(path), task=TASK, torch_dtype=dtype, model_card=ModelCard(card),
         input_example=dict(example), pip_requirements=requirements(), metadata=meta, mlflow_model=mlflow_model,
