@@ -69,7 +69,8 @@ def hydrate(overlay: str, kubectl: str | None = None) -> str:
 
 def hydrate_serving(kubectl: str | None = None) -> str:
     """k8s/serving rendered (it holds no secrets: it names the overlay's kftune-s3 Secret)."""
-    done = subprocess.run([kubectl or tool("kubectl"), "kustomize", str(SERVING)], capture_output=True, text=True)
+    done = subprocess.run([kubectl or tool("kubectl"), "kustomize", str(SERVING)], capture_output=True, text=True,
+                          check=False)
     if done.returncode:
         raise CheckError(f"kubectl kustomize serving failed:\n{done.stderr.strip()}")
     return done.stdout
