@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("kftune.models.merge", "merge a LoRA adapter into its full-precision base, with a parity check"),
     "evaluate": ("kftune.evaluate.evaluation", "score a base and a tuned model on held-out data: loss, ROUGE-L/chrF, checks, report"),
     "register": ("kftune.registry.promote", "register a candidate in MLflow; move `champion` to it only when it wins"),
+    "registry": ("kftune.registry.tracking", "facts of registered versions: `storage-uri NAME@ALIAS` (where its HF files lie)"),
     "tiny-model": ("kftune.dev.tiny_model", "build a small random Qwen2 model and tokenizer for offline demos and tests"),
     "sample-data": ("kftune.dev.sample_data", "write the deterministic synthetic Xiaohongshu SFT data set"),
     "stack": ("kftune.dev.stack", "start, stop or show the local SeaweedFS S3 + MLflow stack"),

@@ -280,9 +280,9 @@ def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel,
              merged: MergedModel | None = None, *, artifact_root: str, metric: str = DEFAULT_METRIC,
              margin: float = DEFAULT_MARGIN,
              git_commit: str = "", pipeline_run: str = "") -> Registration:
-    """Register the merged model (LoRA, QLoRA) or the trained one (full) with its lineage, model card and
-    evaluation, and move `champion` to it only when it beats its base by `margin` and the current champion
-    on `metric` (kftune.registry.promote; the returned Registration carries the decision and its reasons).
+    """Register the merged model (LoRA, QLoRA) or the trained one (full) as an MLflow chat model with its
+    lineage, model card and evaluation (`artifact_root` is unused: the MLflow server stores the model), and move `champion` to it only when it beats its base by `margin` and the current champion
+    on `metric` (kftune.promote; the returned Registration carries the decision and its reasons).
     Registering the same artifact again returns the existing version.
     """
     model = merged or trained
@@ -295,7 +295,7 @@ def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel,
         metrics["max_abs_logit_diff"] = merged.max_abs_logit_diff
     return register_candidate(
         name, experiment=experiment, model_uri=model.uri, model_sha256=model.sha256, evaluation_dir=evaluation_dir,
-        artifact_root=artifact_root, lineage_tags=tags, params=params, train_metrics=metrics,
+        lineage_tags=tags, params=params, train_metrics=metrics,
         loss_history=[(int(s), float(v)) for s, v in trained.metrics.get("loss_history", [])],
         data_stats=data_statistics(data), metric=metric, margin=margin, rescore=rescorer(evaluation_dir))
 

@@ -37,12 +37,12 @@ def main(argv: list[str]) -> int:
     print(f"""
 Look at it in MLflow: {info.mlflow_url}
   the run (params, metrics, loss curve): {reg.run_url}
-  the model: Models -> {reg.name} -> version {reg.version} (alias {'champion' if reg.promoted else 'challenger'}); its source is
-    the merged model plus its model card (README.md) in S3; the run's artifacts hold report.html
-  or in Python: kftune.registry.load_registered("models:/{reg.name}@champion")
-Try the tuned model:
-  set -a; . {info.state_dir}/credentials.env; set +a; export AWS_ENDPOINT_URL={info.s3_endpoint}
-  {kftune} infer --base_model {reg.source}
+  the model: Models -> {reg.name} -> version {reg.version} (alias {'champion' if reg.promoted else 'challenger'}): an MLflow
+    chat model (transformers flavor, task llm/v1/chat) with its model card; the run's artifacts hold report.html
+Try the tuned model with MLflow's own tools:
+  set -a; . {info.state_dir}/credentials.env; set +a; export MLFLOW_TRACKING_URI={info.mlflow_url}
+  python -c 'import mlflow; print(mlflow.pyfunc.load_model("models:/{reg.name}/{reg.version}").predict({{"messages": [{{"role": "user", "content": "写一篇探店笔记"}}], "max_tokens": 64}}))'
+  mlflow models serve -m models:/{reg.name}/{reg.version} --env-manager local --host 127.0.0.1 --port 5001
 Stop the local stack when done: {stop}""")
     return 0
 

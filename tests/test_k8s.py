@@ -213,3 +213,26 @@ def test_readme_gpu_notes_match_the_pipeline():
     key, value = GPU_NODE_LABEL
     assert f"{key}={value}" in readme, "k8s/README.md must name the training task's nodeSelector"
     assert f"{GPU_RESOURCE}" in readme and "NoSchedule" in readme, "k8s/README.md must name the toleration"
+
+
+def test_the_serving_manifests_pass_what_can_be_checked_offline():
+    """k8s/serving: KServe has no schema offline (kubernetes-validate skips the InferenceService), so the
+    ServiceAccount is validated strictly and the InferenceService by hand; each hand check can fail."""
+    try:
+        manifests = k8s_check.hydrate_serving()
+    except k8s_check.CheckError as exc:
+        pytest.skip(str(exc))
+    k8s_check.validate(manifests, "serving")
+    assert k8s_check.serving_problems(manifests) == []
+    docs = [d for d in yaml.safe_load_all(manifests) if d]
+    (service,) = find(docs, "InferenceService")
+    assert service["metadata"]["namespace"] == NAMESPACE
+    model = service["spec"]["predictor"]["model"]
+    assert SECRETS.get("kftune-s3") is not None and find(docs, "ServiceAccount", "kftune-serving")
+    broken = {"gpu": ("nvidia.com/gpu: \"1\"", "nvidia.com/gpu: \"0\"", "request a GPU"),
+              "root": ("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "restricted standard"),
+              "uri": (model["storageUri"], "hf://some/model", "s3:// URI"),
+              "secret": ("- name: kftune-s3", "- name: other", "kftune-s3 Secret")}
+    for what, (old, new, message) in broken.items():
+        assert old in manifests, what
+        assert any(message in p for p in k8s_check.serving_problems(manifests.replace(old, new))), what

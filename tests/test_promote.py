@@ -42,16 +42,35 @@ def test_the_config_hash_ignores_where_files_were(tmp_path):
 
 def test_the_model_card_has_lineage_data_metrics_and_loading(tmp_path):
     tags = {"method": "lora", "lora_r": "16", "dataset_sha256": "d" * 64}
-    card = render(name="xhs", kind="model", base_model="Qwen/Qwen2.5-0.5B-Instruct", lineage=tags,
+    card = render(name="xhs", base_model="Qwen/Qwen2.5-0.5B-Instruct", lineage=tags,
                   evaluation=EVALUATION, data={"train_rows": 540, "tokens_p90": 230})
     assert card.startswith("# xhs\n")
     for expected in ("| lora r | `16` |", "| train rows | 540 |", "| eval loss (assistant tokens) | 8.6 | 3.6 |",
-                     "| ROUGE-L (characters) | 0.05 | 0.41 |", 'load_registered("models:/xhs@champion")',
-                     "AutoModelForCausalLM.from_pretrained", 'get_model_version_by_alias("xhs", "champion")'):
+                     "| ROUGE-L (characters) | 0.05 | 0.41 |", 'mlflow.pyfunc.load_model("models:/xhs@champion")',
+                     'mlflow.transformers.load_model("models:/xhs@champion")',
+                     "mlflow models serve -m models:/xhs@champion --env-manager local",
+                     'load_registered("models:/xhs@champion")', "kftune registry storage-uri xhs@champion",
+                     "AutoModelForCausalLM.from_pretrained"):
         assert expected in card, expected
-    adapter = render(name="xhs", kind="adapter", base_model="Qwen/Qwen2.5-0.5B-Instruct", lineage=tags,
-                     evaluation=EVALUATION)
-    assert "PeftModel.from_pretrained" in adapter and "## Training data" not in adapter
+    assert "## Training data" not in render(name="xhs", base_model="b", lineage=tags, evaluation=EVALUATION)
+
+
+def test_an_adapter_is_refused_with_how_to_merge_it(tmp_path):
+    from kftune.registry.mlflow_model import refuse_adapter
+
+    refuse_adapter(_model(tmp_path, base_model="b"), "s3://b/m")  # a full model passes
+    (tmp_path / "model" / "adapter_config.json").write_text("{}")
+    with pytest.raises(KftuneError, match=r"s3://b/m is a LoRA adapter; register a merged model instead: `kftune merge"):
+        refuse_adapter(tmp_path / "model", "s3://b/m")
+
+
+def test_the_input_example_is_a_chat_request_ending_at_the_user(tmp_path):
+    from kftune.registry.mlflow_model import input_example
+
+    row = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    assert input_example(row, 64) == {"messages": row[:2], "max_tokens": 64, "temperature": 0.0}
+    with pytest.raises(KftuneError, match="no user message"):
+        input_example([{"role": "assistant", "content": "a"}], 8)
 
 
 def test_registry_uris():

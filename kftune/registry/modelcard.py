@@ -1,8 +1,8 @@
-"""The model card: a README.md written into the registered artifact, so the model explains itself.
+"""The model card: the registered MLflow Model's card (README.md beside the weights), so the model explains itself.
 
 It says what the model is (base, method, rank, bits), what it was trained on (data statistics
-and sha256), how it scored against its base on held-out data, and how to load it with
-transformers, peft and MLflow, with the exact URIs of this artifact.
+and sha256), how it scored against its base on held-out data, and how to load and serve it with
+MLflow's own tools and with transformers, by the registry URI of this model.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ def _value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render(*, name: str, kind: str, base_model: str, lineage: Mapping[str, Any], evaluation: Mapping[str, Any],
+def render(*, name: str, base_model: str, lineage: Mapping[str, Any], evaluation: Mapping[str, Any],
            data: Mapping[str, Any] | None = None) -> str:
-    """`kind`: "model" (full or merged weights) or "adapter"; `lineage`: the version's tags (method, rank, ...)."""
+    """The card of a full or merged model; `lineage`: the version's tags (method, rank, ...)."""
     method = lineage.get("method", "unknown")
     facts = [("base model", base_model), ("method", method)]
     facts += [(k.replace("_", " "), lineage[k]) for k in ("lora_r", "quantization_bit", "dataset_sha256", "config_sha256",
@@ -34,10 +34,9 @@ def render(*, name: str, kind: str, base_model: str, lineage: Mapping[str, Any],
     metric_lines = "\n".join(f"| {label} | {_value(base[key])} | {_value(tuned[key])} |"
                              for key, label in _ROWS if key in tuned and key in base)
     settings = evaluation.get("settings", {})
-    loader = _adapter_loading(base_model, name) if kind == "adapter" else _model_loading(name)
     return f"""# {name}
 
-A {'LoRA adapter' if kind == 'adapter' else 'causal language model'} fine-tuned with kftune ({method}) from `{base_model}`.
+A causal language model fine-tuned with kftune ({method}) from `{base_model}`.
 
 | | |
 |---|---|
@@ -55,54 +54,34 @@ models prompted with the chat template used in training; {settings.get('samples'
 
 ## How to load it
 
-With kftune, from the registry (resolves the alias, downloads and verifies the artifact):
+With MLflow, from the registry (a chat model: task `llm/v1/chat`):
 
 ```python
-from kftune.registry.tracking import load_registered
-model, tokenizer = load_registered("models:/{name}@champion")
+import mlflow
+chat = mlflow.pyfunc.load_model("models:/{name}@champion")
+chat.predict({{"messages": [{{"role": "user", "content": "..."}}], "max_tokens": 128}})
+pipeline = mlflow.transformers.load_model("models:/{name}@champion")  # a transformers pipeline
 ```
 
-{loader}
+Served over HTTP: `mlflow models serve -m models:/{name}@champion --env-manager local`, then POST
+the same JSON to `/invocations`. With kftune (verifies every file against MANIFEST.json first):
+`from kftune.registry import load_registered; model, tokenizer = load_registered("models:/{name}@champion")`.
 
-The chat template this model was trained with is in this folder (`chat_template.jinja`); prompt it
-through `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.
-`kftune_fingerprint.json` holds its hash: `kftune infer` and `kftune evaluate` refuse another template.
+{_model_loading(name)}
+
+The chat template this model was trained with is in this folder (`chat_template.jinja`) and MLflow
+applies it to `messages`; `kftune_fingerprint.json` holds its hash (also in the MLmodel metadata):
+`kftune infer` and `kftune evaluate` refuse another template.
 """
 
 
 def _model_loading(name: str) -> str:
-    return f"""With transformers, from a local copy of this folder:
+    return f"""With transformers, from the version's files (`kftune registry storage-uri {name}@champion` prints
+where they lie; `model/` of the downloaded MLflow Model is a plain HF folder):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", dtype="auto")
-```
-
-With MLflow, the version's source is this folder in S3:
-
-```python
-import mlflow
-version = mlflow.MlflowClient().get_model_version_by_alias("{name}", "champion")
-print(version.source)  # s3://... ; `kftune infer --base_model <source>` chats with it
+tokenizer = AutoTokenizer.from_pretrained("path/to/model")
+model = AutoModelForCausalLM.from_pretrained("path/to/model", dtype="auto")
 ```"""
 
-
-def _adapter_loading(base_model: str, name: str) -> str:
-    return f"""With transformers and peft (the adapter sits on `{base_model}`):
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-base = AutoModelForCausalLM.from_pretrained("{base_model}", dtype="auto")
-model = PeftModel.from_pretrained(base, "path/to/this/folder")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-```
-
-With MLflow, the version's source is this folder in S3 and its tag `base_model` names the base:
-
-```python
-import mlflow
-version = mlflow.MlflowClient().get_model_version_by_alias("{name}", "champion")
-print(version.source, version.tags["base_model"])
-```"""

@@ -1,14 +1,15 @@
 """`kftune register`: every candidate becomes an MLflow model version; `champion` moves only when it wins.
 
-A candidate is a model artifact (full or merged model, or an adapter with its base named) plus
-the evaluation `kftune evaluate` wrote for it. Registering it:
+A candidate is a model artifact (a full or merged model; an adapter is refused: merge it first)
+plus the evaluation `kftune evaluate` wrote for it. Registering it:
 
 1. returns the existing version when this artifact (its sha256) was registered before;
-2. writes the model card (README.md) into a copy of the artifact and uploads that copy, which
-   becomes the version's source (the artifact is content-addressed, so the card makes a new one);
-3. logs a run (params, metrics, loss curve, metrics.json, samples.jsonl, report.html) and creates
-   the version, tagged with its lineage and metrics, with the alias `challenger`;
-4. asks kftune.registry.gate whether it beats its base by the margin and the current champion on the same
+2. logs a run (params, metrics, loss curve, metrics.json, samples.jsonl, report.html) and, as its
+   LoggedModel, the model as an MLflow chat model with the model card (kftune.mlflow_model): the
+   only registered copy of the weights, verified by its MANIFEST.json;
+3. creates the version from that LoggedModel, tagged with its lineage and metrics, with the alias
+   `challenger`;
+4. asks kftune.gate whether it beats its base by the margin and the current champion on the same
    eval data (stored metrics when the eval key matches, else the champion scored again), moves
    `champion` if so, and writes the decision and its reasons as tags.
 """
@@ -20,9 +21,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,11 +28,11 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
-from kftune.core.storage import MANIFEST, resolve_path, split_artifact_uri, upload_dir
+from kftune.core.storage import resolve_path, split_artifact_uri
 from kftune.evaluate.evaluation import rescore_model
 from kftune.registry import gate
 from kftune.registry import tracking as registry
-from kftune.registry.modelcard import README, render
+from kftune.registry.modelcard import render
 from kftune.registry.tracking import CHALLENGER, CHAMPION, Registration
 from kftune.train.config import TrainConfig
 
@@ -70,23 +68,6 @@ def _metrics_of(version) -> dict[str, float]:
     return {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
 
 
-def _carded_copy(model_dir: Path, card: str, dest: str) -> tuple[str, str]:
-    """Upload `model_dir` plus README.md (files hard-linked, not copied, where the disk allows); (uri, sha256)."""
-    with tempfile.TemporaryDirectory(prefix="kftune-card-") as tmp:
-        folder = Path(tmp, "model")
-
-        def link(src: str, dst: str) -> None:
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-
-        shutil.copytree(model_dir, folder, copy_function=link, ignore=shutil.ignore_patterns(MANIFEST, README))
-        (folder / README).write_text(card, encoding="utf-8")
-        artifact = upload_dir(folder, dest)
-    return artifact.uri, artifact.sha256
-
-
 def _existing(mlflow, name: str, version) -> Registration:
     champion = registry.version_by_alias(mlflow, name, CHAMPION)
     reasons = [r for r in version.tags.get("gate.reasons", "").split("\n") if r]
@@ -95,27 +76,39 @@ def _existing(mlflow, name: str, version) -> Registration:
                         reasons=reasons, champion=str(champion.version) if champion else "", existing=True)
 
 
-def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir, evaluation, artifact_root,
-                 lineage_tags, params, train_metrics, loss_history, data_stats):
-    """Model card into a copy of the artifact, a run with the evaluation's files, a version tagged with it all."""
+def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir, evaluation, lineage_tags, params,
+                 train_metrics, loss_history, data_stats):
+    """A run with the evaluation's files, the model logged to it as an MLflow Model, a version tagged with it all."""
+    from kftune.core.storage import resolve_path
+    from kftune.data.reading import load_conversations
+    from kftune.registry import mlflow_model
+
     model_dir = Path(resolve_path(model_uri))
-    kind = "adapter" if (model_dir / "adapter_config.json").is_file() else "model"
+    mlflow_model.refuse_adapter(model_dir, model_uri)
     tuned, base = evaluation["tuned"], evaluation["base"]
-    tags = {**lineage_tags, "kind": kind, "artifact_sha256": model_sha256, "candidate_uri": model_uri,
+    tags = {**lineage_tags, "kind": "model", "artifact_sha256": model_sha256, "candidate_uri": model_uri,
             "eval_key": evaluation["eval_key"], "eval_sha256": evaluation["eval_sha256"],
             **{f"{METRIC_TAG}{k}": tuned[k] for k in TAGGED_METRICS if k in tuned},
             **{f"base.{k}": base[k] for k in TAGGED_METRICS if k in base}}
-    card = render(name=name, kind=kind, base_model=lineage_tags.get("base_model", evaluation["base_model"]),
+    card = render(name=name, base_model=lineage_tags.get("base_model", evaluation["base_model"]),
                   lineage=lineage_tags, evaluation=evaluation, data=data_stats)
-    source, carded_sha = _carded_copy(model_dir, card, f"{artifact_root.rstrip('/')}/registered")
+    first = load_conversations(resolve_path(evaluation["eval_data"]))[0]
+    example = mlflow_model.input_example(first, evaluation.get("settings", {}).get("max_new_tokens", 64))
     metrics = {**(train_metrics or {}), **{k: tuned[k] for k in TAGGED_METRICS if k in tuned},
                **{f"base_{k}": base[k] for k in TAGGED_METRICS if k in base}}
     files = [evaluation_dir / f for f in (artifacts.EVAL_METRICS, artifacts.SAMPLES, artifacts.REPORT)
              if (evaluation_dir / f).is_file()]
-    run_id, url = registry.log_run(mlflow, experiment, f"{name}-{lineage_tags.get('method', kind)}",
-                                   params={**(params or {}), **lineage_tags}, metrics=metrics, tags=tags,
+    run_params = {**(params or {}), **lineage_tags}
+    run_id, url = registry.log_run(mlflow, experiment, f"{name}-{lineage_tags.get('method', 'model')}",
+                                   params=run_params, metrics=metrics, tags=tags,
                                    loss_history=loss_history or [], artifacts=files)
-    version = registry.create_version(mlflow, name, source, run_id, {**tags, "registered_sha256": carded_sha})
+    with registry.mlflow_errors(mlflow.tracking_uri, f"log the MLflow Model of {name!r}"):
+        logged, registered_sha = mlflow_model.log(
+            mlflow, registry.experiment_id_for(mlflow, experiment), run_id, model_dir, card=card, example=example,
+            facts={k: tags[k] for k in ("method", "base_model", "artifact_sha256", "candidate_uri") if k in tags},
+            params=run_params)
+    version = registry.create_version(mlflow, name, f"models:/{logged.model_id}", run_id,
+                                      {**tags, mlflow_model.SHA_TAG: registered_sha}, model_id=logged.model_id)
     return version, run_id, url
 
 
@@ -152,7 +145,6 @@ def register(
     model_uri: str,
     model_sha256: str,
     evaluation_dir: Path,
-    artifact_root: str,
     lineage_tags: Mapping[str, str],
     params: Mapping[str, Any] | None = None,
     train_metrics: Mapping[str, float] | None = None,
@@ -179,8 +171,7 @@ def register(
 
     if found is None:
         version, run_id, url = _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir,
-                                            evaluation, artifact_root, lineage_tags, params, train_metrics,
-                                            loss_history, data_stats)
+                                            evaluation, lineage_tags, params, train_metrics, loss_history, data_stats)
     else:  # registered before, but the gate never ran (the earlier registration was interrupted)
         version, run_id, url = found, found.run_id, ""
     number = str(version.version)
@@ -221,8 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", required=True, help="the `kftune evaluate` output folder (or its s3:// artifact URI)")
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--experiment", default="kftune", help="MLflow experiment of the registration run (default: kftune)")
-    p.add_argument("--artifact_root", help="s3://bucket/prefix where a local model and the carded copy are uploaded "
-                                           "(required unless --model is an s3:// URI: then its bucket's registered/)")
     p.add_argument("--dataset_sha256", default="", help="sha256 of the training data file (tagged on the version)")
     p.add_argument("--pipeline_run", default="", help="the pipeline run that made the model (tagged on the version)")
     p.add_argument("--metric", default=gate.DEFAULT_METRIC, choices=list(gate.DIRECTIONS), help="the primary metric")
@@ -233,25 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    from kftune.core.storage import canonical_json, tree_manifest
+
     args = build_parser().parse_args(argv)
     if args.model.startswith("s3://"):
         bucket, base, _ = split_artifact_uri(args.model)
         model_uri, sha = f"s3://{bucket}/{base}", base.rsplit("/", 1)[-1]
-        root = args.artifact_root or f"s3://{bucket}/kftune"
-    else:
-        if not args.artifact_root:
-            raise KftuneError(f"--model {args.model} is a local folder: pass --artifact_root s3://bucket/prefix to upload it")
-        if not Path(args.model).is_dir():
-            raise KftuneError(f"--model {args.model}: no such folder")
-        artifact = upload_dir(args.model, f"{args.artifact_root.rstrip('/')}/models")
-        model_uri, sha, root = artifact.uri, artifact.sha256, args.artifact_root
+    else:  # a local folder is logged as it is (its sha256 computed as an upload would): no copy in S3 first
+        if not Path(args.model, "config.json").is_file() and not Path(args.model, "adapter_config.json").is_file():
+            raise KftuneError(f"--model {args.model}: not a model folder (no config.json); give a merged or fully "
+                              "fine-tuned model folder or its s3:// artifact URI")
+        model_uri, sha = args.model, hashlib.sha256(canonical_json(tree_manifest(args.model))).hexdigest()
     evaluation_dir = Path(resolve_path(args.evaluation))
     model_dir = Path(resolve_path(model_uri))
     training = model_dir / artifacts.TRAIN_METRICS
     history = json.loads(training.read_text(encoding="utf-8")).get("loss_history", []) if training.is_file() else []
     tags = lineage(model_dir, dataset_sha256=args.dataset_sha256, git_commit=head_commit(), pipeline_run=args.pipeline_run)
     register(args.name, experiment=args.experiment, model_uri=model_uri, model_sha256=sha, evaluation_dir=evaluation_dir,
-             artifact_root=root, lineage_tags=tags, loss_history=[(int(s), float(v)) for s, v in history],
+             lineage_tags=tags, loss_history=[(int(s), float(v)) for s, v in history],
              metric=args.metric, margin=args.margin, rescore=rescorer(evaluation_dir))
     return 0
 
@@ -260,7 +248,10 @@ def rescorer(evaluation_dir: Path) -> Rescore:
     """Score a champion version on the eval data and with the settings recorded in `evaluation_dir`/metrics.json."""
 
     def rescore(champion) -> Mapping[str, float]:
+
         evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
-        return rescore_model(champion.source, evaluation, base_model=champion.tags.get("base_model"))
+        from kftune.registry.mlflow_model import HF_SUBDIR, download
+
+        return rescore_model(str(download(champion) / HF_SUBDIR), evaluation, base_model=champion.tags.get("base_model"))
 
     return rescore

@@ -1,15 +1,16 @@
-"""MLflow, thinly: runs, model versions whose source is an S3 artifact, tags, aliases, and loading by alias.
+"""MLflow, thinly: runs, model versions, tags, aliases, loading by alias, and where a version's files lie.
 
-MLflow 3 cannot register a plain folder through `runs:/<id>/path`, and copying a model into
-MLflow's artifact store would store it twice; so a version's source is the content-addressed
-S3 URI kftune uploaded, and its run links it to params, metrics and the evaluation report.
-What to register and whether it is promoted is decided in kftune.registry.promote and kftune.registry.gate.
+A version's source is the MLflow Model kftune.mlflow_model logged (`models:/<model id>`), so
+MLflow's own loaders and `mlflow models serve` read it; its run links it to params, metrics and
+the evaluation report. What to register and whether it is promoted is decided in kftune.promote
+and kftune.gate. This module is also the one way kftune writes MLflow runs (`log_run`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import math
 import os
 import time
 import urllib.error
@@ -20,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from kftune.core.errors import KftuneError
-from kftune.core.storage import resolve_path
-from kftune.models.infer import load_for_inference
 
 _HINT = "check that the server runs (`kftune stack status` for the local one) and MLFLOW_TRACKING_URI"
 
@@ -97,10 +96,11 @@ def client():
     return MlflowClient(check_reachable())
 
 
-def log_run(mlflow, experiment: str, run_name: str, *, params: Mapping[str, Any], metrics: Mapping[str, float],
+def log_run(mlflow, experiment: str, run_name: str, *, params: Mapping[str, Any], metrics: Mapping[str, Any],
             tags: Mapping[str, str], loss_history: Sequence[tuple[int, float]] = (),
-            artifacts: Sequence[Path] = ()) -> tuple[str, str]:
-    """A finished run with params (None values left out), metrics, the loss curve, tags and files; (run id, URL)."""
+            artifacts: Sequence[Path] = (), artifact_path: str | None = None) -> tuple[str, str]:
+    """A finished run with params (None values left out), metrics (finite numbers only), the loss curve, tags
+    (`mlflow.parentRunId` makes it a child run) and files under `artifact_path`; returns (run id, URL)."""
     from mlflow.entities import Metric, Param, RunTag
 
     uri = mlflow.tracking_uri
@@ -110,15 +110,19 @@ def log_run(mlflow, experiment: str, run_name: str, *, params: Mapping[str, Any]
         now = int(time.time() * 1000)
         mlflow.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _number(v)]
             + [Metric("loss", float(loss), now, int(step)) for step, loss in loss_history],
             params=[Param(k, str(v)) for k, v in params.items() if v is not None],
             tags=[RunTag(k, str(v)) for k, v in tags.items()],
         )
         for path in artifacts:
-            mlflow.log_artifact(run_id, str(path))
+            mlflow.log_artifact(run_id, str(path), artifact_path=artifact_path)
         mlflow.set_terminated(run_id)
     return run_id, run_url(uri, experiment_id, run_id)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def ensure_model(mlflow, name: str) -> None:
@@ -150,10 +154,20 @@ def version_by_alias(mlflow, name: str, alias: str):
         raise KftuneError(f"MLflow at {mlflow.tracking_uri} refused to read alias {alias!r} of {name!r}: {exc.message}") from None
 
 
-def create_version(mlflow, name: str, source: str, run_id: str, tags: Mapping[str, Any]):
+def create_version(mlflow, name: str, source: str, run_id: str, tags: Mapping[str, Any], model_id: str | None = None):
+    """A new version of `name` (created if missing); `model_id`: the LoggedModel it promotes."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
     ensure_model(mlflow, name)
     with mlflow_errors(mlflow.tracking_uri, f"register a version of {name!r}"):
-        return mlflow.create_model_version(name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+        version = mlflow.create_model_version(name, source=source, run_id=run_id,
+                                              tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
+        if model_id:  # the LoggedModel lists its versions (as mlflow.register_model records it, for the UI)
+            mlflow.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+                [{"name": name, "version": str(version.version)}])})
+    return version
 
 
 def tag_version(mlflow, name: str, version: str, tags: Mapping[str, Any], run_id: str | None = None) -> None:
@@ -200,18 +214,54 @@ def resolve_registered(uri: str):
 def load_registered(uri: str, allow_template_mismatch: bool = False):
     """(model, tokenizer) for `models:/<name>@<alias>` or `models:/<name>/<version>`, ready to generate.
 
-    The version's source is a kftune S3 artifact: it is downloaded and verified (S3 credentials
-    from the environment), then loaded with transformers (a full or merged model) or with peft on
-    the base named by the version's `base_model` tag (an adapter).
+    A thin wrapper over `mlflow.transformers.load_model`: kftune only resolves the version first,
+    verifies the downloaded files against the version's manifest and checks the chat template.
     """
+    from kftune.registry.mlflow_model import load
+
+    return load(resolve_registered(uri), allow_template_mismatch=allow_template_mismatch)
+
+
+def storage_uri(uri: str, artifacts_destination: str | None = None) -> str:
+    """Where the HF files of a registered version lie in object storage (a KServe storageUri).
+
+    A server that proxies artifacts (`--artifacts-destination`, as the local stack and k8s/ run it)
+    hands out `mlflow-artifacts:/...` locations; they map onto `artifacts_destination` (default:
+    s3://$KFTUNE_BUCKET/mlflow, where both put them).
+    """
+    from kftune.registry.mlflow_model import HF_SUBDIR
+
     version = resolve_registered(uri)
-    folder = resolve_path(version.source)
-    if Path(folder, "adapter_config.json").is_file():
-        base = version.tags.get("base_model")
-        if not base:
-            raise KftuneError(f"{uri}: version {version.version} is an adapter without a base_model tag; cannot load its base")
-        return load_for_inference(base, folder, allow_template_mismatch=allow_template_mismatch)
-    return load_for_inference(folder, allow_template_mismatch=allow_template_mismatch)
+    if not version.source.startswith("models:/m-"):
+        raise KftuneError(f"{uri}: version {version.version} has source {version.source}, not a logged MLflow Model; "
+                          "register the model again")
+    mlflow = client()
+    with mlflow_errors(mlflow.tracking_uri, f"read the logged model of {uri}"):
+        location = mlflow.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+    if location.startswith("mlflow-artifacts:"):
+        destination = artifacts_destination or (f"s3://{os.environ['KFTUNE_BUCKET']}/mlflow"
+                                                if os.environ.get("KFTUNE_BUCKET") else "")
+        if not destination:
+            raise KftuneError(f"{uri} is stored through the MLflow server ({location}); pass --artifacts-destination "
+                              "with the server's --artifacts-destination (e.g. s3://kftune/mlflow)")
+        location = f"{destination.rstrip('/')}/{location.removeprefix('mlflow-artifacts:').lstrip('/')}"
+    return f"{location.rstrip('/')}/{HF_SUBDIR}"
+
+
+def main(argv: list[str]) -> int:
+    """`kftune registry storage-uri models:/NAME@ALIAS`: print where a version's HF files lie."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="kftune registry", description="read facts of registered model versions")
+    sub = p.add_subparsers(dest="action", required=True)
+    where = sub.add_parser("storage-uri", help="print the object-storage URI of a version's HF files (KServe storageUri)")
+    where.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION (NAME@ALIAS and NAME/VERSION work too)")
+    where.add_argument("--artifacts-destination", help="the MLflow server's --artifacts-destination "
+                                                       "(default: s3://$KFTUNE_BUCKET/mlflow)")
+    args = p.parse_args(argv)
+    model = args.model if args.model.startswith("models:/") else f"models:/{args.model}"
+    print(storage_uri(model, args.artifacts_destination))
+    return 0
 
 
 def experiment_id_for(mlflow: Any, name: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -24,7 +23,6 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.errors import ConfigError, KftuneError
 from kftune.core.storage import upload_dir
-from kftune.registry.tracking import check_reachable, experiment_id_for, run_url
 from kftune.steps import DataSplit, Evaluation, TrainedModel, check_train_settings, fetch, reports_errors
 from kftune.sweep import compare as comparing
 from kftune.train.config import SEVEN_PROJECTIONS
@@ -178,46 +176,28 @@ def compare(data: DataSplit, candidates: Sequence[Mapping[str, Any]], trained: S
 def log_to_mlflow(experiment: str, comparison: comparing.Comparison, reports: Path, data: DataSplit,
                   results: Mapping[str, tuple[TrainedModel, Evaluation]], report_uri: str) -> tuple[str, str]:
     """A parent run holding the table and the winner, and one child run per candidate; returns (parent id, URL)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-    from mlflow.exceptions import MlflowException
+    from kftune.registry.tracking import client, log_run
 
-
-    uri = check_reachable()
-    now = int(time.time() * 1000)
-
-    def numbers(values: Mapping[str, Any]) -> list[Metric]:
-        return [Metric(k, float(v), now, 0) for k, v in values.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-
+    mlflow = client()
     winner = comparison.winner
-    try:
-        client = MlflowClient(uri)
-        experiment_id = experiment_id_for(client, experiment)
-        parent = client.create_run(experiment_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                   tags={"kftune.sweep": "parent"}).info.run_id
-        client.log_batch(parent, metrics=numbers({"candidates": len(comparison.rows),
-                                                  f"winner_{comparison.metric}": winner.value(comparison.metric)}),
-                         params=[Param("primary_metric", comparison.metric), Param("winner", winner.name),
-                                 Param("dataset_sha256", data.dataset_sha256), Param("report_uri", report_uri)])
-        for path in sorted(reports.iterdir()):
-            client.log_artifact(parent, str(path), artifact_path="comparison")
-        for row in comparison.rows:
-            c = row.candidate
-            trained, evaluation = results[c.name]
-            child = client.create_run(experiment_id, run_name=c.name, tags={
-                "mlflow.parentRunId": parent, "kftune.sweep": "candidate", "trained_uri": trained.uri,
-                "evaluation_uri": evaluation.uri, "winner": str(row.place == 1).lower()}).info.run_id
-            params = {"method": c.method, "lora_r": c.rank, "targets": c.targets, **trained.params}
-            measured = {"place": row.place, "relative_quality": row.relative_quality, "trainable_params": c.trainable_params,
-                        "trainable_share": c.trainable_share, "peak_memory_bytes": c.peak_memory_bytes,
-                        "train_seconds": c.train_seconds, "tokens_per_second": c.tokens_per_second,
-                        **{k: c.value(k) for k in comparing.DIRECTIONS},
-                        **{k: getattr(evaluation, k) for k in ("base_eval_loss", "base_perplexity")}}
-            client.log_batch(child, metrics=numbers(measured),
-                             params=[Param(k, str(v)) for k, v in params.items() if v is not None])
-            client.set_terminated(child)
-        client.set_terminated(parent)
-    except MlflowException as exc:
-        raise KftuneError(f"MLflow at {uri} refused the sweep's runs: {exc.message}") from None
-    return parent, run_url(uri, experiment_id, parent)
+    parent, url = log_run(mlflow, experiment, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                          params={"primary_metric": comparison.metric, "winner": winner.name,
+                                  "dataset_sha256": data.dataset_sha256, "report_uri": report_uri},
+                          metrics={"candidates": len(comparison.rows),
+                                   f"winner_{comparison.metric}": winner.value(comparison.metric)},
+                          tags={"kftune.sweep": "parent"}, artifacts=sorted(reports.iterdir()),
+                          artifact_path="comparison")
+    for row in comparison.rows:
+        c = row.candidate
+        trained, evaluation = results[c.name]
+        measured = {"place": row.place, "relative_quality": row.relative_quality, "trainable_params": c.trainable_params,
+                    "trainable_share": c.trainable_share, "peak_memory_bytes": c.peak_memory_bytes,
+                    "train_seconds": c.train_seconds, "tokens_per_second": c.tokens_per_second,
+                    **{k: c.value(k) for k in comparing.DIRECTIONS},
+                    **{k: getattr(evaluation, k) for k in ("base_eval_loss", "base_perplexity")}}
+        log_run(mlflow, experiment, c.name,
+                params={"method": c.method, "lora_r": c.rank, "targets": c.targets, **trained.params},
+                metrics=measured,
+                tags={"mlflow.parentRunId": parent, "kftune.sweep": "candidate", "trained_uri": trained.uri,
+                      "evaluation_uri": evaluation.uri, "winner": str(row.place == 1).lower()})
+    return parent, url

@@ -92,24 +92,28 @@ def test_the_mlflow_run_holds_params_and_metrics(finished, stack):
     assert reg.run_url.startswith(stack.mlflow_url) and reg.run_id in reg.run_url
 
 
-def test_the_registered_version_points_at_the_s3_artifact_which_loads_andassert_generates(finished, stack, s3, tiny_model, tmp_path):
+def test_the_registered_version_is_an_mlflow_model_which_loads_and_generates(finished, stack, s3, tiny_model, tmp_path,
+                                                                           monkeypatch):
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kftune.registry.mlflow_model import HF_SUBDIR, download
 
     method, summary = finished
     reg = summary.registration
     version = MlflowClient(stack.mlflow_url).get_model_version(reg.name, reg.version)
     expected = summary.merged or summary.trained
-    assert version.source == reg.source and version.tags["candidate_uri"] == expected.uri  # source: a copy + README.md
-    assert version.run_id == reg.run_id
+    assert version.source == reg.source and version.source.startswith("models:/m-")
+    assert version.tags["candidate_uri"] == expected.uri and version.run_id == reg.run_id
     assert version.tags["method"] == method and version.tags["artifact_sha256"] == expected.sha256
     assert version.tags["pipeline_run"].startswith("kftune-finetune") and len(version.tags.get("git_commit", "")) in (0, 40)
     assert version.tags["gate.decision"] == ("champion" if reg.promoted else "challenger")
 
-    model_dir = download_dir(version.source, tmp_path / "registered", s3)
-    assert "## How to load it" in (model_dir / "README.md").read_text(encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
+    folder = download(version, tmp_path / "registered")  # MLflow's download, checked against MANIFEST.json
+    assert "## How to load it" in (folder / HF_SUBDIR / "README.md").read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(folder / HF_SUBDIR)
+    model = AutoModelForCausalLM.from_pretrained(folder / HF_SUBDIR, dtype=torch.float32)
     assert_generates(model, tokenizer)
     if method != "full":  # the adapter itself loads with peft on the base, too
         from peft import PeftModel

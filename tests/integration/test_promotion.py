@@ -4,12 +4,13 @@ A tiny model tuned on the sample data beats its base and becomes `champion`; a d
 worse candidate (trained with a far too high learning rate) becomes `challenger` and the champion
 stays, with the reasons in tags; registering the same artifact twice returns the same version; a
 candidate scored with other settings makes the gate score the champion again; the champion loads
-through `models:/<name>@champion` and generates.
+through `models:/<name>@champion` and generates; an adapter on its own is refused (merge it first).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kftune import steps
-from kftune.core.storage import connect_s3, download_dir, upload_dir, upload_file
+from kftune.core.storage import download_dir, upload_dir, upload_file
 from kftune.dev.stack import StackInfo
 
 from ..conftest import assert_generates, run_cli
@@ -130,15 +131,19 @@ def test_a_worse_candidate_stays_challenger_and_the_tags_say_why(good, worse, cl
     assert run_tags["gate.decision"] == "challenger"
 
 
-def test_the_registered_artifact_carries_a_model_card_and_the_run_the_report(good, client, tmp_path):
+def test_the_registered_model_carries_a_model_card_and_the_run_the_report(good, client, tmp_path):
+    from kftune.registry.mlflow_model import HF_SUBDIR, download
+
     *_, reg = good
-    folder = download_dir(reg.source, tmp_path / "registered", connect_s3())
-    card = (folder / "README.md").read_text(encoding="utf-8")
-    for expected in ("# promotion-test", "| eval loss (assistant tokens) |", "load_registered(\"models:/promotion-test@champion\")",
-                     "AutoModelForCausalLM.from_pretrained", "train rows", "lora"):
-        assert expected in card, expected
-    assert {"model.safetensors", "config.json", "kftune_fingerprint.json", "chat_template.jinja"} <= {
-        p.name for p in folder.iterdir()}
+    folder = download(client.get_model_version(NAME, reg.version), tmp_path / "registered")
+    for card in ((folder / HF_SUBDIR / "README.md").read_text(encoding="utf-8"),
+                 (folder / "model_card.md").read_text(encoding="utf-8")):  # the HF card and MLflow's
+        for expected in ("# promotion-test", "| eval loss (assistant tokens) |", 'mlflow.pyfunc.load_model("models:/promotion-test@champion")',
+                         "mlflow models serve", "AutoModelForCausalLM.from_pretrained", "train rows", "lora"):
+            assert expected in card, expected
+    assert {"model.safetensors", "config.json", "kftune_fingerprint.json", "chat_template.jinja", "tokenizer.json"} <= {
+        p.name for p in (folder / HF_SUBDIR).iterdir()}
+    assert {"MLmodel", "MANIFEST.json", "requirements.txt", "input_example.json"} <= {p.name for p in folder.iterdir()}
     logged = {a.path for a in client.list_artifacts(reg.run_id)}
     assert {"metrics.json", "samples.jsonl", "report.html"} <= logged
     report = Path(client.download_artifacts(reg.run_id, "report.html", str(tmp_path)))
@@ -147,17 +152,23 @@ def test_the_registered_artifact_carries_a_model_card_and_the_run_the_report(goo
 
 
 def test_a_champion_scored_on_other_settings_is_scored_again(good, worse, split, root, client):
-    """The good adapter itself (another artifact than its merged model), scored with one sample instead of two."""
+    """The good merged model under a new artifact identity, scored (as its adapter) with one sample instead of two."""
+    from kftune.registry import promote
+
     trained, _, merged, champion = good
     evaluation = steps.evaluate(trained.uri, split.eval_uri, root, sample_tokens=16, samples=1)
     assert evaluation.eval_key != good[1].eval_key
-    reg = steps.register(NAME, "promotion-test", split, trained, evaluation, None, artifact_root=root)
+    folder = steps.fetch(evaluation.uri)
+    reg = promote.register(NAME, experiment="promotion-test", model_uri=merged.uri, model_sha256=uuid.uuid4().hex * 2,
+                           evaluation_dir=folder, lineage_tags={"method": "lora"}, rescore=promote.rescorer(folder))
     assert reg.reasons[-1].startswith(f"champion version {champion.version} was scored again on this eval data")
-    # the champion (the merged model) was scored on this candidate's settings: its loss is the adapter's (parity)
-    assert f"champion version {champion.version}'s {evaluation.eval_loss:.4g}" in reg.reasons[1]
+    # the champion (the merged model, read back from the registry) was scored on this candidate's settings:
+    # its loss is the adapter's up to merge parity, which under bf16 (precision auto on a bf16 CPU) is
+    # bf16's relative precision, 2**-8
+    (scored,) = re.findall(rf"champion version {champion.version}'s ([0-9.e+-]+)", reg.reasons[1])
+    assert float(scored) == pytest.approx(evaluation.eval_loss, rel=2**-8)
     assert reg.champion == (reg.version if reg.promoted else champion.version)
-    version = client.get_model_version(NAME, reg.version)
-    assert version.tags["kind"] == "adapter" and version.tags["base_model"].startswith("s3://")
+    assert client.get_model_version(NAME, reg.version).tags["kind"] == "model"
 
 
 def test_the_champion_loads_through_the_registry_and_generates(good, worse, env):
@@ -167,15 +178,14 @@ def test_the_champion_loads_through_the_registry_and_generates(good, worse, env)
     assert_generates(model, tokenizer)
 
 
-def test_an_adapter_version_loads_on_its_base_by_number(good, worse, env, client):
-    from peft import PeftModel
+def test_an_adapter_on_its_own_is_refused_with_what_to_do(good, split, root, client):
+    from kftune.core.errors import KftuneError
 
-    from kftune.registry.tracking import load_registered
-
-    (adapter,) = [v for v in client.search_model_versions(f"name = '{NAME}'") if v.tags.get("kind") == "adapter"]
-    model, tokenizer = load_registered(f"models:/{NAME}/{adapter.version}")
-    assert isinstance(model, PeftModel)
-    assert_generates(model, tokenizer)
+    trained, evaluation, *_ = good
+    before = len(client.search_model_versions(f"name = '{NAME}'"))
+    with pytest.raises(KftuneError, match="is a LoRA adapter; register a merged model instead: `kftune merge"):
+        steps.register(NAME, "promotion-test", split, trained, evaluation, None, artifact_root=root)
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == before  # nothing half-registered
 
 
 def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
@@ -191,7 +201,7 @@ def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
     assert again.stdout.splitlines()[-1].startswith("promotion-cli version 1 (already registered): champion")
     local = run_cli("-m", "kftune.cli", "register", "--model", str(tmp_path), "--evaluation", str(tmp_path),
                     "--name", "x", env=env.env())
-    assert local.returncode == 2 and "pass --artifact_root" in local.stderr and "Traceback" not in local.stderr
+    assert local.returncode == 2 and "not a model folder" in local.stderr and "Traceback" not in local.stderr
 
 
 def test_a_champion_that_moves_while_a_candidate_is_judged_is_judged_again(good, worse, root, client, tmp_path):
@@ -217,8 +227,8 @@ def test_a_champion_that_moves_while_a_candidate_is_judged_is_judged_again(good,
 
     try:
         reg = promote.register(NAME, experiment="promotion-test", model_uri=good[2].uri,
-                               model_sha256=uuid.uuid4().hex * 2, evaluation_dir=folder, artifact_root=root,
-                               lineage_tags={}, rescore=rescore)
+                               model_sha256=uuid.uuid4().hex * 2, evaluation_dir=folder, lineage_tags={},
+                               rescore=rescore)
         now = str(client.get_model_version_by_alias(NAME, "champion").version)
     finally:
         client.set_registered_model_alias(NAME, "champion", old)
