@@ -24,7 +24,7 @@ from kftune.stack import StackConfig, StackInfo, default_state_dir, load_info, s
 from kftune.storage import S3, connect, upload_dir, upload_file
 from kftune.sweep import SWEEP_METHODS, TARGET_PRESETS
 from pipelines.compile import PIPELINES, compile_pipeline, pipeline_function
-from pipelines.local import RunSummary, SweepSummary, check_arguments, check_sweep_arguments, run, run_sweep
+from pipelines.local import RUNNERS, RunSummary, SweepSummary, check_arguments, check_sweep_arguments, run, run_sweep
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "store_xhs_sft_samples.jsonl"
 # Wide enough that LoRA on its random weights learns the post format in ~300 CPU steps (measured:
@@ -71,6 +71,9 @@ def build_parser(pipeline: str = "finetune") -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack")
     add_parameter_flags(run, HELP, STAGED)
     add_local_flags(run)
+    run.add_argument("--runner", choices=RUNNERS, default="subprocess",
+                     help="subprocess (default: each task a child of this Python, no images needed) or container "
+                          "(each task in its component's image, as a pod runs it: `make images` first)")
     sweep = commands.add_parser("sweep", help="run the method x rank sweep on this machine through kfp.local "
                                               "against the local stack")
     add_parameter_flags(sweep, HELP, STAGED, pipeline="sweep")
@@ -223,7 +226,8 @@ def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tup
 def run_pipeline(args: argparse.Namespace) -> tuple[RunSummary, StackInfo]:
     """The fine-tuning DAG through kfp.local, inputs staged."""
     arguments, info = local_arguments(args)
-    return run(arguments, info.env(), args.pipeline_root or args.state_dir.parent / "runs"), info
+    return run(arguments, info.env(), args.pipeline_root or args.state_dir.parent / "runs",
+               runner=args.runner), info
 
 
 def sweep_locally(args: argparse.Namespace) -> tuple[SweepSummary, StackInfo]:
