@@ -26,6 +26,10 @@ from kftune.errors import KftuneError
 
 TMP_SIZE = "4g"  # the tmpfs at /tmp: scratch files only, models and data go to the cache volume
 SERVICE_START_S = 30.0  # how long `podman system service` may take to answer
+# Set by the images to their writable paths and venv: a host's value (a host folder) would point a task
+# at its read-only root, so these are not forwarded.
+IMAGE_OWNED = ("PATH", "HOME", "TMPDIR", "VIRTUAL_ENV", "KFTUNE_CACHE", "HF_HOME", "XDG_CACHE_HOME",
+               "MPLCONFIGDIR", "TRITON_CACHE_DIR")
 
 
 def security_settings(env: Mapping[str, str], cache_volume: str) -> dict[str, Any]:
@@ -45,7 +49,7 @@ def security_settings(env: Mapping[str, str], cache_volume: str) -> dict[str, An
         "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={TMP_SIZE},mode=1777"},
         "mounts": [Mount(target=CACHE_DIR, source=cache_volume, type="volume")],
         "network_mode": "host",
-        "environment": dict(env),
+        "environment": {k: v for k, v in env.items() if k not in IMAGE_OWNED},
     }
 
 
@@ -117,6 +121,7 @@ def run_container(client: Any, image: str, command: list[str], volumes: dict[str
     task that exits 3 is reported as a success. This one keeps the container until its status is read,
     then removes it. The image must be present (`check_images`): nothing is pulled.
     """
+    print(f"[container] {image} as {run_args.get('user')}, read-only root: {run_args.get('read_only')}", flush=True)
     container = client.containers.run(image=image, command=command, volumes=volumes, detach=True,
                                       stdout=True, stderr=True, **run_args)
     try:
