@@ -1,4 +1,7 @@
-"""The container images the pipeline's tasks run in, read from images/images.env (named nowhere else).
+"""The container images the pipeline's tasks run in, read from images.env (named nowhere else).
+
+images.env lives next to this module, as package data of `components` (images/images.env links to it
+for make), so an installed kftune (`pip install .`, as the images do) reads the same file as a checkout.
 
 Both images ship kftune with its pinned dependencies and kfp (components use install_kfp_package=False),
 run as a numeric non-root user and set KFTUNE_CACHE to CACHE_DIR, where the training task mounts its
@@ -10,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-IMAGES_ENV = Path(__file__).resolve().parents[1] / "images" / "images.env"
+IMAGES_ENV = Path(__file__).with_name("images.env")
 _LINE = re.compile(r"([A-Z][A-Z0-9_]*)=(\S+)")
 
 
@@ -39,7 +42,7 @@ def _require(values: dict[str, str], key: str) -> str:
 
 
 _VALUES = read_images_env()
-# CUDA base + torch + bitsandbytes + kftune: the training task on GPU nodes.
+# torch's CUDA build + bitsandbytes + kftune: the training task on GPU nodes.
 TRAINER_IMAGE = _require(_VALUES, "TRAINER_IMAGE")
 # The same Python packages on a slim CPU base: validation, evaluation, merging, registration.
 CPU_IMAGE = _require(_VALUES, "CPU_IMAGE")

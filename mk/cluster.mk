@@ -2,28 +2,27 @@
 # images/images.env is the one place image names, bases and versions are pinned.
 include images/images.env
 
-.PHONY: images lint-images k8s-check
+.PHONY: images base-image run-containers test-containers lint-images k8s-check
 
-# Each Dockerfile gets exactly the ARGs it declares, valued from images/images.env.
-build_args = $(foreach a,$(sort $(shell sed -n 's/^ARG \([A-Z_][A-Z0-9_]*\).*/\1/p' $(1))),--build-arg $(a)=$($(a)))
-
-# The first engine that can build: docker or podman with a reachable daemon/runtime, else buildah.
-# (A docker CLI without a daemon is common: `docker info` tells.)
+# Both images with docker, podman or buildah (whichever works), pins from images/images.env; the
+# Python base is the upstream one when it can be pulled, else bootstrapped from Debian (BASE=debian
+# forces that). CA_BUNDLE / WHEELHOUSE reach the build as a secret / build context. See images/build.sh.
 images:
-	@engine=""; \
-	for e in docker podman; do \
-	  if command -v $$e >/dev/null 2>&1 && $$e info >/dev/null 2>&1; then engine=$$e; break; fi; \
-	done; \
-	if [ -z "$$engine" ] && command -v buildah >/dev/null 2>&1; then engine=buildah; fi; \
-	if [ -z "$$engine" ]; then \
-	  echo "make images: no working container engine (docker or podman with a running daemon, or buildah)" >&2; exit 1; \
-	fi; \
-	set -x; \
-	$$engine build -f images/Dockerfile.cpu $(call build_args,images/Dockerfile.cpu) -t $(CPU_IMAGE) . && \
-	$$engine build -f images/Dockerfile.trainer $(call build_args,images/Dockerfile.trainer) -t $(TRAINER_IMAGE) .
+	images/build.sh cpu trainer
+
+# The Python 3.11 base from Debian's archive alone (debootstrap; root), as PYTHON_BOOTSTRAP_IMAGE.
+base-image:
+	images/build.sh base
+
+# `make run`'s demo with every task in its image, as a pod runs it (build the images first: make images).
+run-containers: $(STAMP)
+	$(BIN)/python -m pipelines.demo --runner container
 
 lint-images: $(STAMP)
 	scripts/lint_images.sh
 
 k8s-check: $(STAMP)
 	$(BIN)/python scripts/k8s_check.py
+
+test-containers: $(STAMP)
+	KFTUNE_CONTAINER_TESTS=1 $(BIN)/python -m pytest -m container

@@ -25,7 +25,7 @@ from kftune.sweep.compare import DIRECTIONS
 from kftune.sweep.plan import SWEEP_METHODS, TARGET_PRESETS
 from pipelines import submit
 from pipelines.compile import PIPELINES, compile_pipeline
-from pipelines.local import RunSummary, SweepSummary, run, run_sweep
+from pipelines.local import RUNNERS, RunSummary, SweepSummary, run, run_sweep
 from pipelines.parameters import check, pipeline_parameters, read_params
 from pipelines.submit import NAMESPACE, TOKEN_ENV
 
@@ -73,6 +73,9 @@ def build_parser(pipeline: str = "finetune") -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack", epilog=DEFAULTS_NOTE)
     add_parameter_flags(run, HELP, STAGED)
     add_local_flags(run)
+    run.add_argument("--runner", choices=RUNNERS, default="subprocess",
+                     help="subprocess (default: each task a child of this Python, no images needed) or container "
+                          "(each task in its component's image, as a pod runs it: `make images` first)")
     sweep = commands.add_parser("sweep", help="run the method x rank sweep on this machine through kfp.local "
                                               "against the local stack", epilog=DEFAULTS_NOTE)
     add_parameter_flags(sweep, HELP, STAGED, pipeline="sweep")
@@ -220,7 +223,8 @@ def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tup
 def run_pipeline(args: argparse.Namespace) -> tuple[RunSummary, StackInfo]:
     """The fine-tuning DAG through kfp.local, inputs staged."""
     arguments, info = local_arguments(args)
-    return run(arguments, info.env(), args.pipeline_root or args.state_dir.parent / "runs"), info
+    return run(arguments, info.env(), args.pipeline_root or args.state_dir.parent / "runs",
+               runner=args.runner), info
 
 
 def sweep_locally(args: argparse.Namespace) -> tuple[SweepSummary, StackInfo]:

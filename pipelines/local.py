@@ -167,20 +167,22 @@ def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSum
 
 
 def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
-        progress: TextIO | None = sys.stderr) -> RunSummary:
+        progress: TextIO | None = sys.stderr, runner: str = "subprocess") -> RunSummary:
     """Run `finetune_pipeline(**arguments)` through kfp.local with `env` (S3 + MLflow endpoints and keys).
 
     Training settings are checked first, so a bad one fails at once, not after the data step.
+    runner: "subprocess" (tasks are children of this Python) or "container" (each in its image, see
+    pipelines/container_runner.py).
     """
     from pipelines.finetune import finetune_pipeline  # heavy: imports kfp; loaded when used
 
     check_arguments(arguments)
-    run_dir, seconds, log_path = _run_locally(finetune_pipeline, arguments, env, pipeline_root, progress)
+    run_dir, seconds, log_path = _run_locally(finetune_pipeline, arguments, env, pipeline_root, progress, runner)
     return _collect(run_dir, seconds, log_path)
 
 
 def _run_locally(pipeline: Any, arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
-                 progress: TextIO | None) -> tuple[Path, dict[str, float], Path]:
+                 progress: TextIO | None, runner: str = "subprocess") -> tuple[Path, dict[str, float], Path]:
     """Run `pipeline(**arguments)` through kfp.local; (kfp.local's run folder, seconds per task, task log)."""
     from kfp import local
 
@@ -188,8 +190,9 @@ def _run_locally(pipeline: Any, arguments: Mapping[str, Any], env: Mapping[str, 
     Path(pipeline_root).mkdir(parents=True, exist_ok=True)
     run_root = Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=pipeline_root)).absolute()
     log_path = run_root / "tasks.log"
-    local.init(runner=local.SubprocessRunner(use_venv=False), raise_on_error=True, pipeline_root=str(run_root))
-    with open(log_path, "w", encoding="utf-8") as file, _environment(env), warnings.catch_warnings():
+    with (open(log_path, "w", encoding="utf-8") as file, _environment(env), warnings.catch_warnings(),
+          _task_runner(runner, env, run_root) as task_runner):
+        local.init(runner=task_runner, raise_on_error=True, pipeline_root=str(run_root))
         # kfp.local warns that our images are not python:* (it runs this interpreter anyway) and that
         # the Kubernetes settings do nothing here: both true, both expected
         warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
@@ -203,6 +206,25 @@ def _run_locally(pipeline: Any, arguments: Mapping[str, Any], env: Mapping[str, 
             raise _failure(log_path, str(exc)) from None
     (run_dir,) = [p for p in run_root.iterdir() if p.is_dir()]  # kfp.local's <pipeline>-<time> folder
     return run_dir, tee.seconds, log_path
+
+
+RUNNERS = ("subprocess", "container")
+
+
+@contextlib.contextmanager
+def _task_runner(kind: str, env: Mapping[str, str], run_root: Path) -> Iterator[Any]:
+    """The kfp.local runner of each task: a subprocess of this Python, or a container of its image."""
+    from kfp import local
+
+    if kind == "container":
+        from pipelines.container_runner import docker_runner
+
+        with docker_runner(env, run_root) as docker:
+            yield docker
+    elif kind == "subprocess":
+        yield local.SubprocessRunner(use_venv=False)
+    else:
+        raise KftuneError(f"runner {kind!r}: expected one of {', '.join(RUNNERS)}")
 
 
 @dataclass

@@ -85,12 +85,35 @@ def test_final_stage_is_non_root_without_build_tools(dockerfile):
         assert setting in env, f"{dockerfile.name}: final stage lacks ENV {setting}"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_torch_is_pinned_from_the_right_index(dockerfile):
-    runs = " ".join(args for stage in stages(dockerfile) for op, args in stage if op == "RUN")
-    index = "TORCH_CUDA_INDEX" if dockerfile.name.endswith("trainer") else "TORCH_CPU_INDEX"
-    assert f'--index-url "${{{index}}}" "torch==${{TORCH_VERSION}}"' in runs
+def test_torch_is_pinned_cuda_from_pypi_in_the_trainer_and_cpu_in_the_cpu_image():
+    trainer = " ".join(args for stage in stages(REPO / "images" / "Dockerfile.trainer") for op, args in stage if op == "RUN")
+    cpu = " ".join(args for stage in stages(REPO / "images" / "Dockerfile.cpu") for op, args in stage if op == "RUN")
+    # PyPI's build of the pin is the CUDA one; a wheelhouse's +cpu build must not win it (PIP_FIND_LINKS emptied)
+    assert "PIP_FIND_LINKS='' /opt/venv/bin/pip install \"torch==${TORCH_VERSION}\"" in trainer
+    assert "index-url" not in trainer and "TORCH_CPU_INDEX" not in trainer
+    assert 'pip install "torch==${TORCH_VERSION}+cpu"' in cpu and 'PIP_EXTRA_INDEX_URL="${TORCH_CPU_INDEX}"' in cpu
+    assert "assert torch.version.cuda," in trainer and "assert torch.version.cuda is None" in cpu
     assert ENV["TORCH_VERSION"] == "2.13.0"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_ca_bundle_and_wheelhouse_are_mounted_never_copied(dockerfile):
+    """A proxy's CA bundle and a local wheelhouse reach only the RUNs that install, as a secret and a bind mount."""
+    ops = instructions(dockerfile)
+    installs = [args for op, args in ops if op == "RUN" and "pip install" in args]
+    assert installs
+    for args in installs:
+        assert "--mount=type=secret,id=ca " in args and "--mount=type=bind,from=wheelhouse,target=/wheelhouse" in args, args
+    assert not [args for op, args in ops if op in ("COPY", "ADD") and re.search(r"\.(crt|pem|whl)\b|wheel", args)]
+    env = " ".join(args for op, args in ops if op == "ENV")
+    assert "PIP_CERT=/run/secrets/ca" in env  # the secret's mount point, empty in every layer
+
+
+def test_both_images_start_from_the_same_python_base():
+    """No CUDA base image: the trainer's CUDA runtime comes with torch's nvidia-* wheels."""
+    for dockerfile in DOCKERFILES:
+        bases = {args.split()[0] for op, args in instructions(dockerfile) if op == "FROM"}
+        assert bases == {"${PYTHON_BASE_IMAGE}"}, (dockerfile.name, bases)
 
 
 def test_build_context_holds_what_the_dockerfiles_copy():
@@ -127,6 +150,7 @@ def test_make_reads_images_env_as_python_does():
 def test_images_module_fails_clearly_without_the_file_or_a_key(tmp_path):
     (tmp_path / "components").mkdir()
     shutil.copy(REPO / "components" / "images.py", tmp_path / "components" / "images.py")
+    env_file = tmp_path / "components" / "images.env"
     code = "import components.images"
 
     def load() -> str:
@@ -134,10 +158,14 @@ def test_images_module_fails_clearly_without_the_file_or_a_key(tmp_path):
         assert done.returncode != 0
         return done.stderr.strip().splitlines()[-1]
 
-    assert re.search(r"RuntimeError: .*images/images.env is missing", load())
-    (tmp_path / "images").mkdir()
+    assert re.search(r"RuntimeError: .*components/images.env is missing", load())
     lines = (REPO / "images" / "images.env").read_text().splitlines()
-    (tmp_path / "images" / "images.env").write_text("\n".join(l for l in lines if not l.startswith("CPU_IMAGE=")))
+    env_file.write_text("\n".join(l for l in lines if not l.startswith("CPU_IMAGE=")))
     assert re.search(r"RuntimeError: .*has no CPU_IMAGE=", load())
-    (tmp_path / "images" / "images.env").write_text('CPU_IMAGE="quoted:1"\n')
+    env_file.write_text('CPU_IMAGE="quoted:1"\n')
     assert re.search(r"RuntimeError: .*images.env:1: expected KEY=VALUE", load())
+
+
+def test_images_env_for_make_is_the_packaged_file():
+    """make includes images/images.env; the package ships components/images.env: one file."""
+    assert (REPO / "images" / "images.env").resolve() == (REPO / "components" / "images.env").resolve()

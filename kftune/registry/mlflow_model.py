@@ -82,8 +82,8 @@ def save(model_dir: Path, path: Path, *, card: str, example: Mapping[str, Any], 
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kftune.core.storage import MANIFEST
     from kftune.core.artifacts import FINGERPRINT as FINGERPRINT_FILENAME
+    from kftune.core.storage import MANIFEST
     from kftune.registry.modelcard import README
 
     refuse_adapter(model_dir, str(model_dir))
