@@ -137,7 +137,7 @@ def run_one(tool: str, method: str, args, model: str, work: Path) -> dict:
     python = python_for(tool, args.venvs)
     config = configs(tool, method, args, model, work)
     record_path = work / f"{tool}-{method}.result.json"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true",
+    env = {**os.environ, "KFTUNE_LEVERS_OFF": args.levers_off, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true",
            "PYTHONPATH": os.pathsep.join([str(BENCH.parent), *([str(PEERS / "standins")] if tool == "llamafactory" else [])])}
     log = work / f"{tool}-{method}.log"
     print(f"[peers] {tool} {method} ...", flush=True)
@@ -148,7 +148,8 @@ def run_one(tool: str, method: str, args, model: str, work: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
-    row = {"tool": tool, "method": method, "peak_bytes": usage.ru_maxrss * 1024, "process_seconds": round(wall, 1)}
+    row = {"tool": tool, "method": method, **({"levers_off": args.levers_off} if tool == "kftune" and args.levers_off else {}),
+           "peak_bytes": usage.ru_maxrss * 1024, "process_seconds": round(wall, 1)}
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if code != 0 or not record.get("step_seconds"):
         tail = log.read_text(errors="replace").splitlines()[-15:]
@@ -157,7 +158,10 @@ def run_one(tool: str, method: str, args, model: str, work: Path) -> dict:
     timed = slice(1, None) if len(record["step_seconds"]) > 1 else slice(None)  # step 1 also allocates the optimizer
     seconds = sum(record["step_seconds"][timed])
     tokens = sum(record["step_tokens"][: len(record["step_seconds"])][timed])
+    if "cuda_peak_bytes" in record:
+        row |= {"peak_rss_bytes": row["peak_bytes"], "peak_bytes": record["cuda_peak_bytes"]}
     row |= {
+        "peak_kind": "torch.cuda.max_memory_allocated" if "cuda_peak_bytes" in record else "peak RSS (wait4 ru_maxrss)",
         "real_tokens_per_s": tokens / seconds,
         "seconds": round(record["train_seconds"], 2),
         "losses": record["losses"],
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca JSON (default: LLaMA-Factory's demo file)")
     parser.add_argument("--venvs", type=Path, default=BENCH / ".peers", help="where the peers' venvs and models live")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--levers-off", default="", help="kftune levers to turn off (lm_head,bf16_base): to measure each")
     parser.add_argument("--keep", type=Path, help="keep each run's config, log and outputs in this folder")
     args = parser.parse_args(argv)
     if args.quick:
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
               "shape_config": SHAPES[args.shape], "machine": machine(args.cuda), "load_average": os.getloadavg(),
               "precision": args.precision, "steps": args.steps, "batch": args.batch, "cutoff": args.cutoff,
               "lora": {"r": args.rank, "alpha": 16, "dropout": 0.1, "targets": TARGETS}, "lr": args.lr,
-              "seed": args.seed, "data": args.data.name, "rows": rows}
+              "seed": args.seed, "data": args.data.name, "levers_off": args.levers_off, "rows": rows}
     report["ratios"] = ratios(rows)
     print(render(report))
     args.out.mkdir(parents=True, exist_ok=True)

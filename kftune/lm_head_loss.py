@@ -105,6 +105,8 @@ def applies(model) -> str | None:
     """Why this head can't stand in for the model's own, or None when it can."""
     head = model.get_output_embeddings()
     config = model.config
+    if head is not None and head.weight.device.type != "cpu":
+        return "off CPU trl's own fused head (Triton) already scores only the labelled positions"
     if head is None or getattr(head, "bias", None) is not None:
         return "the LM head is not a bias-free linear layer"
     if config.get_text_config() is not config:

@@ -50,6 +50,10 @@ def instrument(record: dict) -> None:
             record["gradient_checkpointing"] = any(getattr(m, "gradient_checkpointing", False) is True
                                                    for m in self.model.modules())
             record["trainable_params"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            import torch
+
+            if torch.cuda.is_available():  # on a GPU the peak that matters is the allocator's, not the RSS
+                record["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
 
     trainer_cls.training_step, trainer_cls.train = training_step, train
 
