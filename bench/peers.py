@@ -98,6 +98,7 @@ def configs(tool: str, method: str, args, model: str, work: Path) -> Path:
             "max_seq_length": args.cutoff, "learning_rate": args.lr, "lr_scheduler_type": "constant",
             "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 100_000, "seed": args.seed,
             "precision": args.precision, "force": True,
+            **({"gradient_checkpointing": True} if args.kftune_checkpointing else {}),
         }
     elif tool == "llamafactory":
         (work / "dataset_info.json").write_text(json.dumps({"alpaca": {"file_name": str(args.data)}}))
@@ -148,19 +149,27 @@ def run_one(tool: str, method: str, args, model: str, work: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
-    row = {"tool": tool, "method": method, **({"levers_off": args.levers_off} if tool == "kftune" and args.levers_off else {}),
-           "peak_bytes": usage.ru_maxrss * 1024, "process_seconds": round(wall, 1)}
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if code != 0 or not record.get("step_seconds"):
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print(f"[peers] {tool} {method} FAILED (exit {code}); log tail:\n  " + "\n  ".join(tail), flush=True)
-        return row | {"error": "\n".join(tail)}
+        return {"tool": tool, "method": method, "peak_bytes": usage.ru_maxrss * 1024, "error": "\n".join(tail)}
+    row = row_from(tool, method, record, usage.ru_maxrss * 1024, wall, args.levers_off)
+    print(f"[peers] {tool} {method}: peak {row['peak_bytes'] / 2**30:.2f} GiB ({row['peak_bytes']} bytes), {row['real_tokens_per_s']:.1f} real tok/s, "
+          f"{wall:.0f} s in all", flush=True)
+    return row
+
+
+def row_from(tool: str, method: str, record: dict, peak_rss: int, wall: float, levers_off: str = "") -> dict:
+    """A table row from the harness's record and the process's peak RSS."""
+    row = {"tool": tool, "method": method, **({"levers_off": levers_off} if tool == "kftune" and levers_off else {}),
+           "peak_bytes": peak_rss, "process_seconds": round(wall, 1)}
     timed = slice(1, None) if len(record["step_seconds"]) > 1 else slice(None)  # step 1 also allocates the optimizer
     seconds = sum(record["step_seconds"][timed])
     tokens = sum(record["step_tokens"][: len(record["step_seconds"])][timed])
     if "cuda_peak_bytes" in record:
         row |= {"peak_rss_bytes": row["peak_bytes"], "peak_bytes": record["cuda_peak_bytes"]}
-    row |= {
+    return row | {
         "peak_kind": "torch.cuda.max_memory_allocated" if "cuda_peak_bytes" in record else "peak RSS (wait4 ru_maxrss)",
         "real_tokens_per_s": tokens / seconds,
         "seconds": round(record["train_seconds"], 2),
@@ -173,9 +182,6 @@ def run_one(tool: str, method: str, args, model: str, work: Path) -> dict:
         "gradient_checkpointing": record.get("gradient_checkpointing"),
         "trainable_params": record.get("trainable_params"),
     }
-    print(f"[peers] {tool} {method}: peak {row['peak_bytes'] / 2**30:.2f} GiB, {row['real_tokens_per_s']:.1f} real tok/s, "
-          f"{wall:.0f} s in all", flush=True)
-    return row
 
 
 def machine(cuda: bool) -> dict:
@@ -225,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca JSON (default: LLaMA-Factory's demo file)")
     parser.add_argument("--venvs", type=Path, default=BENCH / ".peers", help="where the peers' venvs and models live")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--kftune-checkpointing", action="store_true",
+                        help="kftune with gradient_checkpointing on (by default only its memory pre-flight turns it on)")
     parser.add_argument("--levers-off", default="", help="kftune levers to turn off (lm_head,bf16_base): to measure each")
     parser.add_argument("--keep", type=Path, help="keep each run's config, log and outputs in this folder")
     args = parser.parse_args(argv)
@@ -244,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     for tool in tools:  # every venv first: a pip failure shows before any training
         python_for(tool, args.venvs)
     model = str(build_model(args.venvs / "models" / args.shape, {**SHAPES[args.shape], "data_path": str(SAMPLE_DATA)}))
-    rows = []
+    rows: list[dict] = []
+    loads = [os.getloadavg()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"peers-{args.shape}.json"
     with tempfile.TemporaryDirectory(prefix="kftune-peers-") as tmp:
         work = Path(tmp) if args.keep is None else args.keep.resolve()
         work.mkdir(parents=True, exist_ok=True)
@@ -252,18 +263,23 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             for tool in tools:
                 rows.append(run_one(tool, method, args, model, work))
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shape": args.shape,
-              "shape_config": SHAPES[args.shape], "machine": machine(args.cuda), "load_average": os.getloadavg(),
-              "precision": args.precision, "steps": args.steps, "batch": args.batch, "cutoff": args.cutoff,
-              "lora": {"r": args.rank, "alpha": 16, "dropout": 0.1, "targets": TARGETS}, "lr": args.lr,
-              "seed": args.seed, "data": args.data.name, "levers_off": args.levers_off, "rows": rows}
-    report["ratios"] = ratios(rows)
+                loads.append(os.getloadavg())
+                # written after every run: a run stopped halfway keeps the rows it measured
+                report = make_report(args, rows, loads, complete=len(rows) == len(methods) * len(tools))
+                path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(render(report))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"peers-{args.shape}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def make_report(args, rows: list[dict], loads: list[tuple[float, float, float]], complete: bool) -> dict:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shape": args.shape,
+            "shape_config": SHAPES[args.shape], "machine": machine(args.cuda), "load_average": loads[-1],
+            "load_average_1min_range": [min(x[0] for x in loads), max(x[0] for x in loads)],
+            "precision": args.precision, "steps": args.steps, "batch": args.batch, "cutoff": args.cutoff,
+            "lora": {"r": args.rank, "alpha": 16, "dropout": 0.1, "targets": TARGETS}, "lr": args.lr,
+            "seed": args.seed, "data": args.data.name, "levers_off": args.levers_off, "complete": complete,
+            "rows": rows, "ratios": ratios(rows)}
 
 
 def render(report: dict) -> str:
@@ -273,7 +289,8 @@ def render(report: dict) -> str:
         f"{report['cutoff']}, LoRA r={report['lora']['r']} alpha 16 dropout 0.1 on every linear layer, lr {report['lr']}, "
         f"{report['steps']} steps, seed {report['seed']}, {report['precision']}",
         f"machine: {m['gpu'] or m['cpu']}, {m['cores']} cores, bf16 {'native' if m['bf16'] else 'not native'}, "
-        f"{m['ram_gib']} GiB; load average {' '.join(f'{x:.1f}' for x in report['load_average'])}; {report['date']}",
+        f"{m['ram_gib']} GiB; load average {' '.join(f'{x:.1f}' for x in report['load_average'])} (1-min range over the "
+        f"runs {report['load_average_1min_range'][0]:.1f}-{report['load_average_1min_range'][1]:.1f}); {report['date']}",
         f"{'tool':13s} {'method':7s} {'peak GiB':>8s} {'real tok/s':>10s} {'train s':>8s} {'ckpt':>5s} "
         f"{'first loss':>10s} {'final loss':>10s}",
     ]
