@@ -22,6 +22,9 @@ started=$(date +%s)
 "$PY" bench/memory_table.py --batch "$BATCH" --seq "$SEQ" --steps 3 --precision bf16 --out "$OUT"
 # kftune vs a plain Trainer + peft script, LoRA r=64, same model shape, data and steps
 "$PY" bench/throughput.py --shape qwen2.5-0.5b --steps 30 --warmup 5 --precision bf16 --out "$OUT"
+# kftune vs LLaMA-Factory vs trl sft (each tool's venv from bench/peers/*.txt: needs PyPI, whose torch 2.13.0
+# is the CUDA build); peak = torch.cuda.max_memory_allocated in each tool's process
+"$PY" bench/peers.py --shape qwen2.5-0.5b --steps 20 --out "$OUT"
 
 "$PY" - "$OUT" <<'PY'
 import json, sys

@@ -65,7 +65,7 @@ def load_for_inference(base_model: str, lora_model: str | None = None, bits: int
         checked_tokenizer(base, None, allow_template_mismatch)
     model = load_model(base, runtime, dtype=None if adapter else trained_weights_dtype(base), quantization_bit=bits)
     if bits:
-        model = prepare_quantized(model)
+        model = prepare_quantized(model, runtime.precision)
     if adapter:
         model = load_adapter(model, adapter)
         match_adapter_dtype(model, adapter)

@@ -158,14 +158,29 @@ def load_model(
     return model
 
 
-def prepare_quantized(model, gradient_checkpointing: bool = False):
-    """A quantized base as QLoRA trains on it: frozen, every non-quantized weight (norms, embeddings) in fp32.
+def prepare_quantized(model, precision: str, gradient_checkpointing: bool = False):
+    """A quantized base as QLoRA trains on it: frozen, its non-quantized parts (embedding, tied head, norms)
+    in the training precision. Training and inference both call this, so a reloaded QLoRA adapter computes
+    exactly as it trained.
 
-    Training and inference both call this, so a reloaded QLoRA adapter computes exactly as it trained.
+    peft's `prepare_model_for_kbit_training` upcasts every bf16 parameter that is not 4-bit to fp32: on
+    Qwen2.5-0.5B that is the embedding, also the tied LM head, at 0.54 GB instead of 0.27 GB, and under bf16
+    autocast the head's matmul casts it back on every forward. In bf16 the frozen parts therefore stay bf16,
+    as they do for LoRA; the rest of what peft does (freeze, input gradients for checkpointing) is kept.
+    `KFTUNE_LEVERS_OFF=bf16_base` keeps peft's upcast (the benchmarks measure each lever on its own).
     """
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    from kftune.train.lm_head_loss import lever_on
+
+    if precision != "bf16" or not lever_on("bf16_base"):
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:  # as peft does it: reentrant checkpoints need an input that requires grad
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return model
 
 
 def check_safetensors(location: str, flag: str = "--base_model") -> None:

@@ -35,7 +35,7 @@ GiB = 2**30
 CPU_RUNTIME_BYTES = int(0.55 * GiB)
 # the CUDA context and allocator slack outside torch.cuda.max_memory_allocated
 CUDA_RESERVE_BYTES = int(0.6 * GiB)
-LM_HEAD_CHUNK_ROWS = 32_768  # trl 1.16's _CHUNKED_LOGPROB_CHUNK_SIZE
+LM_HEAD_CHUNK_ELEMENTS = 2**26  # kftune.train.lm_head_loss.CHUNK_ELEMENTS: logits held per chunk of tokens
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Activation bytes saved per token per decoder layer: a*hidden + b*intermediate + c*kv_width
@@ -145,8 +145,8 @@ def estimate(
         optimizer, gradients = 8 * lora, 4 * lora
     else:
         per_weight = 0.5 + 1 / 64 + 4 / (64 * 256) if bits == 4 else 1 + 4 / shape.hidden  # NF4 + double-quant scales
-        # prepare_model_for_kbit_training keeps everything it does not quantize in fp32; trl makes adapters bf16
-        weights = int(per_weight * shape.linear_params) + 4 * shape.other_params + 2 * lora
+        # what is not quantized stays in the training precision (kftune.models.loading.prepare_quantized); trl makes adapters bf16
+        weights = int(per_weight * shape.linear_params) + compute * shape.other_params + 2 * lora
         optimizer, gradients = 4 * lora, 2 * lora
     a, b, c = _ACTIVATIONS[(method if method in ("full", "lora") else "qlora", compute)]
     per_layer = a * shape.hidden + b * shape.intermediate + c * shape.kv_width
@@ -158,8 +158,8 @@ def estimate(
         # shape, about a quarter of the activations stays all the same (what checkpointing does not wrap)
         activations = tokens * (shape.layers * compute * shape.hidden + 2 * per_layer) + activations // 4
     activations += tokens * 24 * shape.hidden  # embeddings, final norm, hidden states into the LM head
-    # trl's chunked LM head: logits, log-softmax and their gradient for up to 32,768 rows at a time, fp32
-    head = 3 * min(tokens, LM_HEAD_CHUNK_ROWS) * shape.vocab * 4
+    # kftune.train.lm_head_loss: a chunk of tokens' logits, their exponent and gradient at a time, fp32
+    head = 3 * min(tokens, max(1, LM_HEAD_CHUNK_ELEMENTS // shape.vocab)) * shape.vocab * 4
     # backward frees activations as it fills the gradients (set to None after each step): the peak holds
     # the larger of the two, so gradients count only beyond the activations
     parts = {"weights": int(weights), "optimizer": int(optimizer), "activations": int(activations), "lm head": head,

@@ -62,7 +62,7 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     bits = cfg.quantization_bit if cfg.use_qlora else None
     model = load_model(location, runtime, quantization_bit=bits, trust_remote_code=cfg.trust_remote_code)
     if bits:
-        model = prepare_quantized(model, gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_quantized(model, runtime.precision, cfg.gradient_checkpointing)
     targets = cfg.target_modules()
     if targets is None:
         targets = find_linear_targets(model)
@@ -182,6 +182,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     from trl import SFTTrainer
 
     from kftune.train.checkpoints import PublishCheckpoints, Store, step_of  # imports transformers' Trainer: seconds
+    from kftune.train.lm_head_loss import (
+        install as install_lm_head,  # chunked head on labelled positions (trl's is patched first)
+    )
 
     tokenizer = load_tokenizer(location, cfg.trust_remote_code)
     if not tokenizer.chat_template:
@@ -211,6 +214,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             data_collator=data_collator(cfg, tokenizer),
             callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
         )
+        install_lm_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model)
         check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
         if eval_rows:
             check_rows_kept(cfg, "eval_data_path", len(eval_rows), len(trainer.eval_dataset))
