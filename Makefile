@@ -30,6 +30,7 @@ down: $(STAMP)
 # ruff's lint rules (pyproject.toml [tool.ruff]); `make test` runs it first
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/python -m pytest

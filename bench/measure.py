@@ -22,9 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "kftune.train.training", "kftune.models.loading", "kftune.data.reading"]
-QWEN2_5_0_5B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2, "intermediate_size": 4864,
-                "embedding_rows": 151_936}
+PRELOAD = [
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "kftune.train.training",
+    "kftune.models.loading",
+    "kftune.data.reading",
+]
+QWEN2_5_0_5B = {
+    "hidden_size": 896,
+    "num_layers": 24,
+    "num_heads": 14,
+    "num_kv_heads": 2,
+    "intermediate_size": 4864,
+    "embedding_rows": 151_936,
+}
 
 
 @dataclass(frozen=True)
@@ -48,15 +63,31 @@ class Spec:
 
     def config_values(self, output_dir: str) -> dict[str, Any]:
         values: dict[str, Any] = {
-            "base_model": self.model, "data_path": self.data, "output_dir": output_dir, "max_steps": self.steps,
-            "per_device_train_batch_size": self.batch, "gradient_accumulation_steps": 1, "max_seq_length": self.seq,
-            "learning_rate": self.learning_rate, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
-            "logging_steps": 1, "save_steps": 10_000, "precision": self.precision,
-            "gradient_checkpointing": self.checkpointing, "padding_free": self.padding_free, "force": True,
+            "base_model": self.model,
+            "data_path": self.data,
+            "output_dir": output_dir,
+            "max_steps": self.steps,
+            "per_device_train_batch_size": self.batch,
+            "gradient_accumulation_steps": 1,
+            "max_seq_length": self.seq,
+            "learning_rate": self.learning_rate,
+            "warmup_ratio": 0.0,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 1,
+            "save_steps": 10_000,
+            "precision": self.precision,
+            "gradient_checkpointing": self.checkpointing,
+            "padding_free": self.padding_free,
+            "force": True,
         }
         if self.method != "full":
-            values |= {"use_lora": self.method == "lora", "use_qlora": self.method == "qlora", "lora_r": self.lora_r,
-                       "lora_alpha": 16, "lora_dropout": self.lora_dropout}
+            values |= {
+                "use_lora": self.method == "lora",
+                "use_qlora": self.method == "qlora",
+                "lora_r": self.lora_r,
+                "lora_alpha": 16,
+                "lora_dropout": self.lora_dropout,
+            }
         if self.method == "qlora":
             values["quantization_bit"] = self.bits
         return values
@@ -70,7 +101,9 @@ def build_model(folder: Path, shape: dict[str, int], dtype: str = "bfloat16") ->
     if not (folder / "config.json").is_file():
         from kftune.dev.tiny_model import build_tiny_model
 
-        proc = _context().Process(target=build_tiny_model, args=(folder,), kwargs={"dtype": dtype, "force": True, **shape})
+        proc = _context().Process(
+            target=build_tiny_model, args=(folder,), kwargs={"dtype": dtype, "force": True, **shape}
+        )
         proc.start()
         proc.join()
         if proc.exitcode != 0:
@@ -102,7 +135,9 @@ def write_rows(path: Path, rows: int, seq: int, model: Path) -> Path:
             while len(answer) < 4 * seq + 64:  # the tiny tokenizer averages ~2.5 characters a token here
                 answer += posts[k % len(posts)] + "\n"
                 k += 1
-            f.write(json.dumps({"instruction": f"写一篇笔记 {i}", "input": "", "output": answer}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"instruction": f"写一篇笔记 {i}", "input": "", "output": answer}, ensure_ascii=False) + "\n"
+            )
     tokenizer = load_tokenizer(str(model))
     shortest = min(len(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in load_conversations(path))
     if shortest < seq:
@@ -120,7 +155,9 @@ def step_timer():
     class StepTimer(TrainerCallback):
         """Wall seconds, and CPU seconds of all this process's threads (what other jobs on the machine do not inflate)."""
 
-        def __init__(self, step_seconds: list[float] | None = None, step_cpu_seconds: list[float] | None = None) -> None:
+        def __init__(
+            self, step_seconds: list[float] | None = None, step_cpu_seconds: list[float] | None = None
+        ) -> None:
             self.step_seconds = [] if step_seconds is None else step_seconds
             self.step_cpu_seconds = [] if step_cpu_seconds is None else step_cpu_seconds
 
@@ -212,8 +249,10 @@ def measure(specs: list[Spec], timeout_s: float = 3600, progress=print) -> list[
         proc.join()
         if outcome[0] == "ok":
             row = outcome[1]
-            progress(f"[bench] {spec.label}: peak {row['peak_bytes'] / 2**30:.2f} GiB (estimate {row['estimate_bytes'] / 2**30:.2f}), "
-                     f"{row['seconds_per_step']:.2f} s/step ({time.perf_counter() - started:.0f} s in all)")
+            progress(
+                f"[bench] {spec.label}: peak {row['peak_bytes'] / 2**30:.2f} GiB (estimate {row['estimate_bytes'] / 2**30:.2f}), "
+                f"{row['seconds_per_step']:.2f} s/step ({time.perf_counter() - started:.0f} s in all)"
+            )
         else:
             row = {**dataclasses.asdict(spec), "error": outcome[1]}
             progress(f"[bench] {spec.label}: FAILED: {outcome[1].splitlines()[0]}")

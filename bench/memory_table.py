@@ -36,8 +36,14 @@ METHODS = {  # label -> (method, bits, precision, checkpointing)
     "qlora4": ("qlora", 4, None, False),
     "qlora8": ("qlora", 8, None, False),
 }
-QUICK_SHAPE = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 768,
-               "embedding_rows": 8192}
+QUICK_SHAPE = {
+    "hidden_size": 256,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 768,
+    "embedding_rows": 8192,
+}
 
 
 def default_precision(cuda: bool) -> str:
@@ -52,31 +58,47 @@ def machine() -> str:
         return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / GiB:.0f} GiB)"
     import psutil
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM, load {os.getloadavg()[0]:.1f}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM, load {os.getloadavg()[0]:.1f}"
+    )
 
 
 def add_estimates(rows: list[dict], shape: dict[str, int]) -> None:
     """kftune's pre-flight estimate for each measured row: a pure function of the shape and the settings."""
     from kftune.train.preflight import ModelShape, estimate
 
-    model = ModelShape(hidden=shape["hidden_size"], layers=shape["num_layers"], heads=shape["num_heads"],
-                       kv_heads=shape["num_kv_heads"], intermediate=shape["intermediate_size"],
-                       vocab=shape["embedding_rows"])
+    model = ModelShape(
+        hidden=shape["hidden_size"],
+        layers=shape["num_layers"],
+        heads=shape["num_heads"],
+        kv_heads=shape["num_kv_heads"],
+        intermediate=shape["intermediate_size"],
+        vocab=shape["embedding_rows"],
+    )
     for row in rows:
         if "error" in row:
             continue
-        result = estimate(model, method=row["method"], batch=row["batch"], seq=row["seq"],
-                          precision=row["precision_used"], bits=row["bits"] if row["method"] == "qlora" else None,
-                          lora_r=row["lora_r"], checkpointing=row.get("checkpointing_used", row["checkpointing"]),
-                          device=row["device"])
+        result = estimate(
+            model,
+            method=row["method"],
+            batch=row["batch"],
+            seq=row["seq"],
+            precision=row["precision_used"],
+            bits=row["bits"] if row["method"] == "qlora" else None,
+            lora_r=row["lora_r"],
+            checkpointing=row.get("checkpointing_used", row["checkpointing"]),
+            device=row["device"],
+        )
         row["estimate_bytes"], row["estimate"] = result.total, result.parts
 
 
 def render(rows: list[dict], quick: bool) -> str:
     guide = "guide GB" if not quick else "guide (0.5B)"
-    lines = [f"{'method':10s} {'peak GiB':>9s} {guide:>12s} {'estimate':>9s} {'est/peak':>8s} "
-             f"{'trainable':>12s} {'share':>7s} {'s/step':>8s} {'tokens/s':>9s}"]
+    lines = [
+        f"{'method':10s} {'peak GiB':>9s} {guide:>12s} {'estimate':>9s} {'est/peak':>8s} "
+        f"{'trainable':>12s} {'share':>7s} {'s/step':>8s} {'tokens/s':>9s}"
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['label']:10s} failed: {r['error'].splitlines()[0][:90]}")
@@ -84,7 +106,8 @@ def render(rows: list[dict], quick: bool) -> str:
         lines.append(
             f"{r['label']:10s} {r['peak_bytes'] / GiB:9.2f} {GUIDE[r['label']]:>12} {r['estimate_bytes'] / GiB:9.2f} "
             f"{r['estimate_bytes'] / r['peak_bytes']:8.2f} {r['trainable_params']:12,d} {r['trainable_share']:7.2%} "
-            f"{r['seconds_per_step']:8.2f} {r['tokens_per_second']:9.1f}")
+            f"{r['seconds_per_step']:8.2f} {r['tokens_per_second']:9.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -120,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--steps", type=int, default=2, help="steps per method; the first is not timed (default 2)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    parser.add_argument("--precision", help="compute precision for LoRA/QLoRA (default: bf16 on GPU, kftune's auto on CPU)")
-    parser.add_argument("--quick", action="store_true", help="a small model (hidden 256, 4 layers), batch 2 x 64: a smoke run")
+    parser.add_argument(
+        "--precision", help="compute precision for LoRA/QLoRA (default: bf16 on GPU, kftune's auto on CPU)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a small model (hidden 256, 4 layers), batch 2 x 64: a smoke run"
+    )
     parser.add_argument("--model", type=Path, help="reuse a model folder built by an earlier run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON and PNG")
     parser.add_argument("--from-json", type=Path, help="print a saved run again (estimates from today's kftune)")
@@ -153,23 +180,51 @@ def main(argv: list[str] | None = None) -> int:
         specs = []
         for label in methods:
             method, bits, precision, checkpointing = METHODS[label]
-            specs.append(Spec(label=label, model=str(model), data=str(data), method=method, bits=bits, batch=batch,
-                              seq=seq, steps=args.steps, precision=precision or args.precision or default_precision(cuda),
-                              checkpointing=checkpointing))
+            specs.append(
+                Spec(
+                    label=label,
+                    model=str(model),
+                    data=str(data),
+                    method=method,
+                    bits=bits,
+                    batch=batch,
+                    seq=seq,
+                    steps=args.steps,
+                    precision=precision or args.precision or default_precision(cuda),
+                    checkpointing=checkpointing,
+                )
+            )
         started = time.time()
         rows = measure(specs, progress=lambda line: print(line, file=sys.stderr, flush=True))
     add_estimates(rows, shape)
     where = machine()
-    title = (f"{name}: batch {batch} x {seq} tokens, {rows[0].get('device', '?')}, {where}, "
-             f"{time.strftime('%Y-%m-%d', time.localtime(started))}")
+    title = (
+        f"{name}: batch {batch} x {seq} tokens, {rows[0].get('device', '?')}, {where}, "
+        f"{time.strftime('%Y-%m-%d', time.localtime(started))}"
+    )
     table = render(rows, args.quick)
     print(title)
     print(table)
-    print("peak: " + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of the training process, including "
-                      "~0.55 GiB of torch/transformers/trl runtime") + "; estimate: kftune.preflight")
+    print(
+        "peak: "
+        + (
+            "torch.cuda.max_memory_allocated"
+            if cuda
+            else "peak RSS of the training process, including ~0.55 GiB of torch/transformers/trl runtime"
+        )
+        + "; estimate: kftune.preflight"
+    )
     stem = f"memory_table-{name}-{'cuda' if cuda else 'cpu'}"
-    report = {"title": title, "machine": where, "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-              "batch": batch, "seq": seq, "shape": shape, "guide_gb": GUIDE, "rows": rows}
+    report = {
+        "title": title,
+        "machine": where,
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "batch": batch,
+        "seq": seq,
+        "shape": shape,
+        "guide_gb": GUIDE,
+        "rows": rows,
+    }
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     png = chart(rows, args.out / f"{stem}.png", title, guide=not args.quick)
     print(f"wrote {args.out / f'{stem}.json'} and {png}")

@@ -54,11 +54,16 @@ def python_for(tool: str, venvs: Path) -> str:
     stamp = venv / ".pins-sha256"
     digest = hashlib.sha256(pins.read_bytes()).hexdigest()
     if not (stamp.is_file() and stamp.read_text() == digest):
-        print(f"[peers] creating {venv} from {pins.relative_to(BENCH.parent)} (pip, a few minutes the first time)", flush=True)
+        print(
+            f"[peers] creating {venv} from {pins.relative_to(BENCH.parent)} (pip, a few minutes the first time)",
+            flush=True,
+        )
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(pins)], check=True)
         # "# remove: a b" lines: packages its dependencies pull in that break it with torch 2.13
-        remove = [name for line in pins.read_text().splitlines() if line.startswith("# remove:") for name in line.split()[2:]]
+        remove = [
+            name for line in pins.read_text().splitlines() if line.startswith("# remove:") for name in line.split()[2:]
+        ]
         if remove:
             subprocess.run([str(venv / "bin" / "pip"), "uninstall", "-y", "-q", *remove], check=True)
         stamp.write_text(digest)
@@ -91,40 +96,94 @@ def configs(tool: str, method: str, args, model: str, work: Path) -> Path:
     out = work / f"{tool}-{method}"
     if tool == "kftune":
         cfg = {
-            "base_model": model, "data_path": str(args.data), "output_dir": str(out), "overwrite_output_dir": True,
-            "use_lora": method == "lora", "use_qlora": method != "lora", **({"quantization_bit": 4} if method != "lora" else {}),
-            "lora_r": args.rank, "lora_alpha": 16, "lora_dropout": 0.1, "lora_target_modules": ",".join(TARGETS),
-            "max_steps": args.steps, "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1,
-            "max_seq_length": args.cutoff, "learning_rate": args.lr, "lr_scheduler_type": "constant",
-            "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 100_000, "seed": args.seed,
-            "precision": args.precision, "force": True,
+            "base_model": model,
+            "data_path": str(args.data),
+            "output_dir": str(out),
+            "overwrite_output_dir": True,
+            "use_lora": method == "lora",
+            "use_qlora": method != "lora",
+            **({"quantization_bit": 4} if method != "lora" else {}),
+            "lora_r": args.rank,
+            "lora_alpha": 16,
+            "lora_dropout": 0.1,
+            "lora_target_modules": ",".join(TARGETS),
+            "max_steps": args.steps,
+            "per_device_train_batch_size": args.batch,
+            "gradient_accumulation_steps": 1,
+            "max_seq_length": args.cutoff,
+            "learning_rate": args.lr,
+            "lr_scheduler_type": "constant",
+            "warmup_ratio": 0.0,
+            "logging_steps": 1,
+            "save_steps": 100_000,
+            "seed": args.seed,
+            "precision": args.precision,
+            "force": True,
             **({"gradient_checkpointing": True} if args.kftune_checkpointing else {}),
         }
     elif tool == "llamafactory":
         (work / "dataset_info.json").write_text(json.dumps({"alpaca": {"file_name": str(args.data)}}))
         cfg = {
-            "model_name_or_path": model, "stage": "sft", "do_train": True, "finetuning_type": "lora",
-            "lora_rank": args.rank, "lora_alpha": 16, "lora_dropout": 0.1, "lora_target": ",".join(TARGETS),
-            "dataset": "alpaca", "dataset_dir": str(work), "template": "qwen", "default_system": SYSTEM,
-            "cutoff_len": args.cutoff, "overwrite_cache": True, "max_steps": args.steps,
-            "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1, "learning_rate": args.lr,
-            "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
-            "bf16": bf16, "use_cpu": not args.cuda, "seed": args.seed, "output_dir": str(out),
-            "overwrite_output_dir": True, "report_to": "none", "dataloader_num_workers": 0,
+            "model_name_or_path": model,
+            "stage": "sft",
+            "do_train": True,
+            "finetuning_type": "lora",
+            "lora_rank": args.rank,
+            "lora_alpha": 16,
+            "lora_dropout": 0.1,
+            "lora_target": ",".join(TARGETS),
+            "dataset": "alpaca",
+            "dataset_dir": str(work),
+            "template": "qwen",
+            "default_system": SYSTEM,
+            "cutoff_len": args.cutoff,
+            "overwrite_cache": True,
+            "max_steps": args.steps,
+            "per_device_train_batch_size": args.batch,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": args.lr,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "bf16": bf16,
+            "use_cpu": not args.cuda,
+            "seed": args.seed,
+            "output_dir": str(out),
+            "overwrite_output_dir": True,
+            "report_to": "none",
+            "dataloader_num_workers": 0,
         }
         if method != "lora":
             cfg |= {"quantization_bit": 4, "quantization_method": "bnb", "double_quantization": True}
     else:
         cfg = {
-            "model_name_or_path": model, "dtype": "bfloat16" if bf16 else "float32",
+            "model_name_or_path": model,
+            "dtype": "bfloat16" if bf16 else "float32",
             "datasets": [{"path": "json", "data_files": str(work / "trl-data.jsonl")}],
             # trl's documented efficient settings: padding-free batches, loss on assistant tokens only
-            "padding_free": True, "max_length": None, "assistant_only_loss": True,
-            "use_peft": True, "lora_r": args.rank, "lora_alpha": 16, "lora_dropout": 0.1,
-            "lora_target_modules": TARGETS, "max_steps": args.steps, "per_device_train_batch_size": args.batch,
-            "gradient_accumulation_steps": 1, "learning_rate": args.lr, "lr_scheduler_type": "constant",
-            "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no", "bf16": bf16, "use_cpu": not args.cuda,
-            "seed": args.seed, "output_dir": str(out), "report_to": "none", "dataloader_num_workers": 0,
+            "padding_free": True,
+            "max_length": None,
+            "assistant_only_loss": True,
+            "use_peft": True,
+            "lora_r": args.rank,
+            "lora_alpha": 16,
+            "lora_dropout": 0.1,
+            "lora_target_modules": TARGETS,
+            "max_steps": args.steps,
+            "per_device_train_batch_size": args.batch,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": args.lr,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "bf16": bf16,
+            "use_cpu": not args.cuda,
+            "seed": args.seed,
+            "output_dir": str(out),
+            "report_to": "none",
+            "dataloader_num_workers": 0,
         }
         if method != "lora":
             cfg |= {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True}
@@ -138,14 +197,27 @@ def run_one(tool: str, method: str, args, model: str, work: Path) -> dict:
     python = python_for(tool, args.venvs)
     config = configs(tool, method, args, model, work)
     record_path = work / f"{tool}-{method}.result.json"
-    env = {**os.environ, "KFTUNE_LEVERS_OFF": args.levers_off, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true",
-           "PYTHONPATH": os.pathsep.join([str(BENCH.parent), *([str(PEERS / "standins")] if tool == "llamafactory" else [])])}
+    env = {
+        **os.environ,
+        "KFTUNE_LEVERS_OFF": args.levers_off,
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_DISABLED": "true",
+        "PYTHONPATH": os.pathsep.join(
+            [str(BENCH.parent), *([str(PEERS / "standins")] if tool == "llamafactory" else [])]
+        ),
+    }
     log = work / f"{tool}-{method}.log"
     print(f"[peers] {tool} {method} ...", flush=True)
     started = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen([python, str(PEERS / "harness.py"), str(record_path), tool, str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+        proc = subprocess.Popen(
+            [python, str(PEERS / "harness.py"), str(record_path), tool, str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=work,
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
@@ -155,15 +227,23 @@ def run_one(tool: str, method: str, args, model: str, work: Path) -> dict:
         print(f"[peers] {tool} {method} FAILED (exit {code}); log tail:\n  " + "\n  ".join(tail), flush=True)
         return {"tool": tool, "method": method, "peak_bytes": usage.ru_maxrss * 1024, "error": "\n".join(tail)}
     row = row_from(tool, method, record, usage.ru_maxrss * 1024, wall, args.levers_off)
-    print(f"[peers] {tool} {method}: peak {row['peak_bytes'] / 2**30:.2f} GiB ({row['peak_bytes']} bytes), {row['real_tokens_per_s']:.1f} real tok/s, "
-          f"{wall:.0f} s in all", flush=True)
+    print(
+        f"[peers] {tool} {method}: peak {row['peak_bytes'] / 2**30:.2f} GiB ({row['peak_bytes']} bytes), {row['real_tokens_per_s']:.1f} real tok/s, "
+        f"{wall:.0f} s in all",
+        flush=True,
+    )
     return row
 
 
 def row_from(tool: str, method: str, record: dict, peak_rss: int, wall: float, levers_off: str = "") -> dict:
     """A table row from the harness's record and the process's peak RSS."""
-    row = {"tool": tool, "method": method, **({"levers_off": levers_off} if tool == "kftune" and levers_off else {}),
-           "peak_bytes": peak_rss, "process_seconds": round(wall, 1)}
+    row = {
+        "tool": tool,
+        "method": method,
+        **({"levers_off": levers_off} if tool == "kftune" and levers_off else {}),
+        "peak_bytes": peak_rss,
+        "process_seconds": round(wall, 1),
+    }
     timed = slice(1, None) if len(record["step_seconds"]) > 1 else slice(None)  # step 1 also allocates the optimizer
     seconds = sum(record["step_seconds"][timed])
     tokens = sum(record["step_tokens"][: len(record["step_seconds"])][timed])
@@ -195,9 +275,13 @@ def machine(cuda: bool) -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "bf16": cpu_supports_bf16(),
-            "gpu": torch.cuda.get_device_name() if cuda else None,
-            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "bf16": cpu_supports_bf16(),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
 
 
 def ratios(rows: list[dict]) -> list[str]:
@@ -212,8 +296,10 @@ def ratios(rows: list[dict]) -> list[str]:
         fast = max(peers, key=lambda r: r["real_tokens_per_s"])
         mem = mine["peak_bytes"] / low["peak_bytes"]
         speed = mine["real_tokens_per_s"] / fast["real_tokens_per_s"]
-        lines.append(f"{method}: peak {mem:.2f}x {low['tool']}'s (target <= 0.75: {'met' if mem <= 0.75 else 'NOT met'}); "
-                     f"real tokens/s {speed:.2f}x {fast['tool']}'s (target >= 1.25: {'met' if speed >= 1.25 else 'NOT met'})")
+        lines.append(
+            f"{method}: peak {mem:.2f}x {low['tool']}'s (target <= 0.75: {'met' if mem <= 0.75 else 'NOT met'}); "
+            f"real tokens/s {speed:.2f}x {fast['tool']}'s (target >= 1.25: {'met' if speed >= 1.25 else 'NOT met'})"
+        )
     return lines
 
 
@@ -232,9 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca JSON (default: LLaMA-Factory's demo file)")
     parser.add_argument("--venvs", type=Path, default=BENCH / ".peers", help="where the peers' venvs and models live")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
-    parser.add_argument("--kftune-checkpointing", action="store_true",
-                        help="kftune with gradient_checkpointing on (by default only its memory pre-flight turns it on)")
-    parser.add_argument("--levers-off", default="", help="kftune levers to turn off (lm_head,bf16_base): to measure each")
+    parser.add_argument(
+        "--kftune-checkpointing",
+        action="store_true",
+        help="kftune with gradient_checkpointing on (by default only its memory pre-flight turns it on)",
+    )
+    parser.add_argument(
+        "--levers-off", default="", help="kftune levers to turn off (lm_head,bf16_base): to measure each"
+    )
     parser.add_argument("--keep", type=Path, help="keep each run's config, log and outputs in this folder")
     args = parser.parse_args(argv)
     if args.quick:
@@ -274,13 +365,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_report(args, rows: list[dict], loads: list[tuple[float, float, float]], complete: bool) -> dict:
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shape": args.shape,
-            "shape_config": SHAPES[args.shape], "machine": machine(args.cuda), "load_average": loads[-1],
-            "load_average_1min_range": [min(x[0] for x in loads), max(x[0] for x in loads)],
-            "precision": args.precision, "steps": args.steps, "batch": args.batch, "cutoff": args.cutoff,
-            "lora": {"r": args.rank, "alpha": 16, "dropout": 0.1, "targets": TARGETS}, "lr": args.lr,
-            "seed": args.seed, "data": args.data.name, "levers_off": args.levers_off, "complete": complete,
-            "rows": rows, "ratios": ratios(rows)}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "shape": args.shape,
+        "shape_config": SHAPES[args.shape],
+        "machine": machine(args.cuda),
+        "load_average": loads[-1],
+        "load_average_1min_range": [min(x[0] for x in loads), max(x[0] for x in loads)],
+        "precision": args.precision,
+        "steps": args.steps,
+        "batch": args.batch,
+        "cutoff": args.cutoff,
+        "lora": {"r": args.rank, "alpha": 16, "dropout": 0.1, "targets": TARGETS},
+        "lr": args.lr,
+        "seed": args.seed,
+        "data": args.data.name,
+        "levers_off": args.levers_off,
+        "complete": complete,
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
 
 
 def render(report: dict) -> str:
@@ -297,11 +401,15 @@ def render(report: dict) -> str:
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"{r['tool']:13s} {r['method']:7s} FAILED: {r['error'].splitlines()[-1] if r['error'] else ''}")
+            lines.append(
+                f"{r['tool']:13s} {r['method']:7s} FAILED: {r['error'].splitlines()[-1] if r['error'] else ''}"
+            )
             continue
-        lines.append(f"{r['tool']:13s} {r['method']:7s} {r['peak_bytes'] / 2**30:8.2f} {r['real_tokens_per_s']:10.1f} "
-                     f"{r['seconds']:8.1f} {'yes' if r['gradient_checkpointing'] else 'no':>5s} "
-                     f"{r['losses'][0]:10.4f} {r['final_loss']:10.4f}")
+        lines.append(
+            f"{r['tool']:13s} {r['method']:7s} {r['peak_bytes'] / 2**30:8.2f} {r['real_tokens_per_s']:10.1f} "
+            f"{r['seconds']:8.1f} {'yes' if r['gradient_checkpointing'] else 'no':>5s} "
+            f"{r['losses'][0]:10.4f} {r['final_loss']:10.4f}"
+        )
     lines.append("loss per step (same seed, same row order):")
     for r in report["rows"]:
         if "error" not in r:

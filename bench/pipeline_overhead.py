@@ -59,8 +59,11 @@ def startup_seconds(repeats: int = 5) -> dict[str, dict[str, float]]:
             for label, code in PROBES.items():
                 out[label] = {
                     "subprocess": median(lambda code=code: subprocess.run([sys.executable, "-c", code], check=True)),
-                    "container": median(lambda code=code: client.containers.run(CPU_IMAGE, ["python", "-c", code],
-                                                                                remove=True, **settings)),
+                    "container": median(
+                        lambda code=code: client.containers.run(
+                            CPU_IMAGE, ["python", "-c", code], remove=True, **settings
+                        )
+                    ),
                 }
         finally:
             volume.remove(force=True)
@@ -83,19 +86,44 @@ def in_process(arguments: dict, env: dict[str, str]) -> dict[str, float]:
 
     root = arguments["artifact_root"]
     with _environment(env):
-        data = timed("validate-data", lambda: steps.validate_data(arguments["data_uri"], root,
-                                                                  base_model=arguments["base_model"],
-                                                                  max_seq_length=arguments["max_seq_length"]))
-        trained = timed("train", lambda: steps.train(data, arguments["base_model"], arguments["method"], root, settings))
-        evaluation = timed("evaluate", lambda: steps.evaluate(trained.uri, data.eval_uri, root,
-                                                              sample_tokens=arguments["sample_tokens"],
-                                                              samples=arguments.get("eval_samples", 8),
-                                                              validation_uri=data.uri))
+        data = timed(
+            "validate-data",
+            lambda: steps.validate_data(
+                arguments["data_uri"],
+                root,
+                base_model=arguments["base_model"],
+                max_seq_length=arguments["max_seq_length"],
+            ),
+        )
+        trained = timed(
+            "train", lambda: steps.train(data, arguments["base_model"], arguments["method"], root, settings)
+        )
+        evaluation = timed(
+            "evaluate",
+            lambda: steps.evaluate(
+                trained.uri,
+                data.eval_uri,
+                root,
+                sample_tokens=arguments["sample_tokens"],
+                samples=arguments.get("eval_samples", 8),
+                validation_uri=data.uri,
+            ),
+        )
         merged = timed("merge-adapter", lambda: steps.merge(trained.uri, root))
-        timed("register-model", lambda: steps.register(arguments["registered_model_name"], arguments["experiment_name"],
-                                                       data, trained, evaluation, merged, artifact_root=root,
-                                                       metric=arguments.get("primary_metric", "eval_loss"),
-                                                       margin=arguments.get("promotion_margin", 0.01)))
+        timed(
+            "register-model",
+            lambda: steps.register(
+                arguments["registered_model_name"],
+                arguments["experiment_name"],
+                data,
+                trained,
+                evaluation,
+                merged,
+                artifact_root=root,
+                metric=arguments.get("primary_metric", "eval_loss"),
+                margin=arguments.get("promotion_margin", 0.01),
+            ),
+        )
     return seconds
 
 
@@ -103,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=20, help="training steps (default 20)")
     parser.add_argument("--quick", action="store_true", help="3 training steps, no sample answers: a smoke run")
-    parser.add_argument("--containers", action="store_true",
-                        help="also run every task in its image and time a task's start-up both ways (make images first)")
+    parser.add_argument(
+        "--containers",
+        action="store_true",
+        help="also run every task in its image and time a task's start-up both ways (make images first)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON")
     args = parser.parse_args(argv)
     from kftune.core.storage import connect_s3
@@ -123,21 +154,37 @@ def main(argv: list[str] | None = None) -> int:
             s3 = connect_s3(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
             model = demo_model(Path(tmp) / "demo-model")
             base = {
-                "method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "learning_rate": 1e-3,
-                "max_steps": steps_n, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                "max_seq_length": 256, "seed": 42, "num_train_epochs": 1.0, "sample_tokens": 32,
+                "method": "lora",
+                "lora_r": 16,
+                "lora_alpha": 32,
+                "lora_dropout": 0.0,
+                "learning_rate": 1e-3,
+                "max_steps": steps_n,
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "max_seq_length": 256,
+                "seed": 42,
+                "num_train_epochs": 1.0,
+                "sample_tokens": 32,
                 "eval_samples": 0 if args.quick else 4,
                 "experiment_name": "bench",
                 "data_uri": stage(str(SAMPLE_DATA), s3, f"s3://{info.bucket}/inputs/data"),
                 "base_model": stage(str(model), s3, f"s3://{info.bucket}/inputs/models"),
             }
-            pipeline_args = {**base, "registered_model_name": "bench-pipeline",
-                             "artifact_root": f"s3://{info.bucket}/pipeline"}
+            pipeline_args = {
+                **base,
+                "registered_model_name": "bench-pipeline",
+                "artifact_root": f"s3://{info.bucket}/pipeline",
+            }
             print(f"[bench] the pipeline through kfp.local, LoRA, {steps_n} steps ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
             summary = run(pipeline_args, info.env(), Path(tmp) / "runs")
             pipeline_total = time.perf_counter() - started
-            direct_args = {**base, "registered_model_name": "bench-direct", "artifact_root": f"s3://{info.bucket}/direct"}
+            direct_args = {
+                **base,
+                "registered_model_name": "bench-direct",
+                "artifact_root": f"s3://{info.bucket}/direct",
+            }
             print("[bench] the same steps in this process ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
             direct = in_process(direct_args, info.env())
@@ -146,16 +193,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.containers:
                 print("[bench] the pipeline with every task in its image ...", file=sys.stderr, flush=True)
                 started = time.perf_counter()
-                containers = run({**pipeline_args, "registered_model_name": "bench-containers"}, info.env(),
-                                 Path(tmp) / "runs", runner="container").seconds
+                containers = run(
+                    {**pipeline_args, "registered_model_name": "bench-containers"},
+                    info.env(),
+                    Path(tmp) / "runs",
+                    runner="container",
+                ).seconds
                 containers_total = time.perf_counter() - started
                 print("[bench] one task's start-up, subprocess vs container ...", file=sys.stderr, flush=True)
                 startup = startup_seconds()
         finally:
             down(info.state_dir)
     pipeline = summary.seconds
-    print(f"local pipeline (kfp.local, a subprocess per task) vs the same kftune.steps calls in one process; "
-          f"LoRA r=16, {steps_n} steps, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"local pipeline (kfp.local, a subprocess per task) vs the same kftune.steps calls in one process; "
+        f"LoRA r=16, {steps_n} steps, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'step':16s} {'pipeline s':>11s} {'in-process s':>13s} {'difference':>11s}")
     for step in STEPS:
         a, b = pipeline.get(step, float("nan")), direct.get(step, float("nan"))
@@ -169,19 +222,37 @@ def main(argv: list[str] | None = None) -> int:
         for step in STEPS:
             a, b = pipeline.get(step, float("nan")), containers.get(step, float("nan"))
             print(f"{step:16s} {a:13.1f} {b:12.1f} {b - a:+11.1f}")
-        print(f"{'total (wall)':16s} {pipeline_total:13.1f} {containers_total:12.1f} {containers_total - pipeline_total:+11.1f}")
+        print(
+            f"{'total (wall)':16s} {pipeline_total:13.1f} {containers_total:12.1f} {containers_total - pipeline_total:+11.1f}"
+        )
         print("\none task's start-up, median of 5 (container: CPU image, read-only root, uid 10001, caps dropped)")
         print(f"{'probe':22s} {'subprocess s':>13s} {'container s':>12s} {'difference':>11s}")
         for label, times in startup.items():
-            print(f"{label:22s} {times['subprocess']:13.2f} {times['container']:12.2f} "
-                  f"{times['container'] - times['subprocess']:+11.2f}")
+            print(
+                f"{label:22s} {times['subprocess']:13.2f} {times['container']:12.2f} "
+                f"{times['container'] - times['subprocess']:+11.2f}"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "pipeline_overhead.json"
-    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "max_steps": steps_n, "pipeline": pipeline,
-                                "in_process": direct, "pipeline_total": pipeline_total, "in_process_total": direct_total,
-                                "ratio": ratio, "containers": containers,
-                                "containers_total": containers_total if containers else None,
-                                "task_startup": startup}, indent=2) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "max_steps": steps_n,
+                "pipeline": pipeline,
+                "in_process": direct,
+                "pipeline_total": pipeline_total,
+                "in_process_total": direct_total,
+                "ratio": ratio,
+                "containers": containers,
+                "containers_total": containers_total if containers else None,
+                "task_startup": startup,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     print(f"wrote {path}")
     return 0
 

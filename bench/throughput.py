@@ -49,8 +49,11 @@ class Run:
     def timed(self, warmup: int) -> tuple[float, float, int]:
         """(wall seconds, CPU seconds, real tokens) of the timed steps."""
         # the dataloader may build a batch ahead of the last step: count the tokens of timed steps only
-        return (sum(self.step_seconds[warmup:]), sum(self.step_cpu_seconds[warmup:]),
-                sum(self.step_tokens[warmup:len(self.step_seconds)]))
+        return (
+            sum(self.step_seconds[warmup:]),
+            sum(self.step_cpu_seconds[warmup:]),
+            sum(self.step_tokens[warmup : len(self.step_seconds)]),
+        )
 
     def tokens_per_second(self, warmup: int) -> tuple[float, float]:
         """Real tokens per wall second and per CPU second."""
@@ -95,11 +98,21 @@ def baseline(model_dir: str, data: Path, args, precision: str, out: str) -> Run:
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in load_conversations(data)]
     dataset = Dataset.from_dict({"text": texts}).map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_seq_length, padding="max_length"),
-        batched=True, remove_columns=["text"])
+        batched=True,
+        remove_columns=["text"],
+    )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     run.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
@@ -109,13 +122,23 @@ def baseline(model_dir: str, data: Path, args, precision: str, out: str) -> Run:
         return batch
 
     training = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        report_to="none", seed=42, bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
+        output_dir=out,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+        bf16=precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    Trainer(model=model, args=training, train_dataset=dataset, data_collator=counting,
-            callbacks=[step_timer(run)]).train()
+    Trainer(
+        model=model, args=training, train_dataset=dataset, data_collator=counting, callbacks=[step_timer(run)]
+    ).train()
     return run
 
 
@@ -124,14 +147,30 @@ def kftune_run(model_dir: str, data: Path, args, precision: str, out: str, paddi
     from kftune.train.training import run as train
 
     run = Run("kftune, padding-free (default)" if padding_free else "kftune, padded (padding_free: false)")
-    cfg = resolve({
-        "base_model": model_dir, "data_path": str(data), "output_dir": out, "use_lora": True, "lora_r": LORA["r"],
-        "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"], "max_steps": args.steps,
-        "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1,
-        "max_seq_length": args.max_seq_length, "learning_rate": args.learning_rate, "lr_scheduler_type": "constant",
-        "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 10_000, "precision": precision,
-        "padding_free": padding_free, "seed": 42,
-    }, {})
+    cfg = resolve(
+        {
+            "base_model": model_dir,
+            "data_path": str(data),
+            "output_dir": out,
+            "use_lora": True,
+            "lora_r": LORA["r"],
+            "lora_alpha": LORA["alpha"],
+            "lora_dropout": LORA["dropout"],
+            "max_steps": args.steps,
+            "per_device_train_batch_size": args.batch,
+            "gradient_accumulation_steps": 1,
+            "max_seq_length": args.max_seq_length,
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": "constant",
+            "warmup_ratio": 0.0,
+            "logging_steps": 1,
+            "save_steps": 10_000,
+            "precision": precision,
+            "padding_free": padding_free,
+            "seed": 42,
+        },
+        {},
+    )
     result = train(cfg, callbacks=[step_timer(run)])
     run.trainable = result.metrics["trainable_params"]
     return run
@@ -194,13 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     runtime = pick_runtime(precision)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="kftune-bench-throughput-") as tmp:
-        model_dir = str(build_model(Path(tmp) / "model", {**SHAPES[args.shape], "data_path": str(args.data)},
-                                    dtype="bfloat16" if args.shape == "qwen2.5-0.5b" else "float32"))
+        model_dir = str(
+            build_model(
+                Path(tmp) / "model",
+                {**SHAPES[args.shape], "data_path": str(args.data)},
+                dtype="bfloat16" if args.shape == "qwen2.5-0.5b" else "float32",
+            )
+        )
         peak = matmul_peak(cuda)
         runs = [baseline(model_dir, args.data, args, runtime.precision, f"{tmp}/baseline")]
         for padding_free in (False, True):
-            runs.append(kftune_run(model_dir, args.data, args, runtime.precision, f"{tmp}/kftune-{padding_free}",
-                                   padding_free))
+            runs.append(
+                kftune_run(model_dir, args.data, args, runtime.precision, f"{tmp}/kftune-{padding_free}", padding_free)
+            )
         per_token = flops_per_token(model_dir, runs[-1].trainable)
         peak_after = matmul_peak(cuda)
     peak = max(peak, peak_after)
@@ -210,27 +255,42 @@ def main(argv: list[str] | None = None) -> int:
 def report(runs: list[Run], args, runtime, peak: float, per_token: float, cuda: bool) -> int:
     import torch
 
-    where = (torch.cuda.get_device_name() if cuda
-             else f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    print(f"{args.shape} model, LoRA r={LORA['r']} on every linear layer, batch {args.batch}, max_seq_length "
-          f"{args.max_seq_length}, {args.steps} steps ({args.warmup} untimed), {runtime.device} {runtime.precision}, "
-          f"{where}, {time.strftime('%Y-%m-%d')}")
+    where = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    print(
+        f"{args.shape} model, LoRA r={LORA['r']} on every linear layer, batch {args.batch}, max_seq_length "
+        f"{args.max_seq_length}, {args.steps} steps ({args.warmup} untimed), {runtime.device} {runtime.precision}, "
+        f"{where}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"matmul peak measured in this run: {peak:,.1f} GFLOP/s; model FLOPs per real token {per_token / 1e6:,.1f} M")
     base, base_cpu = runs[0].tokens_per_second(args.warmup)
-    print(f"{'run':44s} {'real tok/step':>13s} {'s/step':>7s} {'real tok/s':>10s} {'vs baseline':>11s} {'MFU':>6s} "
-          f"{'tok/CPU-s':>9s} {'vs baseline':>11s}")
+    print(
+        f"{'run':44s} {'real tok/step':>13s} {'s/step':>7s} {'real tok/s':>10s} {'vs baseline':>11s} {'MFU':>6s} "
+        f"{'tok/CPU-s':>9s} {'vs baseline':>11s}"
+    )
     rows = []
     for run in runs:
         seconds, cpu, tokens = run.timed(args.warmup)
         steps = max(1, len(run.step_seconds) - args.warmup)
         rate, cpu_rate = tokens / seconds, tokens / cpu
         mfu = per_token * rate / (peak * 1e9)
-        rows.append({"run": run.label, "tokens_per_step": tokens / steps, "seconds_per_step": seconds / steps,
-                     "real_tokens_per_second": rate, "ratio": rate / base, "mfu": mfu,
-                     "real_tokens_per_cpu_second": cpu_rate, "cpu_ratio": cpu_rate / base_cpu, "losses": run.losses,
-                     "trainable_params": run.trainable})
-        print(f"{run.label:44s} {tokens / steps:13.0f} {seconds / steps:7.2f} {rate:10.1f} {rate / base:10.2f}x "
-              f"{mfu:6.2%} {cpu_rate:9.1f} {cpu_rate / base_cpu:10.2f}x")
+        rows.append(
+            {
+                "run": run.label,
+                "tokens_per_step": tokens / steps,
+                "seconds_per_step": seconds / steps,
+                "real_tokens_per_second": rate,
+                "ratio": rate / base,
+                "mfu": mfu,
+                "real_tokens_per_cpu_second": cpu_rate,
+                "cpu_ratio": cpu_rate / base_cpu,
+                "losses": run.losses,
+                "trainable_params": run.trainable,
+            }
+        )
+        print(
+            f"{run.label:44s} {tokens / steps:13.0f} {seconds / steps:7.2f} {rate:10.1f} {rate / base:10.2f}x "
+            f"{mfu:6.2%} {cpu_rate:9.1f} {cpu_rate / base_cpu:10.2f}x"
+        )
     print("CPU seconds count every thread of this process: other jobs on a shared machine inflate wall time, not these")
     padded, free = runs[1].losses, runs[2].losses
     diffs = [abs(a - b) for a, b in zip(padded, free, strict=False)]
@@ -238,17 +298,36 @@ def report(runs: list[Run], args, runtime, peak: float, per_token: float, cuda: 
     for i, (a, b) in enumerate(zip(padded, free, strict=False)):
         base_loss = runs[0].losses[i] if i < len(runs[0].losses) else float("nan")
         print(f"  step {i + 1:3d}  {a:8.4f}  {b:8.4f}  {base_loss:8.4f}")
-    print(f"padded vs padding-free: max |loss diff| {max(diffs, default=0):.4f} over {len(diffs)} steps "
-          "(LoRA dropout draws differ between the two layouts; the same batch gives the same loss)")
+    print(
+        f"padded vs padding-free: max |loss diff| {max(diffs, default=0):.4f} over {len(diffs)} steps "
+        "(LoRA dropout draws differ between the two layouts; the same batch gives the same loss)"
+    )
     ratio = rows[2]["ratio"]
-    print(f"target {TARGET_RATIO}x the baseline's real-token throughput: {'met' if ratio >= TARGET_RATIO else 'NOT met'} "
-          f"({ratio:.2f}x)")
+    print(
+        f"target {TARGET_RATIO}x the baseline's real-token throughput: {'met' if ratio >= TARGET_RATIO else 'NOT met'} "
+        f"({ratio:.2f}x)"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"throughput-{args.shape}-{runtime.device}.json"
-    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": where, "shape": args.shape,
-                                "steps": args.steps, "batch": args.batch, "max_seq_length": args.max_seq_length,
-                                "precision": runtime.precision, "peak_gflops": peak,
-                                "flops_per_token": per_token, "runs": rows}, indent=2) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "machine": where,
+                "shape": args.shape,
+                "steps": args.steps,
+                "batch": args.batch,
+                "max_seq_length": args.max_seq_length,
+                "precision": runtime.precision,
+                "peak_gflops": peak,
+                "flops_per_token": per_token,
+                "runs": rows,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     print(f"wrote {path}")
     return 0
 

@@ -36,8 +36,11 @@ def write_rows(path: Path, rows: int, seed: int = 0) -> int:
     with path.open("w", encoding="utf-8") as f:
         for i in range(rows):
             topic = rnd.choice(TOPICS)
-            row = {"instruction": f"用一句话介绍{topic}，编号{i}", "input": "",
-                   "output": f"{topic}让人心情很好，第{i}次体验依然惊喜 {rnd.randint(0, 999)}"}
+            row = {
+                "instruction": f"用一句话介绍{topic}，编号{i}",
+                "input": "",
+                "output": f"{topic}让人心情很好，第{i}次体验依然惊喜 {rnd.randint(0, 999)}",
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path.stat().st_size
 
@@ -71,8 +74,18 @@ def gate(path: Path, out: Path, tokenizer: str | None, workers: int = 0) -> int:
 
 def machine() -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").is_file()
+        else ""
+    )
     return f"{cpus} usable CPUs ({model}), Python {platform.python_version()}"
 
 
@@ -91,16 +104,21 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer is None:
             from kftune.dev.tiny_model import build_tiny_model
 
-            tokenizer = str(build_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, num_heads=2,
-                                             num_kv_heads=1, intermediate_size=32))
+            tokenizer = str(
+                build_tiny_model(
+                    tmp_path / "tiny", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32
+                )
+            )
         data = tmp_path / "short.jsonl"
         size = write_rows(data, rows)
         write_rows(tmp_path / "one.jsonl", 1)
         startup, _, _ = timed(lambda: gate(tmp_path / "one.jsonl", tmp_path / "warm-up", tokenizer))
-        runs = {"json.loads per line (baseline)": lambda: json_loads(data),
-                "gate, no tokenizer": lambda: gate(data, tmp_path / "out-plain", None),
-                "gate + tokenizer (workers)": lambda: gate(data, tmp_path / "out-tokens", tokenizer),
-                "gate + tokenizer, one process": lambda: gate(data, tmp_path / "out-one", tokenizer, workers=1)}
+        runs = {
+            "json.loads per line (baseline)": lambda: json_loads(data),
+            "gate, no tokenizer": lambda: gate(data, tmp_path / "out-plain", None),
+            "gate + tokenizer (workers)": lambda: gate(data, tmp_path / "out-tokens", tokenizer),
+            "gate + tokenizer, one process": lambda: gate(data, tmp_path / "out-one", tokenizer, workers=1),
+        }
         results: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
         for _ in range(args.repeat):
             for label, work in runs.items():
@@ -108,17 +126,23 @@ def main(argv: list[str] | None = None) -> int:
                 assert seen == rows, f"{label} saw {seen} rows of {rows}"
                 results[label].append((wall, cpu))
 
-    print(f"{rows:,} short rows, {size / rows:.0f} bytes each; {machine()}; load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (other work on the machine slows every line)")
-    print(f"tokenizer {args.tokenizer or 'tiny Qwen2 (built here)'}: loading it took {startup:.1f} s, not counted "
-          "below (a fresh process also imports transformers and torch first: seconds)")
+    print(
+        f"{rows:,} short rows, {size / rows:.0f} bytes each; {machine()}; load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (other work on the machine slows every line)"
+    )
+    print(
+        f"tokenizer {args.tokenizer or 'tiny Qwen2 (built here)'}: loading it took {startup:.1f} s, not counted "
+        "below (a fresh process also imports transformers and torch first: seconds)"
+    )
     print(f"{'what':32s} {'rows/s (best)':>14s} {'rows/s range':>19s} {'rows/CPU-s':>11s} {'vs json.loads':>14s}")
     best = {label: rows / min(wall for wall, _ in timings) for label, timings in results.items()}
     for label, timings in results.items():
         rates = sorted(rows / wall for wall, _ in timings)
         cpu = min(c for _, c in timings)
-        print(f"{label:32s} {best[label]:14,.0f} {f'{rates[0]:,.0f}-{rates[-1]:,.0f}':>19s} {rows / cpu:11,.0f} "
-              f"{best[label] / best['json.loads per line (baseline)']:13.2f}x")
+        print(
+            f"{label:32s} {best[label]:14,.0f} {f'{rates[0]:,.0f}-{rates[-1]:,.0f}':>19s} {rows / cpu:11,.0f} "
+            f"{best[label] / best['json.loads per line (baseline)']:13.2f}x"
+        )
     gate_rate = best["gate + tokenizer (workers)"]
     verdict = "met" if gate_rate >= TARGET_ROWS_PER_S else "NOT met"
     print(f"target {TARGET_ROWS_PER_S:,} rows/s with the tokenizer: {verdict} ({gate_rate:,.0f} rows/s)")

@@ -31,7 +31,10 @@ def register_model(
         steps.from_metadata(steps.TrainedModel, trained.metadata),
         steps.from_metadata(steps.Evaluation, evaluation.metadata),
         steps.from_metadata(steps.MergedModel, merged.metadata) if merged is not None else None,
-        artifact_root=artifact_root, metric=primary_metric, margin=promotion_margin, git_commit=git_commit,
+        artifact_root=artifact_root,
+        metric=primary_metric,
+        margin=promotion_margin,
+        git_commit=git_commit,
         pipeline_run=pipeline_run,
     )
     registered.metadata.update(steps.write_pointer(registered.path, result))

@@ -10,15 +10,27 @@ from kftune.core.errors import KftuneError
 
 # subcommand -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "validate-data": ("kftune.data.validate", "check a data set row by row, write accepted/rejected rows, a train/eval split and a report"),
+    "validate-data": (
+        "kftune.data.validate",
+        "check a data set row by row, write accepted/rejected rows, a train/eval split and a report",
+    ),
     "train": ("kftune.train.training", "fine-tune a model (full, LoRA or QLoRA); same as fine_tune_qwen.py"),
     "launch": ("kftune.train.launch", "train with one process per GPU of this node (accelerate launch: DDP, or FSDP)"),
     "infer": ("kftune.models.infer", "generate with a base model and optional adapter; same as inference_lora.py"),
     "merge": ("kftune.models.merge", "merge a LoRA adapter into its full-precision base, with a parity check"),
-    "evaluate": ("kftune.evaluate.evaluation", "score a base and a tuned model on held-out data: loss, ROUGE-L/chrF, checks, report"),
+    "evaluate": (
+        "kftune.evaluate.evaluation",
+        "score a base and a tuned model on held-out data: loss, ROUGE-L/chrF, checks, report",
+    ),
     "register": ("kftune.registry.promote", "register a candidate in MLflow; move `champion` to it only when it wins"),
-    "registry": ("kftune.registry.tracking", "facts of registered versions: `storage-uri NAME@ALIAS` (where its HF files lie)"),
-    "tiny-model": ("kftune.dev.tiny_model", "build a small random Qwen2 model and tokenizer for offline demos and tests"),
+    "registry": (
+        "kftune.registry.tracking",
+        "facts of registered versions: `storage-uri NAME@ALIAS` (where its HF files lie)",
+    ),
+    "tiny-model": (
+        "kftune.dev.tiny_model",
+        "build a small random Qwen2 model and tokenizer for offline demos and tests",
+    ),
     "sample-data": ("kftune.dev.sample_data", "write the deterministic synthetic Xiaohongshu SFT data set"),
     "stack": ("kftune.dev.stack", "start, stop or show the local SeaweedFS S3 + MLflow stack"),
     "pipeline": ("pipelines.cli", "run the Kubeflow pipeline locally (kfp.local) or compile it for a cluster"),

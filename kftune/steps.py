@@ -36,13 +36,36 @@ from kftune.train.launch import train_on_node
 
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
 # what a model's MLflow run records of its training config (None for keys its method does not use)
-TRAIN_PARAMS = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "quantization_bit",
-                "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "max_seq_length", "seed")
+TRAIN_PARAMS = (
+    "base_model",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "quantization_bit",
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_length",
+    "seed",
+)
 # the training settings a pipeline passes to its train component, each a TrainConfig key
 TRAIN_SETTINGS = tuple(k for k in TRAIN_PARAMS if k != "base_model")
-TRAIN_METRICS = ("train_loss", "first_loss", "last_loss", "global_steps", "train_rows", "trainable_params",
-                 "total_params", "train_seconds", "train_tokens", "tokens_per_second", "peak_memory_bytes")
+TRAIN_METRICS = (
+    "train_loss",
+    "first_loss",
+    "last_loss",
+    "global_steps",
+    "train_rows",
+    "trainable_params",
+    "total_params",
+    "train_seconds",
+    "train_tokens",
+    "tokens_per_second",
+    "peak_memory_bytes",
+)
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -152,7 +175,11 @@ def fetch(uri_or_path: str) -> Path:
 
 @reports_errors
 def validate_data(
-    data_uri: str, artifact_root: str, eval_fraction: float = 0.1, base_model: str | None = None, max_seq_length: int = 512
+    data_uri: str,
+    artifact_root: str,
+    eval_fraction: float = 0.1,
+    base_model: str | None = None,
+    max_seq_length: int = 512,
 ) -> DataSplit:
     """Run the validation gate, upload its report and split, and stop the run when the gate fails.
 
@@ -168,8 +195,15 @@ def validate_data(
         artifact = upload_dir(Path(tmp, "validation"), f"{artifact_root}/datasets")
     if not report.passed:
         raise KftuneError(stop_message(report, data_uri, artifact.uri))
-    return DataSplit(artifact.uri, artifact.sha256, f"{artifact.uri}/train.jsonl", f"{artifact.uri}/eval.jsonl",
-                     report.train_rows, report.eval_rows, report.dataset_sha256)
+    return DataSplit(
+        artifact.uri,
+        artifact.sha256,
+        f"{artifact.uri}/train.jsonl",
+        f"{artifact.uri}/eval.jsonl",
+        report.train_rows,
+        report.eval_rows,
+        report.dataset_sha256,
+    )
 
 
 def train_values(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,7 +236,9 @@ def check_train_settings(method: str, settings: Mapping[str, Any]) -> TrainConfi
 def eval_every(cfg: TrainConfig, data: DataSplit, points: int = 10) -> int:
     """Steps between evaluations during training so the report's eval-loss curve has about `points` points."""
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * math.ceil(data.train_rows / per_step))
+    total = (
+        cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * math.ceil(data.train_rows / per_step))
+    )
     return max(1, total // points)
 
 
@@ -217,9 +253,15 @@ def train(
     cfg = check_train_settings(method, settings)  # before downloading anything
     with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
         # checkpoints go to <artifact_root>/checkpoints/<run key>: a retry of this step resumes from them
-        cfg = dataclasses.replace(cfg, base_model=base_model, data_path=str(fetch(data.train_uri)), output_dir=f"{tmp}/model",
-                                  eval_data_path=str(fetch(data.eval_uri)), eval_steps=cfg.eval_steps or eval_every(cfg, data),
-                                  checkpoint_uri=f"{artifact_root}/checkpoints")
+        cfg = dataclasses.replace(
+            cfg,
+            base_model=base_model,
+            data_path=str(fetch(data.train_uri)),
+            output_dir=f"{tmp}/model",
+            eval_data_path=str(fetch(data.eval_uri)),
+            eval_steps=cfg.eval_steps or eval_every(cfg, data),
+            checkpoint_uri=f"{artifact_root}/checkpoints",
+        )
         result = train_on_node(cfg, processes)
         artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
     params = {k: getattr(cfg, k) for k in TRAIN_PARAMS}
@@ -234,8 +276,15 @@ def train(
 
 
 @reports_errors
-def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int = 8, sample_tokens: int = 256,
-             samples: int = 8, validation_uri: str | None = None) -> Evaluation:
+def evaluate(
+    model_uri: str,
+    eval_uri: str,
+    artifact_root: str,
+    batch_size: int = 8,
+    sample_tokens: int = 256,
+    samples: int = 8,
+    validation_uri: str | None = None,
+) -> Evaluation:
     """Score the base and the tuned model on the eval split (kftune.evaluate.evaluation) and upload metrics.json,
     samples.jsonl and report.html; `validation_uri`: the validation artifact, for the report's histogram.
 
@@ -245,14 +294,31 @@ def evaluate(model_uri: str, eval_uri: str, artifact_root: str, batch_size: int 
     settings = Settings(samples=samples, max_new_tokens=max(sample_tokens, 1), batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
         metrics = score_both(model_uri, eval_uri, f"{tmp}/evaluation", settings=settings, validation=validation_uri)
-        first = json.loads((Path(tmp, "evaluation", "samples.jsonl").read_text(encoding="utf-8").splitlines() or ["{}"])[0])
+        first = json.loads(
+            (Path(tmp, "evaluation", "samples.jsonl").read_text(encoding="utf-8").splitlines() or ["{}"])[0]
+        )
         artifact = upload_dir(f"{tmp}/evaluation", f"{artifact_root}/evaluations")
     base, tuned = metrics["base"], metrics["tuned"]
     return Evaluation(
-        artifact.uri, artifact.sha256, metrics["eval_key"], base["eval_loss"], tuned["eval_loss"], base["perplexity"],
-        tuned["perplexity"], metrics["eval_rows"], tuned["eval_tokens"], base.get("rougeL"), tuned.get("rougeL"),
-        base.get("chrf"), tuned.get("chrf"), base.get("checks_pass_rate"), tuned.get("checks_pass_rate"),
-        (first.get("prompt") or [{"content": ""}])[-1]["content"], first.get("base_output", ""), first.get("tuned_output", ""))
+        artifact.uri,
+        artifact.sha256,
+        metrics["eval_key"],
+        base["eval_loss"],
+        tuned["eval_loss"],
+        base["perplexity"],
+        tuned["perplexity"],
+        metrics["eval_rows"],
+        tuned["eval_tokens"],
+        base.get("rougeL"),
+        tuned.get("rougeL"),
+        base.get("chrf"),
+        tuned.get("chrf"),
+        base.get("checks_pass_rate"),
+        tuned.get("checks_pass_rate"),
+        (first.get("prompt") or [{"content": ""}])[-1]["content"],
+        first.get("base_output", ""),
+        first.get("tuned_output", ""),
+    )
 
 
 def copy_report(evaluation: Evaluation, path: str) -> None:
@@ -276,10 +342,20 @@ def merge(model_uri: str, artifact_root: str) -> MergedModel:
 
 
 @reports_errors
-def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel, evaluation: Evaluation,
-             merged: MergedModel | None = None, *, artifact_root: str, metric: str = DEFAULT_METRIC,
-             margin: float = DEFAULT_MARGIN,
-             git_commit: str = "", pipeline_run: str = "") -> Registration:
+def register(
+    name: str,
+    experiment: str,
+    data: DataSplit,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    merged: MergedModel | None = None,
+    *,
+    artifact_root: str,
+    metric: str = DEFAULT_METRIC,
+    margin: float = DEFAULT_MARGIN,
+    git_commit: str = "",
+    pipeline_run: str = "",
+) -> Registration:
     """Register the merged model (LoRA, QLoRA) or the trained one (full) as an MLflow chat model with its
     lineage, model card and evaluation (`artifact_root` is unused: the MLflow server stores the model), and move `champion` to it only when it beats its base by `margin` and the current champion
     on `metric` (kftune.promote; the returned Registration carries the decision and its reasons).
@@ -287,23 +363,38 @@ def register(name: str, experiment: str, data: DataSplit, trained: TrainedModel,
     """
     model = merged or trained
     evaluation_dir = fetch(evaluation.uri)
-    tags = lineage(fetch(model.uri), dataset_sha256=data.dataset_sha256, git_commit=git_commit, pipeline_run=pipeline_run)
+    tags = lineage(
+        fetch(model.uri), dataset_sha256=data.dataset_sha256, git_commit=git_commit, pipeline_run=pipeline_run
+    )
     tags |= {"trained_uri": trained.uri, "evaluation_uri": evaluation.uri, "dataset_uri": data.uri}
     params = {"method": trained.method, **trained.params, "train_rows": data.train_rows, "eval_rows": data.eval_rows}
     metrics = {k: v for k, v in trained.metrics.items() if k != "loss_history"}
     if merged:
         metrics["max_abs_logit_diff"] = merged.max_abs_logit_diff
     return register_candidate(
-        name, experiment=experiment, model_uri=model.uri, model_sha256=model.sha256, evaluation_dir=evaluation_dir,
-        lineage_tags=tags, params=params, train_metrics=metrics,
+        name,
+        experiment=experiment,
+        model_uri=model.uri,
+        model_sha256=model.sha256,
+        evaluation_dir=evaluation_dir,
+        lineage_tags=tags,
+        params=params,
+        train_metrics=metrics,
         loss_history=[(int(s), float(v)) for s, v in trained.metrics.get("loss_history", [])],
-        data_stats=data_statistics(data), metric=metric, margin=margin, rescore=rescorer(evaluation_dir))
+        data_stats=data_statistics(data),
+        metric=metric,
+        margin=margin,
+        rescore=rescorer(evaluation_dir),
+    )
 
 
 def data_statistics(data: DataSplit) -> dict[str, Any]:
     """Rows, sha256 and token lengths of the training data, from the validation report, for the model card."""
-    stats: dict[str, Any] = {"train_rows": data.train_rows, "eval_rows": data.eval_rows,
-                             "dataset_sha256": data.dataset_sha256}
+    stats: dict[str, Any] = {
+        "train_rows": data.train_rows,
+        "eval_rows": data.eval_rows,
+        "dataset_sha256": data.dataset_sha256,
+    }
     report = fetch(data.uri) / artifacts.VALIDATION_REPORT
     lengths = json.loads(report.read_text(encoding="utf-8")).get("token_lengths") if report.is_file() else None
     if lengths:

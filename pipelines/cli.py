@@ -36,7 +36,7 @@ DEMO_MODEL = {"hidden_size": 512, "intermediate_size": 1024, "num_heads": 8, "nu
 HELP = {
     "data_uri": "training data: a JSONL/JSON file (uploaded) or an s3:// artifact URI; default: the committed sample data",
     "base_model": "a model folder (uploaded), an s3:// artifact URI or a hub id; default: the tiny demo model, "
-                  "built once from the sample data",
+    "built once from the sample data",
     "method": "full, lora or qlora",
     "learning_rate": "peak learning rate; 0: the guide's rate for the method (full 2e-5, lora 1e-4, qlora 2e-4)",
     "quantization_bit": "QLoRA bits, 4 or 8",
@@ -50,12 +50,18 @@ HELP = {
     "ranks": "LoRA ranks, space-separated, e.g. 8 16",
     "target_presets": "LoRA target modules, space-separated presets: all, attention, mlp, auto (every linear layer)",
 }
-DEFAULTS_NOTE = ("Training defaults are the guide's config for the method (configs/train_config_*.json), with two "
-                 "deliberate differences: LoRA targets are found automatically (every linear layer but the LM head) and "
-                 "gradient checkpointing is left to the memory pre-flight, which turns it on when only that fits.")
+DEFAULTS_NOTE = (
+    "Training defaults are the guide's config for the method (configs/train_config_*.json), with two "
+    "deliberate differences: LoRA targets are found automatically (every linear layer but the LM head) and "
+    "gradient checkpointing is left to the memory pre-flight, which turns it on when only that fits."
+)
 STAGED = ("data_uri", "base_model", "artifact_root")  # defaults set here, for the local stack
-CHOICES = {"method": steps.METHODS, "methods": tuple(SWEEP_METHODS), "target_presets": tuple(TARGET_PRESETS),
-           "primary_metric": tuple(DIRECTIONS)}
+CHOICES = {
+    "method": steps.METHODS,
+    "methods": tuple(SWEEP_METHODS),
+    "target_presets": tuple(TARGET_PRESETS),
+    "primary_metric": tuple(DIRECTIONS),
+}
 LOCAL_PARALLELISM = 1  # sweep branches at once here: one at a time keeps each one's time and memory its own
 
 
@@ -70,18 +76,31 @@ def build_parser(pipeline: str = "finetune") -> argparse.ArgumentParser:
     """The parser; `pipeline` (see `chosen_pipeline`) decides the parameter flags of submit and schedule."""
     parser = argparse.ArgumentParser(prog="kftune pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the DAG on this machine through kfp.local against the local stack", epilog=DEFAULTS_NOTE)
+    run = commands.add_parser(
+        "run", help="run the DAG on this machine through kfp.local against the local stack", epilog=DEFAULTS_NOTE
+    )
     add_parameter_flags(run, HELP, STAGED)
     add_local_flags(run)
-    run.add_argument("--runner", choices=RUNNERS, default="subprocess",
-                     help="subprocess (default: each task a child of this Python, no images needed) or container "
-                          "(each task in its component's image, as a pod runs it: `make images` first)")
-    sweep = commands.add_parser("sweep", help="run the method x rank sweep on this machine through kfp.local "
-                                              "against the local stack", epilog=DEFAULTS_NOTE)
+    run.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="subprocess",
+        help="subprocess (default: each task a child of this Python, no images needed) or container "
+        "(each task in its component's image, as a pod runs it: `make images` first)",
+    )
+    sweep = commands.add_parser(
+        "sweep",
+        help="run the method x rank sweep on this machine through kfp.local against the local stack",
+        epilog=DEFAULTS_NOTE,
+    )
     add_parameter_flags(sweep, HELP, STAGED, pipeline="sweep")
     add_local_flags(sweep)
-    sweep.add_argument("--parallelism", type=int, default=LOCAL_PARALLELISM,
-                       help=f"branches at once (default: {LOCAL_PARALLELISM}, so timings and memory are each branch's own)")
+    sweep.add_argument(
+        "--parallelism",
+        type=int,
+        default=LOCAL_PARALLELISM,
+        help=f"branches at once (default: {LOCAL_PARALLELISM}, so timings and memory are each branch's own)",
+    )
     add_cluster_commands(commands, pipeline)
     compile_ = commands.add_parser("compile", help="write the pipeline package a KFP cluster runs")
     add_pipeline_choice(compile_)
@@ -90,71 +109,118 @@ def build_parser(pipeline: str = "finetune") -> argparse.ArgumentParser:
 
 
 def add_local_flags(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--state-dir", type=Path, default=default_state_dir(),
-                     help="the local stack's folder (default: $KFTUNE_STACK_DIR or ./.kftune/stack)")
+    cmd.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        help="the local stack's folder (default: $KFTUNE_STACK_DIR or ./.kftune/stack)",
+    )
     cmd.add_argument("--s3-port", type=int, default=StackConfig.s3_port, help="S3 port if the stack must be started")
-    cmd.add_argument("--mlflow-port", type=int, default=StackConfig.mlflow_port, help="MLflow port if the stack must be started")
-    cmd.add_argument("--pipeline-root", type=Path, help="where kfp.local keeps task records and logs "
-                                                         "(default: runs/ next to the state folder)")
+    cmd.add_argument(
+        "--mlflow-port", type=int, default=StackConfig.mlflow_port, help="MLflow port if the stack must be started"
+    )
+    cmd.add_argument(
+        "--pipeline-root",
+        type=Path,
+        help="where kfp.local keeps task records and logs (default: runs/ next to the state folder)",
+    )
 
 
 def add_pipeline_choice(cmd: argparse.ArgumentParser) -> None:
     from pipelines.sweep import PARALLELISM  # heavy: imports kfp; loaded when used
 
-    cmd.add_argument("--pipeline", choices=PIPELINES, default="finetune",
-                     help="finetune (one method, the default) or sweep (methods x ranks, the winner registered)")
-    cmd.add_argument("--parallelism", type=int, help=f"sweep only: training branches at once (default: {PARALLELISM}; "
-                                                     "0: no limit)")
+    cmd.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="finetune",
+        help="finetune (one method, the default) or sweep (methods x ranks, the winner registered)",
+    )
+    cmd.add_argument(
+        "--parallelism", type=int, help=f"sweep only: training branches at once (default: {PARALLELISM}; 0: no limit)"
+    )
 
 
-def add_parameter_flags(parser: argparse.ArgumentParser, help_: dict[str, str], no_default: tuple[str, ...] = (),
-                        pipeline: str = "finetune") -> None:
+def add_parameter_flags(
+    parser: argparse.ArgumentParser, help_: dict[str, str], no_default: tuple[str, ...] = (), pipeline: str = "finetune"
+) -> None:
     """One flag per pipeline parameter, typed from the pipeline's signature (a list parameter takes several values)."""
     for name, param in pipeline_parameters(pipeline).items():
         shown = param.default is not inspect.Parameter.empty and name not in no_default
-        default = " (pipeline default: {})".format(" ".join(map(str, param.default)) if isinstance(param.default, list)
-                                                   else param.default) if shown else ""
+        default = (
+            " (pipeline default: {})".format(
+                " ".join(map(str, param.default)) if isinstance(param.default, list) else param.default
+            )
+            if shown
+            else ""
+        )
         many = typing.get_origin(param.annotation) is list
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=name.upper(), nargs="+" if many else None,
-                            type=typing.get_args(param.annotation)[0] if many else param.annotation,
-                            choices=CHOICES.get(name), help=help_.get(name, "") + default)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar=name.upper(),
+            nargs="+" if many else None,
+            type=typing.get_args(param.annotation)[0] if many else param.annotation,
+            choices=CHOICES.get(name),
+            help=help_.get(name, "") + default,
+        )
 
 
 def add_cluster_commands(commands: Any, pipeline: str = "finetune") -> None:
     """`submit` and `schedule`: the same flags, plus --cron for schedule."""
-    cluster_help = {**HELP, "data_uri": "a local JSONL/JSON file (uploaded to the cluster's S3 with $AWS_* credentials) "
-                                        "or an s3:// artifact URI",
-                    "base_model": "an s3:// artifact URI or a hub id"}
-    for name, what in (("submit", "start a run on a Kubeflow Pipelines cluster (once per idempotency key)"),
-                       ("schedule", "create a recurring run on a Kubeflow Pipelines cluster")):
-        cmd = commands.add_parser(name, help=what, description=f"{what}. Token: ${TOKEN_ENV} (bearer), never printed.",
-                                  epilog=DEFAULTS_NOTE)
-        cmd.add_argument("--host", help="KFP API URL, e.g. https://kfp.example.com/pipeline (required unless --dry-run)")
+    cluster_help = {
+        **HELP,
+        "data_uri": "a local JSONL/JSON file (uploaded to the cluster's S3 with $AWS_* credentials) "
+        "or an s3:// artifact URI",
+        "base_model": "an s3:// artifact URI or a hub id",
+    }
+    for name, what in (
+        ("submit", "start a run on a Kubeflow Pipelines cluster (once per idempotency key)"),
+        ("schedule", "create a recurring run on a Kubeflow Pipelines cluster"),
+    ):
+        cmd = commands.add_parser(
+            name, help=what, description=f"{what}. Token: ${TOKEN_ENV} (bearer), never printed.", epilog=DEFAULTS_NOTE
+        )
+        cmd.add_argument(
+            "--host", help="KFP API URL, e.g. https://kfp.example.com/pipeline (required unless --dry-run)"
+        )
         cmd.add_argument("--experiment", default="kftune", help="KFP experiment, created if missing (default: kftune)")
         cmd.add_argument("--run-name", help="run name (default: kftune-<method>); the idempotency key is appended")
-        cmd.add_argument("--params", type=Path, metavar="FILE", help="JSON object of pipeline parameters; flags override it")
-        cmd.add_argument("--namespace", default=NAMESPACE, help=f"Kubernetes namespace of the runs (default: {NAMESPACE})")
+        cmd.add_argument(
+            "--params", type=Path, metavar="FILE", help="JSON object of pipeline parameters; flags override it"
+        )
+        cmd.add_argument(
+            "--namespace", default=NAMESPACE, help=f"Kubernetes namespace of the runs (default: {NAMESPACE})"
+        )
         cmd.add_argument("--force", action="store_true", help="create a new run even if one with the same key exists")
         cmd.add_argument("--dry-run", action="store_true", help="compile and print what would be sent; contact nothing")
         add_pipeline_choice(cmd)
         if name == "submit":
-            cmd.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
-            cmd.add_argument("--timeout-hours", type=float, default=24.0, help="--wait gives up after this (default: 24)")
+            cmd.add_argument(
+                "--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded"
+            )
+            cmd.add_argument(
+                "--timeout-hours", type=float, default=24.0, help="--wait gives up after this (default: 24)"
+            )
         else:
-            cmd.add_argument("--cron", required=True, help="schedule, e.g. '0 3 * * 1' (5 fields, or KFP's 6 with seconds)")
+            cmd.add_argument(
+                "--cron", required=True, help="schedule, e.g. '0 3 * * 1' (5 fields, or KFP's 6 with seconds)"
+            )
         add_parameter_flags(cmd, cluster_help, pipeline=pipeline)
 
 
 def cluster_main(args: argparse.Namespace) -> int:
     """submit / schedule: prepare offline, print it, then (unless --dry-run) send it."""
-    given = {**read_params(args.params),
-             **{k: v for k, v in vars(args).items() if k in pipeline_parameters(args.pipeline) and v is not None}}
+    given = {
+        **read_params(args.params),
+        **{k: v for k, v in vars(args).items() if k in pipeline_parameters(args.pipeline) and v is not None},
+    }
     if args.command == "schedule":
         submit.kfp_cron(args.cron)  # a bad expression fails before compiling
     if not args.dry_run and not args.host:
         raise KftuneError(f"--host is required to {args.command} (the KFP API URL); use --dry-run to only print")
-    sub = submit.prepare(given, args.experiment, args.run_name, args.namespace, pipeline=args.pipeline,
-                         parallelism=args.parallelism)
+    sub = submit.prepare(
+        given, args.experiment, args.run_name, args.namespace, pipeline=args.pipeline, parallelism=args.parallelism
+    )
     print(("would send" if args.dry_run else "sending") + f" to {args.host or '(no host)'}:\n{sub.describe()}")
     if args.dry_run:
         return 0
@@ -200,7 +266,9 @@ def stage(value: str, s3: S3, dest: str) -> str:
 
 def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tuple[dict[str, Any], StackInfo]:
     """Check the settings, make sure the stack runs and the inputs are in S3; the pipeline's arguments."""
-    arguments: dict[str, Any] = {k: v for k, v in vars(args).items() if k in pipeline_parameters(pipeline) and v is not None}
+    arguments: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k in pipeline_parameters(pipeline) and v is not None
+    }
     check(arguments, pipeline)  # before starting anything
     data = arguments.get("data_uri") or str(SAMPLE_DATA)
     if not data.startswith("s3://") and not Path(data).expanduser().is_file():
@@ -223,8 +291,7 @@ def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tup
 def run_pipeline(args: argparse.Namespace) -> tuple[RunSummary, StackInfo]:
     """The fine-tuning DAG through kfp.local, inputs staged."""
     arguments, info = local_arguments(args)
-    return run(arguments, info.env(), args.pipeline_root or args.state_dir.parent / "runs",
-               runner=args.runner), info
+    return run(arguments, info.env(), args.pipeline_root or args.state_dir.parent / "runs", runner=args.runner), info
 
 
 def sweep_locally(args: argparse.Namespace) -> tuple[SweepSummary, StackInfo]:

@@ -28,8 +28,17 @@ TMP_SIZE = "4g"  # the tmpfs at /tmp: scratch files only, models and data go to 
 SERVICE_START_S = 30.0  # how long `podman system service` may take to answer
 # Set by the images to their writable paths and venv: a host's value (a host folder) would point a task
 # at its read-only root, so these are not forwarded.
-IMAGE_OWNED = ("PATH", "HOME", "TMPDIR", "VIRTUAL_ENV", "KFTUNE_CACHE", "HF_HOME", "XDG_CACHE_HOME",
-               "MPLCONFIGDIR", "TRITON_CACHE_DIR")
+IMAGE_OWNED = (
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "KFTUNE_CACHE",
+    "HF_HOME",
+    "XDG_CACHE_HOME",
+    "MPLCONFIGDIR",
+    "TRITON_CACHE_DIR",
+)
 
 
 def security_settings(env: Mapping[str, str], cache_volume: str) -> dict[str, Any]:
@@ -73,19 +82,24 @@ def docker_api() -> Iterator[str | None]:
         return
     podman = shutil.which("podman")
     if not podman:
-        raise KftuneError("--runner container needs a container engine: no Docker API answers "
-                          f"(DOCKER_HOST={os.environ.get('DOCKER_HOST', 'unset')}) and podman is not installed; "
-                          "install docker or podman, or run with the default --runner subprocess")
+        raise KftuneError(
+            "--runner container needs a container engine: no Docker API answers "
+            f"(DOCKER_HOST={os.environ.get('DOCKER_HOST', 'unset')}) and podman is not installed; "
+            "install docker or podman, or run with the default --runner subprocess"
+        )
     folder = Path(tempfile.mkdtemp(prefix="kftune-podman-"))
     url = f"unix://{folder}/podman.sock"
-    service = subprocess.Popen([podman, "system", "service", "--time=0", url],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    service = subprocess.Popen(
+        [podman, "system", "service", "--time=0", url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + SERVICE_START_S
         while not _answers(url):
             if service.poll() is not None or time.monotonic() > deadline:
-                raise KftuneError(f"`podman system service` did not serve the Docker API at {url} within "
-                                  f"{SERVICE_START_S:.0f}s: {(service.stderr.read() if service.poll() is not None else '').strip()}")
+                raise KftuneError(
+                    f"`podman system service` did not serve the Docker API at {url} within "
+                    f"{SERVICE_START_S:.0f}s: {(service.stderr.read() if service.poll() is not None else '').strip()}"
+                )
             time.sleep(0.2)
         yield url
     finally:
@@ -109,8 +123,10 @@ def check_images(client: Any, images: tuple[str, ...] = (CPU_IMAGE, TRAINER_IMAG
         except docker.errors.ImageNotFound:
             missing.append(image)
     if missing:
-        raise KftuneError(f"--runner container: image(s) {', '.join(missing)} not found by the container engine; "
-                          "build them with `make images` (or pull them), then run again")
+        raise KftuneError(
+            f"--runner container: image(s) {', '.join(missing)} not found by the container engine; "
+            "build them with `make images` (or pull them), then run again"
+        )
 
 
 def run_container(client: Any, image: str, command: list[str], volumes: dict[str, Any], **run_args: Any) -> int:
@@ -122,8 +138,9 @@ def run_container(client: Any, image: str, command: list[str], volumes: dict[str
     then removes it. The image must be present (`check_images`): nothing is pulled.
     """
     print(f"[container] {image} as {run_args.get('user')}, read-only root: {run_args.get('read_only')}", flush=True)
-    container = client.containers.run(image=image, command=command, volumes=volumes, detach=True,
-                                      stdout=True, stderr=True, **run_args)
+    container = client.containers.run(
+        image=image, command=command, volumes=volumes, detach=True, stdout=True, stderr=True, **run_args
+    )
     try:
         for line in container.logs(stream=True, follow=True):
             print(line.decode(errors="replace"), end="")

@@ -17,17 +17,42 @@ from pipelines.cli import build_parser, run_pipeline
 # Measured on 2 CPU cores: 300 steps take about 130 s and bring the eval loss from 8.6 to 3.5;
 # the tuned model then writes posts with a title, the price line, a 📍 line and hashtags.
 DEMO_FLAGS = [
-    "--method", "lora", "--lora-r", "64", "--lora-alpha", "128", "--lora-dropout", "0",
-    "--learning-rate", "2e-3", "--max-steps", "300", "--per-device-train-batch-size", "8",
-    "--gradient-accumulation-steps", "1", "--max-seq-length", "256", "--eval-samples", "4", "--sample-tokens", "200",
-    "--registered-model-name", "kftune-demo", "--experiment-name", "kftune-demo",
+    "--method",
+    "lora",
+    "--lora-r",
+    "64",
+    "--lora-alpha",
+    "128",
+    "--lora-dropout",
+    "0",
+    "--learning-rate",
+    "2e-3",
+    "--max-steps",
+    "300",
+    "--per-device-train-batch-size",
+    "8",
+    "--gradient-accumulation-steps",
+    "1",
+    "--max-seq-length",
+    "256",
+    "--eval-samples",
+    "4",
+    "--sample-tokens",
+    "200",
+    "--registered-model-name",
+    "kftune-demo",
+    "--experiment-name",
+    "kftune-demo",
 ]
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(["run", *DEMO_FLAGS, *argv])  # later flags win
-    print("kftune demo: LoRA fine-tuning of a tiny model on Xiaohongshu shop posts, run as a Kubeflow pipeline "
-          "on this machine (kfp.local) against a local S3 (SeaweedFS) and MLflow server.", file=sys.stderr)
+    print(
+        "kftune demo: LoRA fine-tuning of a tiny model on Xiaohongshu shop posts, run as a Kubeflow pipeline "
+        "on this machine (kfp.local) against a local S3 (SeaweedFS) and MLflow server.",
+        file=sys.stderr,
+    )
     summary, info = run_pipeline(args)
     reg = summary.registration
     kftune = os.path.relpath(Path(sys.executable).parent / "kftune")
@@ -37,7 +62,7 @@ def main(argv: list[str]) -> int:
     print(f"""
 Look at it in MLflow: {info.mlflow_url}
   the run (params, metrics, loss curve): {reg.run_url}
-  the model: Models -> {reg.name} -> version {reg.version} (alias {'champion' if reg.promoted else 'challenger'}): an MLflow
+  the model: Models -> {reg.name} -> version {reg.version} (alias {"champion" if reg.promoted else "challenger"}): an MLflow
     chat model (transformers flavor, task llm/v1/chat) with its model card; the run's artifacts hold report.html
 Try the tuned model with MLflow's own tools:
   set -a; . {info.state_dir}/credentials.env; set +a; export MLFLOW_TRACKING_URI={info.mlflow_url}

@@ -18,7 +18,9 @@ from components.validate_data import validate_data
 
 # Secret name -> {secret key: environment variable}. The cluster manifests create these.
 SECRETS: dict[str, dict[str, str]] = {
-    "kftune-s3": {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")},
+    "kftune-s3": {
+        k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+    },
     "kftune-mlflow": {k: k for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
 }
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -55,16 +57,23 @@ def _gpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def merge_and_register(is_full: ConditionOperation, trained: PipelineChannel, artifact_root: PipelineChannel,
-                       **registration: PipelineChannel) -> None:
+def merge_and_register(
+    is_full: ConditionOperation,
+    trained: PipelineChannel,
+    artifact_root: PipelineChannel,
+    **registration: PipelineChannel,
+) -> None:
     """Register the trained model when `is_full`, else merge the adapter into its base first and register that.
 
     `registration`: the register_model arguments besides the model (data, evaluation, the gate's settings).
     `is_full` compares a pipeline parameter or a task's return value: kfp.local resolves a condition
     on a NamedTuple field to false without a word.
     """
-    registration |= {"trained": trained, "artifact_root": artifact_root,
-                     "pipeline_run": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
+    registration |= {
+        "trained": trained,
+        "artifact_root": artifact_root,
+        "pipeline_run": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+    }
     with dsl.If(is_full, name="full-model"):
         _cpu_task(register_model(**registration)).set_caching_options(False)
     with dsl.Else(name="adapter"):
@@ -72,7 +81,9 @@ def merge_and_register(is_full: ConditionOperation, trained: PipelineChannel, ar
         _cpu_task(register_model(**registration, merged=merged.output)).set_caching_options(False)
 
 
-@dsl.pipeline(name="kftune-finetune", description="Fine-tune a causal LM (full, LoRA or QLoRA), evaluate, merge, register")
+@dsl.pipeline(
+    name="kftune-finetune", description="Fine-tune a causal LM (full, LoRA or QLoRA), evaluate, merge, register"
+)
 def finetune_pipeline(
     data_uri: str,
     method: str = "lora",
@@ -107,21 +118,53 @@ def finetune_pipeline(
     eval_samples: prompts answered greedily by base and tuned model and scored (ROUGE-L, chrF, checks).
     primary_metric, promotion_margin: `champion` moves to the new version only when it beats its base by the
     margin (a fraction of the base's value) and the current champion on this metric."""
-    data = _cpu_task(validate_data(
-        data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction,
-        base_model=base_model, max_seq_length=max_seq_length,
-    ))
-    trained = _gpu_task(train(
-        data=data.output, base_model=base_model, method=method, artifact_root=artifact_root,
-        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, quantization_bit=quantization_bit,
-        learning_rate=learning_rate, max_steps=max_steps, num_train_epochs=num_train_epochs,
-        per_device_train_batch_size=per_device_train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, max_seq_length=max_seq_length, seed=seed,
-        processes=train_processes,
-    ))
-    scored = _cpu_task(evaluate(data=data.output, model=trained.output, artifact_root=artifact_root,
-                                sample_tokens=sample_tokens, eval_samples=eval_samples))
-    merge_and_register(method == "full", trained.output, artifact_root, data=data.output,
-                       evaluation=scored.outputs["metrics"], registered_model_name=registered_model_name,
-                       experiment_name=experiment_name, primary_metric=primary_metric,
-                       promotion_margin=promotion_margin, git_commit=git_commit)
+    data = _cpu_task(
+        validate_data(
+            data_uri=data_uri,
+            artifact_root=artifact_root,
+            eval_fraction=eval_fraction,
+            base_model=base_model,
+            max_seq_length=max_seq_length,
+        )
+    )
+    trained = _gpu_task(
+        train(
+            data=data.output,
+            base_model=base_model,
+            method=method,
+            artifact_root=artifact_root,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            quantization_bit=quantization_bit,
+            learning_rate=learning_rate,
+            max_steps=max_steps,
+            num_train_epochs=num_train_epochs,
+            per_device_train_batch_size=per_device_train_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            max_seq_length=max_seq_length,
+            seed=seed,
+            processes=train_processes,
+        )
+    )
+    scored = _cpu_task(
+        evaluate(
+            data=data.output,
+            model=trained.output,
+            artifact_root=artifact_root,
+            sample_tokens=sample_tokens,
+            eval_samples=eval_samples,
+        )
+    )
+    merge_and_register(
+        method == "full",
+        trained.output,
+        artifact_root,
+        data=data.output,
+        evaluation=scored.outputs["metrics"],
+        registered_model_name=registered_model_name,
+        experiment_name=experiment_name,
+        primary_metric=primary_metric,
+        promotion_margin=promotion_margin,
+        git_commit=git_commit,
+    )

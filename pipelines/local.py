@@ -33,8 +33,13 @@ _SHADOWING = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
 
 
 # KFP task name (without the -2 KFP adds to a step's second use) -> the step's result type
-RESULTS: dict[str, type] = {"validate-data": steps.DataSplit, "train": steps.TrainedModel, "evaluate": steps.Evaluation,
-                            "merge-adapter": steps.MergedModel, "register-model": steps.Registration}
+RESULTS: dict[str, type] = {
+    "validate-data": steps.DataSplit,
+    "train": steps.TrainedModel,
+    "evaluate": steps.Evaluation,
+    "merge-adapter": steps.MergedModel,
+    "register-model": steps.Registration,
+}
 OTHER_OUTPUTS = ("report",)  # outputs that are not a step's result: evaluate's HTML report
 
 
@@ -53,17 +58,29 @@ class RunSummary:
     report: Path | None = None  # evaluate's report.html, as kfp.local stored the task's HTML output
 
     def render(self) -> str:
-        data, trained, evaluation, merged, reg = self.data, self.trained, self.evaluation, self.merged, self.registration
+        data, trained, evaluation, merged, reg = (
+            self.data,
+            self.trained,
+            self.evaluation,
+            self.merged,
+            self.registration,
+        )
         history = trained.metrics.get("loss_history") or []
-        loss = (f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f}" if len(history) > 1
-                else f"mean loss {trained.metrics.get('train_loss', float('nan')):.3f}")
+        loss = (
+            f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f}"
+            if len(history) > 1
+            else f"mean loss {trained.metrics.get('train_loss', float('nan')):.3f}"
+        )
         results = {
             "validate-data": f"{data.train_rows} train / {data.eval_rows} eval rows, data sha256 {data.dataset_sha256[:12]}",
             "train": f"{trained.method}, {trained.metrics.get('global_steps', 0)} steps: {loss}",
             "evaluate": f"eval loss base {evaluation.base_eval_loss:.3f} -> tuned {evaluation.eval_loss:.3f} "
-                        f"(perplexity {evaluation.base_perplexity:.1f} -> {evaluation.perplexity:.1f})"
-                        + (f", ROUGE-L {evaluation.base_rougeL:.3f} -> {evaluation.rougeL:.3f}"
-                           if evaluation.rougeL is not None else ""),
+            f"(perplexity {evaluation.base_perplexity:.1f} -> {evaluation.perplexity:.1f})"
+            + (
+                f", ROUGE-L {evaluation.base_rougeL:.3f} -> {evaluation.rougeL:.3f}"
+                if evaluation.rougeL is not None
+                else ""
+            ),
             "merge-adapter": merged and f"parity: max |logit diff| {merged.max_abs_logit_diff:.2g}",
             "register-model": f"{reg.name} version {reg.version}: {'champion' if reg.promoted else 'challenger'}",
         }
@@ -71,17 +88,33 @@ class RunSummary:
         rows += [f"  {step:<16}{seconds:>7.1f}s  {results[step]}" for step, seconds in self.seconds.items()]
         rows.append(f"  {'total':<16}{sum(self.seconds.values()):>7.1f}s")
         rows += ["", "artifacts (S3, content-addressed, MANIFEST.json verified on every read):"]
-        rows += [f"  {label:<16}{result.uri}" for label, result in
-                 (("data split", data), ("trained model", trained), ("evaluation", evaluation), ("merged model", merged))
-                 if result]
-        rows += ["", f"registered model  {reg.name} version {reg.version} -> {reg.source}",
-                 f"promotion gate    {reg.decision()}",
-                 f"MLflow run        {reg.run_url or reg.run_id}", f"task logs         {self.log}"]
+        rows += [
+            f"  {label:<16}{result.uri}"
+            for label, result in (
+                ("data split", data),
+                ("trained model", trained),
+                ("evaluation", evaluation),
+                ("merged model", merged),
+            )
+            if result
+        ]
+        rows += [
+            "",
+            f"registered model  {reg.name} version {reg.version} -> {reg.source}",
+            f"promotion gate    {reg.decision()}",
+            f"MLflow run        {reg.run_url or reg.run_id}",
+            f"task logs         {self.log}",
+        ]
         if self.report:
             rows.append(f"report            {self.report}")
         if evaluation.tuned_sample:
-            rows += ["", "one eval prompt, answered greedily by each model:", _indent(evaluation.sample_prompt, "prompt"),
-                     _indent(evaluation.base_sample, "base"), _indent(evaluation.tuned_sample, "tuned")]
+            rows += [
+                "",
+                "one eval prompt, answered greedily by each model:",
+                _indent(evaluation.sample_prompt, "prompt"),
+                _indent(evaluation.base_sample, "base"),
+                _indent(evaluation.tuned_sample, "tuned"),
+            ]
         return "\n".join(rows)
 
 
@@ -149,7 +182,9 @@ def _failure(log_path: Path, kfp_message: str) -> KftuneError:
     if marked:
         return KftuneError(f"pipeline step {step} failed: {json.loads(marked[-1])} (task logs: {log_path})")
     tail = "\n".join(line for line in text.splitlines()[-15:] if line.strip())
-    return KftuneError(f"pipeline step {step} failed ({_ANSI.sub('', kfp_message)}); the last lines of {log_path}:\n{tail}")
+    return KftuneError(
+        f"pipeline step {step} failed ({_ANSI.sub('', kfp_message)}); the last lines of {log_path}:\n{tail}"
+    )
 
 
 def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSummary:
@@ -162,12 +197,26 @@ def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSum
         results[step] = steps.from_metadata(RESULTS[step], metadata)
         step_seconds[step] = elapsed
     report = run_dir / "evaluate" / "report"
-    return RunSummary(run_dir, log_path, step_seconds, results["validate-data"], results["train"], results["evaluate"],
-                      results["register-model"], results.get("merge-adapter"), report if report.is_file() else None)
+    return RunSummary(
+        run_dir,
+        log_path,
+        step_seconds,
+        results["validate-data"],
+        results["train"],
+        results["evaluate"],
+        results["register-model"],
+        results.get("merge-adapter"),
+        report if report.is_file() else None,
+    )
 
 
-def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
-        progress: TextIO | None = sys.stderr, runner: str = "subprocess") -> RunSummary:
+def run(
+    arguments: Mapping[str, Any],
+    env: Mapping[str, str],
+    pipeline_root: str | Path,
+    progress: TextIO | None = sys.stderr,
+    runner: str = "subprocess",
+) -> RunSummary:
     """Run `finetune_pipeline(**arguments)` through kfp.local with `env` (S3 + MLflow endpoints and keys).
 
     Training settings are checked first, so a bad one fails at once, not after the data step.
@@ -181,8 +230,14 @@ def run(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str
     return _collect(run_dir, seconds, log_path)
 
 
-def _run_locally(pipeline: Any, arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path,
-                 progress: TextIO | None, runner: str = "subprocess") -> tuple[Path, dict[str, float], Path]:
+def _run_locally(
+    pipeline: Any,
+    arguments: Mapping[str, Any],
+    env: Mapping[str, str],
+    pipeline_root: str | Path,
+    progress: TextIO | None,
+    runner: str = "subprocess",
+) -> tuple[Path, dict[str, float], Path]:
     """Run `pipeline(**arguments)` through kfp.local; (kfp.local's run folder, seconds per task, task log)."""
     from kfp import local
 
@@ -190,8 +245,12 @@ def _run_locally(pipeline: Any, arguments: Mapping[str, Any], env: Mapping[str, 
     Path(pipeline_root).mkdir(parents=True, exist_ok=True)
     run_root = Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=pipeline_root)).absolute()
     log_path = run_root / "tasks.log"
-    with (open(log_path, "w", encoding="utf-8") as file, _environment(env), warnings.catch_warnings(),
-          _task_runner(runner, env, run_root) as task_runner):
+    with (
+        open(log_path, "w", encoding="utf-8") as file,
+        _environment(env),
+        warnings.catch_warnings(),
+        _task_runner(runner, env, run_root) as task_runner,
+    ):
         local.init(runner=task_runner, raise_on_error=True, pipeline_root=str(run_root))
         # kfp.local warns that our images are not python:* (it runs this interpreter anyway) and that
         # the Kubernetes settings do nothing here: both true, both expected
@@ -243,18 +302,29 @@ class SweepSummary:
     def render(self) -> str:
         reg, result = self.registration, self.sweep
         merged = f", merged (parity: max |logit diff| {self.merged.max_abs_logit_diff:.2g})" if self.merged else ""
-        return "\n".join([
-            f"sweep of {result.candidates} candidates on {self.data.train_rows} train / {self.data.eval_rows} eval rows "
-            f"in {self.seconds:.0f}s", "", result.table,
-            f"winner            {result.winner} ({self.winner.method}{merged})",
-            f"registered model  {reg.name} version {reg.version} -> {reg.source}",
-            f"comparison        {result.uri}/comparison.{{md,json,html,png}}",
-            f"MLflow sweep run  {result.parent_run_url or result.parent_run_id} (one child run per candidate)",
-            f"MLflow model run  {reg.run_url or reg.run_id}", f"task logs         {self.log}"])
+        return "\n".join(
+            [
+                f"sweep of {result.candidates} candidates on {self.data.train_rows} train / {self.data.eval_rows} eval rows "
+                f"in {self.seconds:.0f}s",
+                "",
+                result.table,
+                f"winner            {result.winner} ({self.winner.method}{merged})",
+                f"registered model  {reg.name} version {reg.version} -> {reg.source}",
+                f"comparison        {result.uri}/comparison.{{md,json,html,png}}",
+                f"MLflow sweep run  {result.parent_run_url or result.parent_run_id} (one child run per candidate)",
+                f"MLflow model run  {reg.run_url or reg.run_id}",
+                f"task logs         {self.log}",
+            ]
+        )
 
 
-def run_sweep(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_root: str | Path, parallelism: int = 1,
-              progress: TextIO | None = sys.stderr) -> SweepSummary:
+def run_sweep(
+    arguments: Mapping[str, Any],
+    env: Mapping[str, str],
+    pipeline_root: str | Path,
+    parallelism: int = 1,
+    progress: TextIO | None = sys.stderr,
+) -> SweepSummary:
     """Run the sweep pipeline through kfp.local; `parallelism` branches at once (1: timings undisturbed)."""
     from pipelines.sweep import build  # heavy: imports kfp; loaded when used
 
@@ -266,11 +336,16 @@ def run_sweep(arguments: Mapping[str, Any], env: Mapping[str, str], pipeline_roo
     compared = outputs["compare-candidates"]
     (register,) = [out["registered"] for name, out in outputs.items() if name.startswith("register-model")]
     merged = outputs.get("merge-adapter", {}).get("merged")
-    return SweepSummary(run_dir, log_path, seconds, steps.from_metadata(steps.DataSplit, outputs["validate-data"]["data"]),
-                        steps.from_metadata(SweepResult, compared["report"]),
-                        steps.from_metadata(steps.TrainedModel, compared["winner"]),
-                        steps.from_metadata(steps.Registration, register),
-                        steps.from_metadata(steps.MergedModel, merged) if merged else None)
+    return SweepSummary(
+        run_dir,
+        log_path,
+        seconds,
+        steps.from_metadata(steps.DataSplit, outputs["validate-data"]["data"]),
+        steps.from_metadata(SweepResult, compared["report"]),
+        steps.from_metadata(steps.TrainedModel, compared["winner"]),
+        steps.from_metadata(steps.Registration, register),
+        steps.from_metadata(steps.MergedModel, merged) if merged else None,
+    )
 
 
 def _outputs(task_dir: Path) -> dict[str, dict[str, Any]]:

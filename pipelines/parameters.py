@@ -35,8 +35,11 @@ def check_sweep_arguments(arguments: Mapping[str, Any]) -> None:
     """The sweep's lists, its primary metric and every candidate's training settings, all at once."""
     settings = {k: v for k, v in arguments.items() if k in steps.TRAIN_SETTINGS}
     defaults = {k: p.default for k, p in pipeline_parameters("sweep").items()}
-    sweep.check(*(arguments.get(k, defaults[k]) for k in ("methods", "ranks", "target_presets")), settings,
-                primary_metric=arguments.get("primary_metric", defaults["primary_metric"]))
+    sweep.check(
+        *(arguments.get(k, defaults[k]) for k in ("methods", "ranks", "target_presets")),
+        settings,
+        primary_metric=arguments.get("primary_metric", defaults["primary_metric"]),
+    )
 
 
 def check(arguments: Mapping[str, Any], pipeline: str = "finetune") -> None:

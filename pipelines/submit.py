@@ -56,13 +56,18 @@ class Submission:
         return f"{self.run_name} [{KEY_TAG}{self.key}]"
 
     def describe(self) -> str:
-        data = (f"  data upload   {self.stage_data} -> {self.stage_dest}/<sha256>/ (with $AWS_* credentials)\n"
-                if self.stage_data else "")
-        return (f"  pipeline      {self.pipeline_name}  version {self.version_name}  ({self.package})\n"
-                f"  experiment    {self.experiment}  namespace {self.namespace}  service account {self.service_account}\n"
-                f"  run           {self.display_name}\n"
-                f"  key           {self.key}\n{data}"
-                f"  parameters    {json.dumps(self.parameters, sort_keys=True)}")
+        data = (
+            f"  data upload   {self.stage_data} -> {self.stage_dest}/<sha256>/ (with $AWS_* credentials)\n"
+            if self.stage_data
+            else ""
+        )
+        return (
+            f"  pipeline      {self.pipeline_name}  version {self.version_name}  ({self.package})\n"
+            f"  experiment    {self.experiment}  namespace {self.namespace}  service account {self.service_account}\n"
+            f"  run           {self.display_name}\n"
+            f"  key           {self.key}\n{data}"
+            f"  parameters    {json.dumps(self.parameters, sort_keys=True)}"
+        )
 
 
 @dataclass
@@ -88,8 +93,10 @@ def dataset_sha256(data_uri: str) -> str:
         try:
             _, folder, _ = split_artifact_uri(data_uri)
         except KftuneError:
-            raise KftuneError(f"--data-uri {data_uri}: not content-addressed (no sha256 folder); give a local file "
-                              "(submit uploads it) or an s3:// URI that `kftune pipeline run` or submit staged") from None
+            raise KftuneError(
+                f"--data-uri {data_uri}: not content-addressed (no sha256 folder); give a local file "
+                "(submit uploads it) or an s3:// URI that `kftune pipeline run` or submit staged"
+            ) from None
         return folder.rsplit("/", 1)[-1]
     path = Path(data_uri).expanduser()
     if not path.is_file():
@@ -106,8 +113,15 @@ def idempotency_key(commit: str, data_sha: str, cfg_hash: str) -> str:
     return hashlib.sha256(f"{commit}\n{data_sha}\n{cfg_hash}".encode()).hexdigest()[:16]
 
 
-def prepare(given: Mapping[str, Any], experiment: str, run_name: str | None, namespace: str = NAMESPACE,
-            package: Path | None = None, pipeline: str = "finetune", parallelism: int | None = None) -> Submission:
+def prepare(
+    given: Mapping[str, Any],
+    experiment: str,
+    run_name: str | None,
+    namespace: str = NAMESPACE,
+    package: Path | None = None,
+    pipeline: str = "finetune",
+    parallelism: int | None = None,
+) -> Submission:
     """Resolve the parameters, compute the key and compile the DAG (or the sweep): everything a submit sends, offline."""
     package = package or Path(f"build/{pipeline}.yaml")
     parameters = resolve_parameters(given, pipeline)
@@ -126,9 +140,18 @@ def prepare(given: Mapping[str, Any], experiment: str, run_name: str | None, nam
 
     name = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))["pipelineInfo"]["name"]
     version = sha256_file(package)[:16]
-    return Submission(package=package, pipeline_name=name, version_name=version, parameters=parameters, key=key,
-                      experiment=experiment, run_name=run_name or f"kftune-{parameters.get('method', pipeline)}",
-                      namespace=namespace, stage_data=stage_data, stage_dest=stage_dest)
+    return Submission(
+        package=package,
+        pipeline_name=name,
+        version_name=version,
+        parameters=parameters,
+        key=key,
+        experiment=experiment,
+        run_name=run_name or f"kftune-{parameters.get('method', pipeline)}",
+        namespace=namespace,
+        stage_data=stage_data,
+        stage_dest=stage_dest,
+    )
 
 
 @contextlib.contextmanager
@@ -142,14 +165,18 @@ def api_errors(host: str) -> Iterator[None]:
     except kfp_server_api.ApiException as exc:
         if exc.status in (401, 403):
             verb = "rejected the token" if exc.status == 401 else "denied access"
-            raise KftuneError(f"KFP at {host} {verb} (HTTP {exc.status}): set ${TOKEN_ENV} to a valid bearer token "
-                              f"for an account allowed in namespace {NAMESPACE!r}") from None
+            raise KftuneError(
+                f"KFP at {host} {verb} (HTTP {exc.status}): set ${TOKEN_ENV} to a valid bearer token "
+                f"for an account allowed in namespace {NAMESPACE!r}"
+            ) from None
         if exc.status == 0 or exc.status is None:
             raise KftuneError(f"cannot reach KFP at {host}: {exc.reason}; check --host") from None
         raise KftuneError(f"KFP at {host} answered HTTP {exc.status} {exc.reason}: {_message(exc.body)}") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise KftuneError(f"cannot reach KFP at {host} ({type(exc).__name__}); check --host and that the KFP API "
-                          "(ml-pipeline-ui or its ingress) is reachable from here") from None
+        raise KftuneError(
+            f"cannot reach KFP at {host} ({type(exc).__name__}); check --host and that the KFP API "
+            "(ml-pipeline-ui or its ingress) is reachable from here"
+        ) from None
 
 
 def _message(body: Any) -> str:
@@ -183,8 +210,12 @@ def ensure_version(client: Any, sub: Submission) -> tuple[str, str]:
         if pipelines:
             pipeline_id = pipelines[0].pipeline_id
         else:
-            pipeline_id = client.upload_pipeline(str(sub.package), pipeline_name=sub.pipeline_name,
-                                                 description=f"kftune: {sub.pipeline_name}", namespace=sub.namespace).pipeline_id
+            pipeline_id = client.upload_pipeline(
+                str(sub.package),
+                pipeline_name=sub.pipeline_name,
+                description=f"kftune: {sub.pipeline_name}",
+                namespace=sub.namespace,
+            ).pipeline_id
         versions = client.list_pipeline_versions(pipeline_id, filter=_filter("display_name", sub.version_name))
         for version in versions.pipeline_versions or []:
             return pipeline_id, version.pipeline_version_id
@@ -204,8 +235,15 @@ def submit(sub: Submission, host: str, force: bool = False, wait_s: float | None
     """Start a run (or find the run with the same key); with `wait_s`, wait for it to finish."""
     client = kfp_client(host, sub.namespace)
     with api_errors(host):
-        existing = client.list_runs(namespace=sub.namespace, sort_by="created_at desc", page_size=1,
-                                    filter=_filter("display_name", KEY_TAG + sub.key, _IS_SUBSTRING)).runs or []
+        existing = (
+            client.list_runs(
+                namespace=sub.namespace,
+                sort_by="created_at desc",
+                page_size=1,
+                filter=_filter("display_name", KEY_TAG + sub.key, _IS_SUBSTRING),
+            ).runs
+            or []
+        )
         if existing and not force:
             run, created = existing[0], False
         else:
@@ -213,9 +251,14 @@ def submit(sub: Submission, host: str, force: bool = False, wait_s: float | None
             pipeline_id, version_id = ensure_version(client, sub)
             with contextlib.redirect_stdout(sys.stderr):
                 experiment = client.create_experiment(sub.experiment, namespace=sub.namespace)
-                run = client.run_pipeline(experiment.experiment_id, sub.display_name, params=sub.parameters,
-                                          pipeline_id=pipeline_id, version_id=version_id,
-                                          service_account=sub.service_account)
+                run = client.run_pipeline(
+                    experiment.experiment_id,
+                    sub.display_name,
+                    params=sub.parameters,
+                    pipeline_id=pipeline_id,
+                    version_id=version_id,
+                    service_account=sub.service_account,
+                )
             created = True
         outcome = Outcome(run.run_id, run.display_name, created, run.state)
         if wait_s is not None:
@@ -227,8 +270,12 @@ def schedule(sub: Submission, host: str, cron: str, force: bool = False) -> Outc
     """A recurring run (one at a time, no backfill), or the existing one with the same key."""
     client = kfp_client(host, sub.namespace)
     with api_errors(host):
-        existing = client.list_recurring_runs(namespace=sub.namespace, page_size=1, filter=_filter(
-            "display_name", KEY_TAG + sub.key, _IS_SUBSTRING)).recurring_runs or []
+        existing = (
+            client.list_recurring_runs(
+                namespace=sub.namespace, page_size=1, filter=_filter("display_name", KEY_TAG + sub.key, _IS_SUBSTRING)
+            ).recurring_runs
+            or []
+        )
         if existing and not force:
             job = existing[0]
             return Outcome(job.recurring_run_id, job.display_name, False, extra={"cron": cron})
@@ -237,9 +284,17 @@ def schedule(sub: Submission, host: str, cron: str, force: bool = False) -> Outc
         with contextlib.redirect_stdout(sys.stderr):
             experiment = client.create_experiment(sub.experiment, namespace=sub.namespace)
             job = client.create_recurring_run(
-                experiment.experiment_id, sub.display_name, description=f"{KEY_TAG}{sub.key}",
-                cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True, params=sub.parameters,
-                pipeline_id=pipeline_id, version_id=version_id, service_account=sub.service_account)
+                experiment.experiment_id,
+                sub.display_name,
+                description=f"{KEY_TAG}{sub.key}",
+                cron_expression=kfp_cron(cron),
+                max_concurrency=1,
+                no_catchup=True,
+                params=sub.parameters,
+                pipeline_id=pipeline_id,
+                version_id=version_id,
+                service_account=sub.service_account,
+            )
     return Outcome(job.recurring_run_id, job.display_name, True, extra={"cron": kfp_cron(cron)})
 
 

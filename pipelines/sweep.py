@@ -25,8 +25,11 @@ PARALLELISM = 4  # training branches at once on a cluster (`kftune pipeline comp
 def build(parallelism: int = PARALLELISM):
     """The sweep pipeline with at most `parallelism` branches at once (0: no limit)."""
 
-    @dsl.pipeline(name="kftune-sweep", description="Train and compare full, LoRA and QLoRA candidates over ranks and "
-                                                    "target modules; merge and register the winner")
+    @dsl.pipeline(
+        name="kftune-sweep",
+        description="Train and compare full, LoRA and QLoRA candidates over ranks and "
+        "target modules; merge and register the winner",
+    )
     def sweep_pipeline(
         data_uri: str,
         methods: List[str] = ["lora", "qlora4", "full"],  # noqa: B006 (KFP reads the defaults, never mutates them)
@@ -57,32 +60,70 @@ def build(parallelism: int = PARALLELISM):
         attention, mlp or auto (every linear layer). primary_metric: what the winner is chosen by and the
         promotion gate compares (eval_loss, perplexity, rougeL, chrf, checks_pass_rate). The rest is shared by every candidate; training defaults are the guide's
         config for each candidate's method, learning_rate 0 meaning the method's rate (full 2e-5, lora 1e-4, qlora 2e-4)."""
-        data = _cpu_task(validate_data(
-            data_uri=data_uri, artifact_root=artifact_root, eval_fraction=eval_fraction,
-            base_model=base_model, max_seq_length=max_seq_length,
-        ))
+        data = _cpu_task(
+            validate_data(
+                data_uri=data_uri,
+                artifact_root=artifact_root,
+                eval_fraction=eval_fraction,
+                base_model=base_model,
+                max_seq_length=max_seq_length,
+            )
+        )
         candidates = _cpu_task(plan_sweep(methods=methods, ranks=ranks, target_presets=target_presets))
         with dsl.ParallelFor(candidates.output, parallelism=parallelism, name="candidates") as candidate:
-            trained = _gpu_task(train(
-                data=data.output, base_model=base_model, method=candidate.method, artifact_root=artifact_root,
-                lora_r=candidate.rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                quantization_bit=candidate.bits, lora_target_modules=candidate.targets,
-                learning_rate=learning_rate, max_steps=max_steps, num_train_epochs=num_train_epochs,
-                per_device_train_batch_size=per_device_train_batch_size,
-                gradient_accumulation_steps=gradient_accumulation_steps, max_seq_length=max_seq_length, seed=seed,
-                processes=train_processes,
-            ))
-            scored = _cpu_task(evaluate(data=data.output, model=trained.output, artifact_root=artifact_root,
-                                        sample_tokens=sample_tokens, eval_samples=eval_samples))
-        best = _cpu_task(compare_candidates(
-            data=data.output, candidates=candidates.output, trained=dsl.Collected(trained.output),
-            evaluations=dsl.Collected(scored.outputs["metrics"]), primary_metric=primary_metric,
-            experiment_name=experiment_name, artifact_root=artifact_root,
-        )).set_caching_options(False)  # it logs to MLflow: a cached result would log nothing
-        merge_and_register(best.outputs["Output"] == "full", best.outputs["winner"], artifact_root, data=data.output,
-                           evaluation=best.outputs["winner_evaluation"], registered_model_name=registered_model_name,
-                           experiment_name=experiment_name, primary_metric=primary_metric,
-                           promotion_margin=promotion_margin, git_commit=git_commit)
+            trained = _gpu_task(
+                train(
+                    data=data.output,
+                    base_model=base_model,
+                    method=candidate.method,
+                    artifact_root=artifact_root,
+                    lora_r=candidate.rank,
+                    lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout,
+                    quantization_bit=candidate.bits,
+                    lora_target_modules=candidate.targets,
+                    learning_rate=learning_rate,
+                    max_steps=max_steps,
+                    num_train_epochs=num_train_epochs,
+                    per_device_train_batch_size=per_device_train_batch_size,
+                    gradient_accumulation_steps=gradient_accumulation_steps,
+                    max_seq_length=max_seq_length,
+                    seed=seed,
+                    processes=train_processes,
+                )
+            )
+            scored = _cpu_task(
+                evaluate(
+                    data=data.output,
+                    model=trained.output,
+                    artifact_root=artifact_root,
+                    sample_tokens=sample_tokens,
+                    eval_samples=eval_samples,
+                )
+            )
+        best = _cpu_task(
+            compare_candidates(
+                data=data.output,
+                candidates=candidates.output,
+                trained=dsl.Collected(trained.output),
+                evaluations=dsl.Collected(scored.outputs["metrics"]),
+                primary_metric=primary_metric,
+                experiment_name=experiment_name,
+                artifact_root=artifact_root,
+            )
+        ).set_caching_options(False)  # it logs to MLflow: a cached result would log nothing
+        merge_and_register(
+            best.outputs["Output"] == "full",
+            best.outputs["winner"],
+            artifact_root,
+            data=data.output,
+            evaluation=best.outputs["winner_evaluation"],
+            registered_model_name=registered_model_name,
+            experiment_name=experiment_name,
+            primary_metric=primary_metric,
+            promotion_margin=promotion_margin,
+            git_commit=git_commit,
+        )
 
     return sweep_pipeline
 

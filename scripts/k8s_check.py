@@ -48,7 +48,11 @@ def overlays() -> list[str]:
 
 
 def _env_keys(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    )
     return {key.strip(): value.strip() for key, value in pairs}
 
 
@@ -57,11 +61,14 @@ def hydrate(overlay: str, kubectl: str | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="kftune-k8s-") as tmp:
         tree = Path(tmp) / "k8s"
         # Real secrets/*.env never enter the copy; the templates stand in for them.
-        shutil.copytree(K8S, tree, ignore=lambda d, names: [n for n in names if Path(d).name == "secrets" and n.endswith(".env")])
+        shutil.copytree(
+            K8S, tree, ignore=lambda d, names: [n for n in names if Path(d).name == "secrets" and n.endswith(".env")]
+        )
         for example in tree.glob("overlays/*/secrets/*.env.example"):
             shutil.copyfile(example, example.with_suffix(""))
-        done = subprocess.run([kubectl or tool("kubectl"), "kustomize", str(tree / "overlays" / overlay)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [kubectl or tool("kubectl"), "kustomize", str(tree / "overlays" / overlay)], capture_output=True, text=True
+        )
     if done.returncode:
         raise CheckError(f"kubectl kustomize {overlay} failed:\n{done.stderr.strip()}")
     return done.stdout
@@ -69,8 +76,9 @@ def hydrate(overlay: str, kubectl: str | None = None) -> str:
 
 def hydrate_serving(kubectl: str | None = None) -> str:
     """k8s/serving rendered (it holds no secrets: it names the overlay's kftune-s3 Secret)."""
-    done = subprocess.run([kubectl or tool("kubectl"), "kustomize", str(SERVING)], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [kubectl or tool("kubectl"), "kustomize", str(SERVING)], capture_output=True, text=True, check=False
+    )
     if done.returncode:
         raise CheckError(f"kubectl kustomize serving failed:\n{done.stderr.strip()}")
     return done.stdout
@@ -82,10 +90,15 @@ def validate(manifests: str, label: str) -> None:
         path = Path(tmp) / f"{label}.yaml"
         path.write_text(manifests)
         for version in K8S_VERSIONS:
-            done = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode:
-                raise CheckError(f"{label} is not valid for Kubernetes {version}:\n{(done.stdout + done.stderr).strip()}")
+                raise CheckError(
+                    f"{label} is not valid for Kubernetes {version}:\n{(done.stdout + done.stderr).strip()}"
+                )
 
 
 SERVING = K8S / "serving"
@@ -108,15 +121,25 @@ def serving_problems(manifests: str) -> list[str]:
         problems.append("serving: spec.predictor.model.modelFormat.name must be huggingface (the HF files are served)")
     accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
     account = accounts.get(predictor.get("serviceAccountName", ""))
-    if account is None or {"name": "kftune-s3"} not in account.get("secrets", []) or \
-            "serving.kserve.io/s3-endpoint" not in account["metadata"].get("annotations", {}):
-        problems.append("serving: the predictor's ServiceAccount must list the kftune-s3 Secret and annotate "
-                        "serving.kserve.io/s3-endpoint")
+    if (
+        account is None
+        or {"name": "kftune-s3"} not in account.get("secrets", [])
+        or "serving.kserve.io/s3-endpoint" not in account["metadata"].get("annotations", {})
+    ):
+        problems.append(
+            "serving: the predictor's ServiceAccount must list the kftune-s3 Secret and annotate "
+            "serving.kserve.io/s3-endpoint"
+        )
     context = model.get("securityContext", {})
-    if any(context.get(k) != v for k, v in RESTRICTED.items()) or context.get("capabilities", {}).get("drop") != ["ALL"] \
-            or predictor.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
-        problems.append("serving: the model container must meet the restricted standard (non-root, no privilege "
-                        "escalation, read-only root, drop ALL, RuntimeDefault seccomp)")
+    if (
+        any(context.get(k) != v for k, v in RESTRICTED.items())
+        or context.get("capabilities", {}).get("drop") != ["ALL"]
+        or predictor.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault"
+    ):
+        problems.append(
+            "serving: the model container must meet the restricted standard (non-root, no privilege "
+            "escalation, read-only root, drop ALL, RuntimeDefault seccomp)"
+        )
     limits = model.get("resources", {}).get("limits", {})
     if int(str(limits.get("nvidia.com/gpu", 0))) < 1:
         problems.append("serving: the model container must request a GPU (resources.limits nvidia.com/gpu)")
@@ -155,8 +178,10 @@ def main() -> int:
         found = serving_problems(manifests)
         problems += found
         if not found:
-            print("k8s-check: serving: ServiceAccount valid (strict); InferenceService checked by hand "
-                  "(no KServe schema offline: kind, s3 storageUri, HF runtime, S3 Secret, restricted context, GPU)")
+            print(
+                "k8s-check: serving: ServiceAccount valid (strict); InferenceService checked by hand "
+                "(no KServe schema offline: kind, s3 storageUri, HF runtime, S3 Secret, restricted context, GPU)"
+            )
     except CheckError as e:
         problems.append(str(e))
     for problem in problems:

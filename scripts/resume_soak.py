@@ -32,21 +32,49 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 MAX_STEPS = 8  # 24 rows, 2 x 2 per step: one epoch is 6 steps, so runs cross into a second one
-SHORT_RUN = ["--max_steps", str(MAX_STEPS), "--save_steps", "1", "--per_device_train_batch_size", "2",
-             "--gradient_accumulation_steps", "2", "--max_seq_length", "128", "--logging_steps", "1",
-             "--warmup_ratio", "0", "--lr_scheduler_type", "cosine"]
+SHORT_RUN = [
+    "--max_steps",
+    str(MAX_STEPS),
+    "--save_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "2",
+    "--max_seq_length",
+    "128",
+    "--logging_steps",
+    "1",
+    "--warmup_ratio",
+    "0",
+    "--lr_scheduler_type",
+    "cosine",
+]
 # lora_dropout > 0: the restored RNG state decides which activations drop, so a wrong restore shows
-METHOD_FLAGS = {"lora": ["--use_lora", "--lora_r", "4", "--lora_dropout", "0.1", "--learning_rate", "1e-2"],
-                "full": ["--learning_rate", "1e-3"]}
+METHOD_FLAGS = {
+    "lora": ["--use_lora", "--lora_r", "4", "--lora_dropout", "0.1", "--learning_rate", "1e-2"],
+    "full": ["--learning_rate", "1e-3"],
+}
 LAST_KILL = MAX_STEPS - 3  # kill after at most this many checkpoints: two steps and the final save remain
 PUBLISHED = "published to"  # kftune's log line after each checkpoint reaches the store
 TRAINING_STARTS = re.compile(r"\| 0/\d+ \[")  # the progress bar at step 0, after data preparation
 
 
-def train_argv(method: str, model: Path, data: Path, out: Path, checkpoint_uri: str | None = None,
-               precision: str = "auto") -> list[str]:
-    argv = ["--base_model", str(model), "--data_path", str(data), "--output_dir", str(out), *SHORT_RUN, *METHOD_FLAGS[method],
-            "--precision", precision]
+def train_argv(
+    method: str, model: Path, data: Path, out: Path, checkpoint_uri: str | None = None, precision: str = "auto"
+) -> list[str]:
+    argv = [
+        "--base_model",
+        str(model),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        *SHORT_RUN,
+        *METHOD_FLAGS[method],
+        "--precision",
+        precision,
+    ]
     return argv + (["--checkpoint_uri", checkpoint_uri] if checkpoint_uri else [])
 
 
@@ -55,20 +83,33 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
 
 
 def train_to_end(argv: list[str], env: dict[str, str] | None = None, timeout_s: float = 900) -> None:
-    proc = subprocess.run([sys.executable, "fine_tune_qwen.py", *argv], cwd=REPO, env=_env(env),
-                          capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(
+        [sys.executable, "fine_tune_qwen.py", *argv],
+        cwd=REPO,
+        env=_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     if proc.returncode:
         raise RuntimeError(f"training failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def kill_during_training(argv: list[str], after_published: int, fraction: float, env: dict[str, str] | None = None,
-                         timeout_s: float = 900) -> int:
+def kill_during_training(
+    argv: list[str], after_published: int, fraction: float, env: dict[str, str] | None = None, timeout_s: float = 900
+) -> int:
     """SIGKILL the training `fraction` of a step after its `after_published`-th published checkpoint.
 
     Returns how many checkpoints it had published. Raises if the process ended by itself.
     """
-    proc = subprocess.Popen([sys.executable, "fine_tune_qwen.py", *argv], cwd=REPO, env=_env(env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "fine_tune_qwen.py", *argv],
+        cwd=REPO,
+        env=_env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watchdog = threading.Timer(timeout_s, proc.kill)
     watchdog.start()
     published, stamps, tail = 0, [], []
@@ -90,7 +131,9 @@ def kill_during_training(argv: list[str], after_published: int, fraction: float,
         watchdog.cancel()
         proc.stderr.close()
     if proc.returncode != -signal.SIGKILL:
-        raise RuntimeError(f"training was not killed (exit {proc.returncode}, {published} checkpoints):\n{''.join(tail)}")
+        raise RuntimeError(
+            f"training was not killed (exit {proc.returncode}, {published} checkpoints):\n{''.join(tail)}"
+        )
     return published
 
 
@@ -125,8 +168,17 @@ class Trial:
     seconds: float
 
 
-def run_trial(index: int, method: str, rng: random.Random, workdir: Path, model: Path, data: Path, reference: dict,
-              store_root: str, env: dict[str, str] | None = None) -> Trial:
+def run_trial(
+    index: int,
+    method: str,
+    rng: random.Random,
+    workdir: Path,
+    model: Path,
+    data: Path,
+    reference: dict,
+    store_root: str,
+    env: dict[str, str] | None = None,
+) -> Trial:
     started = time.perf_counter()
     out = workdir / f"trial-{index}"
     argv = train_argv(method, model, data, out, f"{store_root.rstrip('/')}/trial-{index}")
@@ -137,8 +189,16 @@ def run_trial(index: int, method: str, rng: random.Random, workdir: Path, model:
         train_to_end(argv, env)
     resumed = json.loads((out / "train_metrics.json").read_text())["resumed_from_step"]
     diff = differing(reference, final_tensors(out))
-    return Trial(index, method, "s3" if store_root.startswith("s3://") else "local", published, round(fraction, 2),
-                 "finished" if finished else resumed, len(diff), round(time.perf_counter() - started, 1))
+    return Trial(
+        index,
+        method,
+        "s3" if store_root.startswith("s3://") else "local",
+        published,
+        round(fraction, 2),
+        "finished" if finished else resumed,
+        len(diff),
+        round(time.perf_counter() - started, 1),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="seeds where each kill lands")
     p.add_argument("--methods", default="lora,full", help="comma list of lora, full; trials cycle through them")
-    p.add_argument("--s3", action="store_true", help="checkpoints to S3 (a private SeaweedFS + MLflow stack) instead of a folder")
+    p.add_argument(
+        "--s3", action="store_true", help="checkpoints to S3 (a private SeaweedFS + MLflow stack) instead of a folder"
+    )
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     sys.path.insert(0, str(REPO))
@@ -164,27 +226,42 @@ def main(argv: list[str] | None = None) -> int:
             info = up(StackConfig(work / "stack", s3_port, mlflow_port, bucket="kftune-soak"))
             cleanup.callback(down, info.state_dir)
             env, store_root = info.env(), f"s3://{info.bucket}/checkpoints"
-        model = build_tiny_model(work / "model", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 intermediate_size=128, vocab_size=1024)
+        model = build_tiny_model(
+            work / "model",
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            vocab_size=1024,
+        )
         data = write_samples(work / "train.jsonl", rows=24, seed=1)
         references = {}
         for method in methods:
             train_to_end(train_argv(method, model, data, work / f"reference-{method}"))
             references[method] = final_tensors(work / f"reference-{method}")
-        print(f"{'trial':>5}  {'method':<6} {'store':<5} {'killed after':>12} {'at':>5} {'resumed from':>12} "
-              f"{'bit-identical':>13} {'seconds':>8}", flush=True)
+        print(
+            f"{'trial':>5}  {'method':<6} {'store':<5} {'killed after':>12} {'at':>5} {'resumed from':>12} "
+            f"{'bit-identical':>13} {'seconds':>8}",
+            flush=True,
+        )
         trials = []
         for i in range(args.trials):
             method = methods[i % len(methods)]
             t = run_trial(i, method, rng, work, model, data, references[method], store_root, env)
             trials.append(t)
-            print(f"{t.index:>5}  {t.method:<6} {t.store:<5} {t.killed_after:>12} {t.fraction:>5} {t.resumed_from!s:>12} "
-                  f"{'yes' if not t.differing else f'NO ({t.differing})':>13} {t.seconds:>8}", flush=True)
+            print(
+                f"{t.index:>5}  {t.method:<6} {t.store:<5} {t.killed_after:>12} {t.fraction:>5} {t.resumed_from!s:>12} "
+                f"{'yes' if not t.differing else f'NO ({t.differing})':>13} {t.seconds:>8}",
+                flush=True,
+            )
     resumed = [t for t in trials if isinstance(t.resumed_from, int)]
     good = [t for t in resumed if not t.differing]
     bad = [t for t in trials if t.differing or t.resumed_from is None]
-    print(f"{len(good)}/{len(resumed)} resumed trials ended bit-identical to the uninterrupted run"
-          f" ({len(trials) - len(resumed)} kills came after the output was written)")
+    print(
+        f"{len(good)}/{len(resumed)} resumed trials ended bit-identical to the uninterrupted run"
+        f" ({len(trials) - len(resumed)} kills came after the output was written)"
+    )
     return 1 if bad else 0
 
 

@@ -14,7 +14,9 @@ from components.images import CPU_IMAGE, TRAINER_IMAGE
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_ENV = "KFTUNE_BUILD_IMAGES"  # =1: a container test builds missing images (`make images`, ~15 min cold)
-OPT_IN_ENV = "KFTUNE_CONTAINER_TESTS"  # =1 (`make test-containers`): run them; ~7 min on 2 cores, past make test's budget
+OPT_IN_ENV = (
+    "KFTUNE_CONTAINER_TESTS"  # =1 (`make test-containers`): run them; ~7 min on 2 cores, past make test's budget
+)
 
 
 def engine() -> str | None:
@@ -33,12 +35,17 @@ def require_images(*images: str) -> str:
     name = engine()
     if not name:
         pytest.skip("no container engine (docker with a running daemon, or podman): the images cannot run here")
-    missing = [i for i in images or (CPU_IMAGE, TRAINER_IMAGE)
-               if subprocess.run([name, "image", "inspect", i], capture_output=True).returncode]
+    missing = [
+        i
+        for i in images or (CPU_IMAGE, TRAINER_IMAGE)
+        if subprocess.run([name, "image", "inspect", i], capture_output=True).returncode
+    ]
     if missing and os.environ.get(BUILD_ENV) == "1":
         subprocess.run(["make", "images"], cwd=REPO, check=True)
     elif missing:
-        pytest.skip(f"image(s) {', '.join(missing)} not built: `make images` first, or {BUILD_ENV}=1 to build them here")
+        pytest.skip(
+            f"image(s) {', '.join(missing)} not built: `make images` first, or {BUILD_ENV}=1 to build them here"
+        )
     return name
 
 

@@ -16,8 +16,21 @@ def out(tmp_path):
 
 
 def train(tiny_model, data, out, *extra, env=None):
-    return run_cli("fine_tune_qwen.py", "--config_file", "configs/train_config_lora.json", "--base_model", str(tiny_model),
-                   "--data_path", str(data), "--output_dir", str(out), "--max_steps", "1", *extra, env=env)
+    return run_cli(
+        "fine_tune_qwen.py",
+        "--config_file",
+        "configs/train_config_lora.json",
+        "--base_model",
+        str(tiny_model),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "1",
+        *extra,
+        env=env,
+    )
 
 
 def assert_clean_failure(proc, *expected, out=None):
@@ -31,7 +44,9 @@ def assert_clean_failure(proc, *expected, out=None):
 
 
 def test_missing_data_file(tiny_model, tmp_path, out):
-    assert_clean_failure(train(tiny_model, tmp_path / "nope.jsonl", out), "nope.jsonl: data file not found", "--data_path", out=out)
+    assert_clean_failure(
+        train(tiny_model, tmp_path / "nope.jsonl", out), "nope.jsonl: data file not found", "--data_path", out=out
+    )
 
 
 def test_empty_data_file(tiny_model, tmp_path, out):
@@ -51,7 +66,9 @@ def test_max_seq_length_that_cuts_off_every_answer(tiny_model, small_data, out):
 
 def test_unknown_and_invalid_config_keys(tiny_model, small_data, out):
     proc = train(tiny_model, small_data, out, "--lora_rank", "8", "--lora_dropout", "2")
-    assert_clean_failure(proc, "unknown flag --lora_rank; did you mean --lora_r?", "lora_dropout: must be in [0, 1)", out=out)
+    assert_clean_failure(
+        proc, "unknown flag --lora_rank; did you mean --lora_r?", "lora_dropout: must be in [0, 1)", out=out
+    )
 
 
 def test_base_model_path_missing(small_data, tmp_path, out):
@@ -63,7 +80,9 @@ def test_output_dir_not_empty_is_kept(tiny_model, small_data, tmp_path):
     out = tmp_path / "output"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    assert_clean_failure(train(tiny_model, small_data, out), "already exists and is not empty", "--overwrite_output_dir")
+    assert_clean_failure(
+        train(tiny_model, small_data, out), "already exists and is not empty", "--overwrite_output_dir"
+    )
     assert (out / "precious.txt").read_text() == "keep me"
 
 
@@ -77,16 +96,38 @@ def no_bitsandbytes(tmp_path):
 
 
 def test_qlora_where_bitsandbytes_cannot_run(tiny_model, small_data, out, no_bitsandbytes):
-    proc = run_cli("fine_tune_qwen.py", "--config_file", "configs/train_config_qlora.json", "--base_model", str(tiny_model),
-                   "--data_path", str(small_data), "--output_dir", str(out), "--max_steps", "1", env=no_bitsandbytes)
+    proc = run_cli(
+        "fine_tune_qwen.py",
+        "--config_file",
+        "configs/train_config_qlora.json",
+        "--base_model",
+        str(tiny_model),
+        "--data_path",
+        str(small_data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "1",
+        env=no_bitsandbytes,
+    )
     assert_clean_failure(proc, "quantization needs bitsandbytes, which cannot run here", "use_lora", out=out)
 
 
 def test_4bit_inference_where_bitsandbytes_cannot_run(tiny_model, no_bitsandbytes):
-    proc = run_cli("inference_lora.py", "--base_model", str(tiny_model), "--load_in_4bit", "--prompt", "hi", env=no_bitsandbytes)
+    proc = run_cli(
+        "inference_lora.py", "--base_model", str(tiny_model), "--load_in_4bit", "--prompt", "hi", env=no_bitsandbytes
+    )
     assert_clean_failure(proc, "quantization needs bitsandbytes", "--load_in_4bit")
 
 
 def test_inference_with_missing_adapter(tiny_model, tmp_path):
-    proc = run_cli("inference_lora.py", "--base_model", str(tiny_model), "--lora_model", str(tmp_path / "output_qwen_lora"), "--prompt", "hi")
+    proc = run_cli(
+        "inference_lora.py",
+        "--base_model",
+        str(tiny_model),
+        "--lora_model",
+        str(tmp_path / "output_qwen_lora"),
+        "--prompt",
+        "hi",
+    )
     assert_clean_failure(proc, "output_qwen_lora: model folder not found", "--lora_model")

@@ -44,6 +44,9 @@ def test_pipeline_overhead_quick(tmp_path):
     proc = bench("pipeline_overhead.py", tmp_path)
     assert "pipeline overhead:" in proc.stdout
     report = json.loads((tmp_path / "pipeline_overhead.json").read_text())
-    assert set(report["pipeline"]) == set(report["in_process"]) == {
-        "validate-data", "train", "evaluate", "merge-adapter", "register-model"}
+    assert (
+        set(report["pipeline"])
+        == set(report["in_process"])
+        == {"validate-data", "train", "evaluate", "merge-adapter", "register-model"}
+    )
     assert report["ratio"] > 0

@@ -13,14 +13,25 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def candidate(name, loss, memory_mib=600, seconds=10.0, rouge=None, method="lora", rank=8):
-    return compare.Candidate(name=name, method=method, rank=rank, targets=None if method == "full" else "all",
-                             trainable_params=1_000 if method != "full" else 100_000, total_params=100_000,
-                             peak_memory_bytes=memory_mib * 2**20, train_seconds=seconds, tokens_per_second=250.0,
-                             quality={"eval_loss": loss, "perplexity": 2.718281828 ** loss, "rougeL": rouge})
+    return compare.Candidate(
+        name=name,
+        method=method,
+        rank=rank,
+        targets=None if method == "full" else "all",
+        trainable_params=1_000 if method != "full" else 100_000,
+        total_params=100_000,
+        peak_memory_bytes=memory_mib * 2**20,
+        train_seconds=seconds,
+        tokens_per_second=250.0,
+        quality={"eval_loss": loss, "perplexity": 2.718281828**loss, "rougeL": rouge},
+    )
 
 
-CANDIDATES = [candidate("lora-r8-all", 2.0, 700), candidate("full", 1.6, 2000, method="full", rank=None),
-              candidate("qlora4-r8-all", 2.4, 400, method="qlora4")]
+CANDIDATES = [
+    candidate("lora-r8-all", 2.0, 700),
+    candidate("full", 1.6, 2000, method="full", rank=None),
+    candidate("qlora4-r8-all", 2.4, 400, method="qlora4"),
+]
 
 
 def test_lower_is_better_metrics_rank_ascending_with_quality_relative_to_the_best():
@@ -55,8 +66,18 @@ def test_the_markdown_table_has_every_measured_column_filled_and_unmeasured_ones
     text = compare.to_markdown(compare.rank(CANDIDATES))
     table = [line for line in text.splitlines() if line.startswith("|")]
     head = [c.strip() for c in table[0].strip("|").split("|")]
-    assert head[:10] == ["#", "candidate", "method", "rank", "targets", "trainable params", "share", "peak memory",
-                         "train wall time", "tokens/s"]
+    assert head[:10] == [
+        "#",
+        "candidate",
+        "method",
+        "rank",
+        "targets",
+        "trainable params",
+        "share",
+        "peak memory",
+        "train wall time",
+        "tokens/s",
+    ]
     assert head[10:] == ["eval loss", "perplexity", "ROUGE-L", "chrF", "checks passed", "quality vs best (eval loss)"]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert len(rows) == 3 and all(len(r) == len(head) for r in rows)
@@ -65,12 +86,19 @@ def test_the_markdown_table_has_every_measured_column_filled_and_unmeasured_ones
     assert first["peak memory"] == "1.95 GiB" and first["train wall time"] == "10.0 s" and first["tokens/s"] == "250"
     assert first["eval loss"] == "1.600" and first["quality vs best (eval loss)"] == "100.0%"
     second = dict(zip(head, rows[1]))
-    assert second["share"] == "1.00%" and second["peak memory"] == "700 MiB" and second["quality vs best (eval loss)"] == "80.0%"
+    assert (
+        second["share"] == "1.00%"
+        and second["peak memory"] == "700 MiB"
+        and second["quality vs best (eval loss)"] == "80.0%"
+    )
     for row in rows:
         cells = dict(zip(head, row))
         assert cells["ROUGE-L"] == cells["chrF"] == cells["checks passed"] == "n/a"  # no samples scored here
-        assert all(v not in ("", "None", "nan", "n/a") for k, v in cells.items()
-                   if k not in ("ROUGE-L", "chrF", "checks passed"))
+        assert all(
+            v not in ("", "None", "nan", "n/a")
+            for k, v in cells.items()
+            if k not in ("ROUGE-L", "chrF", "checks passed")
+        )
     assert "ranked by eval_loss (lower is better); winner: full" in text
 
 
@@ -97,13 +125,21 @@ def test_the_html_page_escapes_names_and_embeds_the_quality_vs_memory_plot():
 
 def test_reports_are_written_in_every_format(tmp_path):
     files = compare.write_reports(compare.rank(CANDIDATES), tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(files.values()) == [
-        "comparison.html", "comparison.json", "comparison.md", "comparison.png"]
+    assert (
+        sorted(p.name for p in (tmp_path / "out").iterdir())
+        == sorted(files.values())
+        == ["comparison.html", "comparison.json", "comparison.md", "comparison.png"]
+    )
     assert (tmp_path / "out" / "comparison.png").read_bytes().startswith(PNG)
 
 
 def test_metric_values_reads_the_evaluations_fields_by_name():
     fields = {"eval_loss": 2.0, "perplexity": 7.4, "rougeL": 0.31, "sample_prompt": "text", "chrf": None}
-    assert compare.metric_values(fields) == {"eval_loss": 2.0, "perplexity": 7.4, "rougeL": 0.31, "chrf": None,
-                                             "checks_pass_rate": None}
+    assert compare.metric_values(fields) == {
+        "eval_loss": 2.0,
+        "perplexity": 7.4,
+        "rougeL": 0.31,
+        "chrf": None,
+        "checks_pass_rate": None,
+    }
     assert compare.metric_values({"eval_loss": 2.0})["rougeL"] is None

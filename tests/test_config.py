@@ -12,10 +12,21 @@ from .conftest import REPO, run_cli
 
 def test_guide_configs_carry_the_guides_values():
     lora = parse_args(["--config_file", "configs/train_config_lora.json"])
-    assert (lora.method, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.learning_rate) == ("lora", 64, 16, 0.1, 1e-4)
+    assert (lora.method, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.learning_rate) == (
+        "lora",
+        64,
+        16,
+        0.1,
+        1e-4,
+    )
     assert lora.target_modules() == SEVEN_PROJECTIONS.split(",")
     qlora = parse_args(["--config_file", "configs/train_config_qlora.json"])
-    assert (qlora.method, qlora.quantization_bit, qlora.learning_rate, qlora.target_modules()) == ("qlora", 4, 2e-4, None)
+    assert (qlora.method, qlora.quantization_bit, qlora.learning_rate, qlora.target_modules()) == (
+        "qlora",
+        4,
+        2e-4,
+        None,
+    )
     assert parse_args(["--config_file", "configs/train_config_qlora_8bit.json"]).quantization_bit == 8
     assert parse_args(["--config_file", "configs/train_config_full.json"]).method == "full"
 
@@ -28,24 +39,43 @@ def test_defaults_then_file_then_flags(tmp_path):
 
 
 def test_guide_flag_form():
-    cfg = parse_args("--use_lora --lora_r 64 --lora_alpha 16 --data_path data/store_xhs_sft_samples.jsonl "
-                     "--output_dir ./output_lora --learning_rate 1e-4".split())
+    cfg = parse_args(
+        "--use_lora --lora_r 64 --lora_alpha 16 --data_path data/store_xhs_sft_samples.jsonl "
+        "--output_dir ./output_lora --learning_rate 1e-4".split()
+    )
     assert (cfg.use_lora, cfg.output_dir, cfg.lora_target_modules) == (True, "./output_lora", None)
     assert parse_args(["--use_lora", "--lora_target_modules", "null"]).target_modules() is None
-    assert parse_args(["--use_lora", "--lora_target_modules", "q_proj, v_proj"]).target_modules() == ["q_proj", "v_proj"]
+    assert parse_args(["--use_lora", "--lora_target_modules", "q_proj, v_proj"]).target_modules() == [
+        "q_proj",
+        "v_proj",
+    ]
 
 
 def test_every_problem_at_once_naming_each_key():
     with pytest.raises(ConfigError) as err:
         resolve(
-            {"lora_rank": 8, "lora_r": 0, "lora_dropout": 1.5, "quantization_bit": 3, "learning_rate": "fast",
-             "use_lora": "yes", "eval_steps": 10},
+            {
+                "lora_rank": 8,
+                "lora_r": 0,
+                "lora_dropout": 1.5,
+                "quantization_bit": 3,
+                "learning_rate": "fast",
+                "use_lora": "yes",
+                "eval_steps": 10,
+            },
             {},
         )
     text = str(err.value)
-    for expected in ("unknown key lora_rank; did you mean lora_r?", "lora_r: must be >= 1", "lora_dropout: must be in [0, 1)",
-                     "quantization_bit: must be 4 or 8", "learning_rate: got \"fast\"", "use_lora: got \"yes\"",
-                     "eval_steps is > 0 but eval_data_path is not set", "quantization_bit is set but use_qlora is false"):
+    for expected in (
+        "unknown key lora_rank; did you mean lora_r?",
+        "lora_r: must be >= 1",
+        "lora_dropout: must be in [0, 1)",
+        "quantization_bit: must be 4 or 8",
+        'learning_rate: got "fast"',
+        'use_lora: got "yes"',
+        "eval_steps is > 0 but eval_data_path is not set",
+        "quantization_bit is set but use_qlora is false",
+    ):
         assert expected in text, expected
 
 
@@ -72,7 +102,12 @@ def test_cli_reports_config_problems_without_traceback(tmp_path):
 
 def test_configs_are_all_present():
     names = sorted(p.name for p in (REPO / "configs").glob("train_config_*.json"))
-    assert names == ["train_config_full.json", "train_config_lora.json", "train_config_qlora.json", "train_config_qlora_8bit.json"]
+    assert names == [
+        "train_config_full.json",
+        "train_config_lora.json",
+        "train_config_qlora.json",
+        "train_config_qlora_8bit.json",
+    ]
 
 
 def test_readme_documents_every_key_with_its_default():
@@ -83,8 +118,16 @@ def test_readme_documents_every_key_with_its_default():
         assert f"| `{name}` | `{json.dumps(f.default)}` |" in readme, name
 
 
-@pytest.mark.parametrize("command", [["fine_tune_qwen.py"], ["inference_lora.py"], ["-m", "kftune.cli", "merge"],
-                                     ["-m", "kftune.cli", "tiny-model"], ["-m", "kftune.cli", "sample-data"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["fine_tune_qwen.py"],
+        ["inference_lora.py"],
+        ["-m", "kftune.cli", "merge"],
+        ["-m", "kftune.cli", "tiny-model"],
+        ["-m", "kftune.cli", "sample-data"],
+    ],
+)
 def test_help_lists_the_flags(command):
     proc = run_cli(*command, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout and "Traceback" not in proc.stderr

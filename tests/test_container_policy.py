@@ -80,8 +80,10 @@ def _k8s_containers() -> list[tuple[str, dict, dict]]:
     for doc in yaml.safe_load_all(k8s_check.hydrate("dev", kubectl)):
         if doc and doc["kind"] in ("Deployment", "StatefulSet", "Job"):
             pod = doc["spec"]["template"]["spec"]
-            found += [(f"{doc['kind']}/{doc['metadata']['name']}/{c['name']}", pod, c)
-                      for c in pod.get("initContainers", []) + pod["containers"]]
+            found += [
+                (f"{doc['kind']}/{doc['metadata']['name']}/{c['name']}", pod, c)
+                for c in pod.get("initContainers", []) + pod["containers"]
+            ]
     return found
 
 

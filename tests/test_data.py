@@ -17,9 +17,16 @@ def write_lines(path, lines):
 
 def test_alpaca_and_messages_become_the_same_messages(tmp_path):
     alpaca = {"instruction": "写一篇笔记", "input": "店名：A", "output": "好店 #探店", "system": "你是博主"}
-    messages = {"messages": [{"role": "system", "content": "你是博主"}, {"role": "user", "content": "写一篇笔记\n店名：A"},
-                             {"role": "assistant", "content": "好店 #探店"}]}
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps(alpaca, ensure_ascii=False), "", json.dumps(messages, ensure_ascii=False)])
+    messages = {
+        "messages": [
+            {"role": "system", "content": "你是博主"},
+            {"role": "user", "content": "写一篇笔记\n店名：A"},
+            {"role": "assistant", "content": "好店 #探店"},
+        ]
+    }
+    path = write_lines(
+        tmp_path / "d.jsonl", [json.dumps(alpaca, ensure_ascii=False), "", json.dumps(messages, ensure_ascii=False)]
+    )
     first, second = load_conversations(path)
     assert first == second
 

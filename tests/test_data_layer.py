@@ -18,8 +18,9 @@ from kftune.data.rules import Options
 from kftune.data.validate import validate
 
 # short texts, often blank or whitespace, with the separators and line breaks that trip line-based readers
-TEXT = st.one_of(st.sampled_from(["", " ", "hi", "写一篇笔记", "a\nb", "x\u2028y", "\r", "#tag", "\t"]),
-                 st.text(max_size=12))
+TEXT = st.one_of(
+    st.sampled_from(["", " ", "hi", "写一篇笔记", "a\nb", "x\u2028y", "\r", "#tag", "\t"]), st.text(max_size=12)
+)
 MAYBE = st.one_of(st.none(), TEXT, st.integers(0, 3))  # optional fields: absent-like, a string, or a wrong type
 
 
@@ -49,9 +50,15 @@ def messages(draw) -> dict:
 
 def test_to_messages_reads_both_forms_alike():
     alpaca_row = {"instruction": "写一篇笔记", "input": "店名：A", "output": "好店", "system": "你是博主"}
-    assert to_messages(alpaca_row) == to_messages({"messages": to_messages(alpaca_row)}) == [
-        {"role": "system", "content": "你是博主"}, {"role": "user", "content": "写一篇笔记\n店名：A"},
-        {"role": "assistant", "content": "好店"}]
+    assert (
+        to_messages(alpaca_row)
+        == to_messages({"messages": to_messages(alpaca_row)})
+        == [
+            {"role": "system", "content": "你是博主"},
+            {"role": "user", "content": "写一篇笔记\n店名：A"},
+            {"role": "assistant", "content": "好店"},
+        ]
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -61,7 +68,9 @@ def test_every_row_the_gate_accepts_loads_to_the_same_messages(tmp_path_factory,
     data = folder / "data.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     validate(data, folder / "out", Options(min_rows=0, eval_fraction=0, max_reject_fraction=1))
-    rejected = {json.loads(line)["line"] for line in (folder / "out" / "rejected.jsonl").read_text("utf-8").split("\n") if line}
+    rejected = {
+        json.loads(line)["line"] for line in (folder / "out" / "rejected.jsonl").read_text("utf-8").split("\n") if line
+    }
     kept = [row for number, row in enumerate(rows, start=1) if number not in rejected]
     accepted = folder / "out" / "accepted.jsonl"
     gate_says = [json.loads(line)["messages"] for line in accepted.read_text("utf-8").split("\n") if line]

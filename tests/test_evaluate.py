@@ -25,17 +25,46 @@ def eval_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter(tiny_model, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter") / "lora"
-    return run(resolve({"base_model": str(tiny_model), "data_path": str(small_data), "output_dir": str(out),
-                        "use_lora": True, "lora_r": 8, "max_steps": 12, "learning_rate": 2e-2,
-                        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_seq_length": 256,
-                        "logging_steps": 2}, {})).output_dir
+    return run(
+        resolve(
+            {
+                "base_model": str(tiny_model),
+                "data_path": str(small_data),
+                "output_dir": str(out),
+                "use_lora": True,
+                "lora_r": 8,
+                "max_steps": 12,
+                "learning_rate": 2e-2,
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "max_seq_length": 256,
+                "logging_steps": 2,
+            },
+            {},
+        )
+    ).output_dir
 
 
 @pytest.fixture(scope="module")
 def evaluated(adapter, tiny_model, eval_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluated") / "ev"
-    proc = run_cli("-m", "kftune.cli", "evaluate", "--base_model", str(tiny_model), "--model", str(adapter),
-                   "--eval_data", str(eval_data), "--samples", "2", "--max_new_tokens", "24", "--output_dir", str(out))
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "evaluate",
+        "--base_model",
+        str(tiny_model),
+        "--model",
+        str(adapter),
+        "--eval_data",
+        str(eval_data),
+        "--samples",
+        "2",
+        "--max_new_tokens",
+        "24",
+        "--output_dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -107,14 +136,41 @@ def edited_template(adapter, tmp_path):
     return copy
 
 
-def test_a_changed_chat_template_is_refused_by_evaluate_merge_and_infer(edited_template, tiny_model, eval_data, tmp_path):
+def test_a_changed_chat_template_is_refused_by_evaluate_merge_and_infer(
+    edited_template, tiny_model, eval_data, tmp_path
+):
     commands = {
-        "evaluate": ["evaluate", "--model", str(edited_template), "--eval_data", str(eval_data), "--samples", "0",
-                     "--output_dir", str(tmp_path / "ev")],
-        "merge": ["merge", "--base_model", str(tiny_model), "--lora_model", str(edited_template),
-                  "--output_dir", str(tmp_path / "merged")],
-        "infer": ["infer", "--base_model", str(tiny_model), "--lora_model", str(edited_template), "--prompt", "你好",
-                  "--max_new_tokens", "2"],
+        "evaluate": [
+            "evaluate",
+            "--model",
+            str(edited_template),
+            "--eval_data",
+            str(eval_data),
+            "--samples",
+            "0",
+            "--output_dir",
+            str(tmp_path / "ev"),
+        ],
+        "merge": [
+            "merge",
+            "--base_model",
+            str(tiny_model),
+            "--lora_model",
+            str(edited_template),
+            "--output_dir",
+            str(tmp_path / "merged"),
+        ],
+        "infer": [
+            "infer",
+            "--base_model",
+            str(tiny_model),
+            "--lora_model",
+            str(edited_template),
+            "--prompt",
+            "你好",
+            "--max_new_tokens",
+            "2",
+        ],
     }
     for name, args in commands.items():
         proc = run_cli("-m", "kftune.cli", *args)
@@ -201,13 +257,29 @@ def test_evaluate_reproduces_the_eval_loss_training_reported(precision, tiny_mod
 
     from kftune.evaluate.evaluation import Settings, evaluate
 
-    result = run(resolve({"base_model": str(tiny_model), "data_path": str(small_data), "eval_data_path": str(eval_data),
-                          "output_dir": str(tmp_path / "lora"), "use_lora": True, "lora_r": 8, "max_steps": 6,
-                          "learning_rate": 2e-2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-                          "max_seq_length": 256, "precision": precision}, {}))
+    result = run(
+        resolve(
+            {
+                "base_model": str(tiny_model),
+                "data_path": str(small_data),
+                "eval_data_path": str(eval_data),
+                "output_dir": str(tmp_path / "lora"),
+                "use_lora": True,
+                "lora_r": 8,
+                "max_steps": 6,
+                "learning_rate": 2e-2,
+                "per_device_train_batch_size": 8,
+                "gradient_accumulation_steps": 1,
+                "max_seq_length": 256,
+                "precision": precision,
+            },
+            {},
+        )
+    )
     trained = result.metrics["eval_loss"]
-    metrics = evaluate(str(result.output_dir), str(eval_data), tmp_path / "ev",
-                       settings=Settings(samples=0, precision=precision))
+    metrics = evaluate(
+        str(result.output_dir), str(eval_data), tmp_path / "ev", settings=Settings(samples=0, precision=precision)
+    )
     assert metrics["settings"]["precision"] == precision
     loss = metrics["tuned"]["eval_loss"]
     half_ulp_bf16 = 2.0 ** (math.floor(math.log2(trained)) - 8)

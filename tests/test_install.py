@@ -28,27 +28,52 @@ def test_a_non_editable_install_compiles_and_imports_without_the_source_tree(tmp
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                           "--no-build-isolation", str(src)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     shutil.rmtree(src)  # nothing may be read from the sources any more
 
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    probe = ("import components, components.train, pipelines.finetune, kftune\n"
-             "from components.images import CPU_IMAGE, IMAGES_ENV\n"
-             "assert all('site-packages' in m.__file__ for m in (components, pipelines.finetune, kftune)), components.__file__\n"
-             "print(IMAGES_ENV, CPU_IMAGE)")
+    probe = (
+        "import components, components.train, pipelines.finetune, kftune\n"
+        "from components.images import CPU_IMAGE, IMAGES_ENV\n"
+        "assert all('site-packages' in m.__file__ for m in (components, pipelines.finetune, kftune)), components.__file__\n"
+        "print(IMAGES_ENV, CPU_IMAGE)"
+    )
     done = subprocess.run([python, "-c", probe], cwd=work, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert str(Path(site, "components", "images.env")) in done.stdout
 
     out = work / "x.yaml"
-    done = subprocess.run([env_dir / "bin" / "kftune", "pipeline", "compile", "-o", str(out)], cwd=work,
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [env_dir / "bin" / "kftune", "pipeline", "compile", "-o", str(out)],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ghcr.io/kftune/kftune-trainer" in out.read_text()

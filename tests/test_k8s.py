@@ -78,7 +78,9 @@ def test_rbac_is_namespaced_and_has_no_wildcards(docs, overlay):
     for role in roles:
         for rule in role["rules"]:
             for field in ("verbs", "resources", "apiGroups", "resourceNames", "nonResourceURLs"):
-                assert not any("*" in v for v in rule.get(field, [])), f"Role/{role['metadata']['name']} {field}: {rule}"
+                assert not any("*" in v for v in rule.get(field, [])), (
+                    f"Role/{role['metadata']['name']} {field}: {rule}"
+                )
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
     binding = find(docs[overlay], "RoleBinding", "kftune-pipeline")[0]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kftune-pipeline"}
@@ -142,7 +144,9 @@ def test_secret_templates_hold_placeholders_and_real_files_are_ignored():
                 if CREDENTIAL_NAME.search(key) or "://" in value:
                     assert "REPLACE_WITH" in value, f"{example.name}: {key} must be a placeholder"
         real = example.with_suffix("").relative_to(REPO)
-        assert subprocess.run(["git", "check-ignore", "-q", str(real)], cwd=REPO).returncode == 0, f"{real} is not git-ignored"
+        assert subprocess.run(["git", "check-ignore", "-q", str(real)], cwd=REPO).returncode == 0, (
+            f"{real} is not git-ignored"
+        )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -185,7 +189,13 @@ def test_mlflow_server_settings(docs, overlay):
     (deploy,) = find(resources, "Deployment", "mlflow")
     (c,) = deploy["spec"]["template"]["spec"]["containers"]
     script = " ".join(c["command"] + c["args"])
-    for flag in ("mlflow server", "--app-name basic-auth", "--allowed-hosts", "--workers 1", "--artifacts-destination \"s3://"):
+    for flag in (
+        "mlflow server",
+        "--app-name basic-auth",
+        "--allowed-hosts",
+        "--workers 1",
+        '--artifacts-destination "s3://',
+    ):
         assert flag in script, flag
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
@@ -229,10 +239,12 @@ def test_the_serving_manifests_pass_what_can_be_checked_offline():
     assert service["metadata"]["namespace"] == NAMESPACE
     model = service["spec"]["predictor"]["model"]
     assert SECRETS.get("kftune-s3") is not None and find(docs, "ServiceAccount", "kftune-serving")
-    broken = {"gpu": ("nvidia.com/gpu: \"1\"", "nvidia.com/gpu: \"0\"", "request a GPU"),
-              "root": ("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "restricted standard"),
-              "uri": (model["storageUri"], "hf://some/model", "s3:// URI"),
-              "secret": ("- name: kftune-s3", "- name: other", "kftune-s3 Secret")}
+    broken = {
+        "gpu": ('nvidia.com/gpu: "1"', 'nvidia.com/gpu: "0"', "request a GPU"),
+        "root": ("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "restricted standard"),
+        "uri": (model["storageUri"], "hf://some/model", "s3:// URI"),
+        "secret": ("- name: kftune-s3", "- name: other", "kftune-s3 Secret"),
+    }
     for what, (old, new, message) in broken.items():
         assert old in manifests, what
         assert any(message in p for p in k8s_check.serving_problems(manifests.replace(old, new))), what

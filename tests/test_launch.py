@@ -17,8 +17,22 @@ LORA = ["--config_file", "configs/train_config_lora.json", "--lora_r", "8", "--l
 
 def test_two_cpu_processes_train_like_one(tiny_model, small_data, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_cli("-m", "kftune.cli", "launch", "--num-processes", "2", *LORA, "--base_model", str(tiny_model),
-                   "--data_path", str(small_data), "--output_dir", str(out), *SHORT_RUN, timeout=600)
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "launch",
+        "--num-processes",
+        "2",
+        *LORA,
+        "--base_model",
+        str(tiny_model),
+        "--data_path",
+        str(small_data),
+        "--output_dir",
+        str(out),
+        *SHORT_RUN,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {p.name for p in out.iterdir()} == ADAPTER_FILES
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # no .ddp.partial left by either process
@@ -31,6 +45,18 @@ def test_two_cpu_processes_train_like_one(tiny_model, small_data, tmp_path):
 
 
 def test_launch_checks_the_process_count(tiny_model, small_data, tmp_path):
-    proc = run_cli("-m", "kftune.cli", "launch", "--num-processes", "0", *LORA, "--base_model", str(tiny_model),
-                   "--data_path", str(small_data), "--output_dir", str(tmp_path / "x"))
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "launch",
+        "--num-processes",
+        "0",
+        *LORA,
+        "--base_model",
+        str(tiny_model),
+        "--data_path",
+        str(small_data),
+        "--output_dir",
+        str(tmp_path / "x"),
+    )
     assert proc.returncode == 2 and "--num-processes 0" in proc.stderr and "Traceback" not in proc.stderr

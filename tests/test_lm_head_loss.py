@@ -53,8 +53,12 @@ def test_chunked_matches_the_plain_head_in_value_and_gradient(dtype, chunk):
     (-(r_logp * grad_out.double()).sum()).backward()
     scale = float(z.detach().abs().max())
     u = UNIT[dtype]
-    for name, mine, theirs, ref in (("log p", c_logp, p_logp, r_logp.detach()), ("entropy", c_ent, p_ent, r_ent.detach()),
-                                    ("d hidden", c_gh, p_gh, hid.grad), ("d weight", c_gw, p_gw, w.grad)):
+    for name, mine, theirs, ref in (
+        ("log p", c_logp, p_logp, r_logp.detach()),
+        ("entropy", c_ent, p_ent, r_ent.detach()),
+        ("d hidden", c_gh, p_gh, hid.grad),
+        ("d weight", c_gw, p_gw, w.grad),
+    ):
         size = float(ref.abs().max())
         bound = float((theirs - ref).abs().max()) + 8 * u * max(scale, size)
         err = float((mine - ref).abs().max())
@@ -72,7 +76,9 @@ def test_under_autocast_the_matmul_runs_in_bf16_and_fp32_weights_get_fp32_gradie
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logp, _, _ = token_log_probs(hidden, weight, targets, 6)
         expected = torch.log_softmax((hidden @ weight.t()).float(), -1).gather(1, targets[:, None]).squeeze(1)
-    assert logp.dtype == torch.float32 and torch.allclose(logp, expected, atol=8 * 2.0**-8 * float(expected.abs().max()))
+    assert logp.dtype == torch.float32 and torch.allclose(
+        logp, expected, atol=8 * 2.0**-8 * float(expected.abs().max())
+    )
     logp.sum().backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
     assert hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
@@ -87,8 +93,9 @@ def test_installed_in_a_model_it_gives_the_models_own_loss_and_lora_gradients(ti
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=dtype)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                             init_lora_weights=False))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    )
     base = model.get_base_model()
     assert install(base)
     ids = torch.randint(0, 1000, (2, 40))
@@ -99,7 +106,9 @@ def test_installed_in_a_model_it_gives_the_models_own_loss_and_lora_gradients(ti
         model.zero_grad()
         out = model(input_ids=ids, labels=labels, **kwargs)
         out.loss.backward()
-        return out.loss.detach().double(), {n: p.grad.double().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.loss.detach().double(), {
+            n: p.grad.double().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
 
     mine, mine_g = loss_and_grads(fused_lm_head=True)
     own, own_g = loss_and_grads()  # transformers' own cross-entropy over the full logits

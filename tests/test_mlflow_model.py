@@ -45,7 +45,8 @@ def test_pyfunc_answers_in_the_chat_completion_shape(saved):
 
     path, _ = saved
     answer = mlflow.pyfunc.load_model(str(path)).predict(
-        {"messages": [{"role": "user", "content": "写一篇探店笔记"}], "max_tokens": 5, "temperature": 0.0})
+        {"messages": [{"role": "user", "content": "写一篇探店笔记"}], "max_tokens": 5, "temperature": 0.0}
+    )
     (completion,) = answer
     assert completion["object"] == "chat.completion" and completion["usage"]["completion_tokens"] == 5
     assert completion["choices"][0]["message"]["role"] == "assistant"

@@ -11,16 +11,31 @@ from kftune.train.training import build_model, data_collator, sft_config
 def trainer_for(tiny_model, small_data, tmp_path, padding_free: bool):
     from trl import SFTTrainer
 
-    cfg = resolve({"base_model": str(tiny_model), "data_path": str(small_data), "output_dir": str(tmp_path / "out"),
-                   "use_lora": True, "lora_r": 4, "lora_dropout": 0.0, "max_seq_length": 512,
-                   "per_device_train_batch_size": 4, "padding_free": padding_free}, {})
+    cfg = resolve(
+        {
+            "base_model": str(tiny_model),
+            "data_path": str(small_data),
+            "output_dir": str(tmp_path / "out"),
+            "use_lora": True,
+            "lora_r": 4,
+            "lora_dropout": 0.0,
+            "max_seq_length": 512,
+            "per_device_train_batch_size": 4,
+            "padding_free": padding_free,
+        },
+        {},
+    )
     runtime = pick_runtime("fp32")
     tokenizer = load_tokenizer(str(tiny_model))
     torch.manual_seed(0)
     model, _ = build_model(cfg, runtime, str(tiny_model))
-    return SFTTrainer(model=model, args=sft_config(cfg, runtime, tmp_path / "ckpt", False),
-                      train_dataset=to_dataset(load_conversations(small_data)), processing_class=tokenizer,
-                      data_collator=data_collator(cfg, tokenizer))
+    return SFTTrainer(
+        model=model,
+        args=sft_config(cfg, runtime, tmp_path / "ckpt", False),
+        train_dataset=to_dataset(load_conversations(small_data)),
+        processing_class=tokenizer,
+        data_collator=data_collator(cfg, tokenizer),
+    )
 
 
 def loss_of(trainer, examples) -> tuple[float, int]:

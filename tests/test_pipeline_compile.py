@@ -11,8 +11,11 @@ from pipelines.finetune import SECRETS
 from .conftest import run_cli
 
 # Planted in the compiling process's environment: none may leak into the package.
-PLANTED = {"AWS_ACCESS_KEY_ID": "AKIAPLANTEDKEY0001", "AWS_SECRET_ACCESS_KEY": "planted-secret-0f3a9c",
-           "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-pw-77"}
+PLANTED = {
+    "AWS_ACCESS_KEY_ID": "AKIAPLANTEDKEY0001",
+    "AWS_SECRET_ACCESS_KEY": "planted-secret-0f3a9c",
+    "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-pw-77",
+}
 TRAIN = "exec-train"
 
 
@@ -56,7 +59,10 @@ def test_every_task_gets_s3_and_mlflow_credentials_from_secrets_and_runs_as_non_
     for name in executors:
         got = {s["secretName"]: {m["secretKey"]: m["envVar"] for m in s["keyToEnv"]} for s in k8s[name]["secretAsEnv"]}
         assert got == SECRETS, name
-        assert "AWS_SECRET_ACCESS_KEY" in got["kftune-s3"].values() and "MLFLOW_TRACKING_URI" in got["kftune-mlflow"].values()
+        assert (
+            "AWS_SECRET_ACCESS_KEY" in got["kftune-s3"].values()
+            and "MLFLOW_TRACKING_URI" in got["kftune-mlflow"].values()
+        )
         assert k8s[name]["securityContext"]["runAsNonRoot"] is True
         assert int(k8s[name]["securityContext"]["runAsUser"]) == IMAGE_UID
 

@@ -29,7 +29,9 @@ def test_methods_rank_as_expected_and_checkpointing_saves_activations():
     assert total("full") > total("lora") > total("qlora", bits=8) > total("qlora", bits=4)
     plain = estimate(QWEN, method="lora", batch=4, seq=512, precision="bf16")
     saved = estimate(QWEN, method="lora", batch=4, seq=512, precision="bf16", checkpointing=True)
-    assert saved.parts["activations"] < plain.parts["activations"] / 2 and saved.parts["weights"] == plain.parts["weights"]
+    assert (
+        saved.parts["activations"] < plain.parts["activations"] / 2 and saved.parts["weights"] == plain.parts["weights"]
+    )
     assert estimate(QWEN, method="lora", batch=4, seq=512).parts["runtime"] > 0  # a CPU process counts itself
     assert estimate(QWEN, method="lora", batch=4, seq=512, device="cuda").parts["runtime"] == 0
 
@@ -40,8 +42,14 @@ def deep_config(tmp_path_factory) -> Path:
     from transformers import Qwen2Config
 
     folder = tmp_path_factory.mktemp("deep")
-    Qwen2Config(hidden_size=64, num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=1024).save_pretrained(folder)
+    Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1024,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -59,7 +67,10 @@ def test_refuses_what_cannot_fit_naming_settings_that_would(deep_config, caplog)
     room, _ = device_memory("cpu")
     seq = 4096
     batch = 1
-    while estimate(shape_of(deep_config), method="lora", batch=batch, seq=seq, lora_r=8, checkpointing=True).total < 3 * room:
+    while (
+        estimate(shape_of(deep_config), method="lora", batch=batch, seq=seq, lora_r=8, checkpointing=True).total
+        < 3 * room
+    ):
         batch *= 2
     cfg = lora_config(deep_config, per_device_train_batch_size=batch, max_seq_length=seq)
     with caplog.at_level(logging.INFO, logger="kftune"), pytest.raises(KftuneError) as error:
@@ -93,16 +104,35 @@ def test_estimate_is_within_25_percent_of_measured_peak_rss(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from measure import Spec, build_model, measure, write_rows
 
-    shape = {"hidden_size": 384, "num_layers": 4, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1024,
-             "embedding_rows": 32_000}
+    shape = {
+        "hidden_size": 384,
+        "num_layers": 4,
+        "num_heads": 6,
+        "num_kv_heads": 2,
+        "intermediate_size": 1024,
+        "embedding_rows": 32_000,
+    }
     model = build_model(tmp_path / "model", shape)  # saved in bf16, as Qwen2.5 ships
     data = write_rows(tmp_path / "rows.jsonl", rows=8, seq=128, model=model)
-    specs = [Spec(label=f"{method}{bits if method == 'qlora' else ''}{'+ckpt' if ckpt else ''}", model=str(model),
-                  data=str(data), method=method, bits=bits, batch=2, seq=128, lora_r=16, checkpointing=ckpt,
-                  precision="fp32") for method, bits, ckpt in MEASURED]
+    specs = [
+        Spec(
+            label=f"{method}{bits if method == 'qlora' else ''}{'+ckpt' if ckpt else ''}",
+            model=str(model),
+            data=str(data),
+            method=method,
+            bits=bits,
+            batch=2,
+            seq=128,
+            lora_r=16,
+            checkpointing=ckpt,
+            precision="fp32",
+        )
+        for method, bits, ckpt in MEASURED
+    ]
     rows = measure(specs, timeout_s=600, progress=lambda line: None)
-    report = [(r["label"], round(r.get("peak_bytes", 0) / GiB, 3), round(r.get("estimate_bytes", 0) / GiB, 3))
-              for r in rows]
+    report = [
+        (r["label"], round(r.get("peak_bytes", 0) / GiB, 3), round(r.get("estimate_bytes", 0) / GiB, 3)) for r in rows
+    ]
     print("\n(label, measured peak GiB, estimate GiB):", report)
     assert all("error" not in r for r in rows), [r.get("error") for r in rows]
     assert len({r["peak_bytes"] for r in rows}) > 1, report  # the shapes differ in memory, not just in name

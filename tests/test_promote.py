@@ -9,10 +9,14 @@ from kftune.registry.modelcard import render
 from kftune.registry.promote import config_sha256, lineage
 from kftune.registry.tracking import parse_models_uri
 
-EVALUATION = {"eval_rows": 60, "eval_sha256": "c" * 64, "base_model": "s3://b/base/" + "b" * 64,
-              "settings": {"samples": 8, "max_new_tokens": 256},
-              "base": {"eval_loss": 8.6, "perplexity": 5430.0, "rougeL": 0.05},
-              "tuned": {"eval_loss": 3.6, "perplexity": 36.6, "rougeL": 0.41}}
+EVALUATION = {
+    "eval_rows": 60,
+    "eval_sha256": "c" * 64,
+    "base_model": "s3://b/base/" + "b" * 64,
+    "settings": {"samples": 8, "max_new_tokens": 256},
+    "base": {"eval_loss": 8.6, "perplexity": 5430.0, "rougeL": 0.05},
+    "tuned": {"eval_loss": 3.6, "perplexity": 36.6, "rougeL": 0.41},
+}
 
 
 def _model(tmp_path, **config):
@@ -25,9 +29,16 @@ def _model(tmp_path, **config):
 def test_lineage_reads_the_models_own_config(tmp_path):
     folder = _model(tmp_path, base_model="s3://b/base/x", use_qlora=True, quantization_bit=4, lora_r=16)
     tags = lineage(folder, dataset_sha256="d" * 64, git_commit="e" * 40, pipeline_run="run-1")
-    assert tags == {"method": "qlora", "lora_r": "16", "quantization_bit": "4", "base_model": "s3://b/base/x",
-                    "dataset_sha256": "d" * 64, "config_sha256": config_sha256(folder), "git_commit": "e" * 40,
-                    "pipeline_run": "run-1"}
+    assert tags == {
+        "method": "qlora",
+        "lora_r": "16",
+        "quantization_bit": "4",
+        "base_model": "s3://b/base/x",
+        "dataset_sha256": "d" * 64,
+        "config_sha256": config_sha256(folder),
+        "git_commit": "e" * 40,
+        "pipeline_run": "run-1",
+    }
     full = lineage(_model(tmp_path, base_model="m", lora_r=16, quantization_bit=4))
     assert full["method"] == "full" and "lora_r" not in full and "quantization_bit" not in full
     assert "git_commit" not in full  # an empty fact is left out, not tagged ""
@@ -42,15 +53,26 @@ def test_the_config_hash_ignores_where_files_were(tmp_path):
 
 def test_the_model_card_has_lineage_data_metrics_and_loading(tmp_path):
     tags = {"method": "lora", "lora_r": "16", "dataset_sha256": "d" * 64}
-    card = render(name="xhs", base_model="Qwen/Qwen2.5-0.5B-Instruct", lineage=tags,
-                  evaluation=EVALUATION, data={"train_rows": 540, "tokens_p90": 230})
+    card = render(
+        name="xhs",
+        base_model="Qwen/Qwen2.5-0.5B-Instruct",
+        lineage=tags,
+        evaluation=EVALUATION,
+        data={"train_rows": 540, "tokens_p90": 230},
+    )
     assert card.startswith("# xhs\n")
-    for expected in ("| lora r | `16` |", "| train rows | 540 |", "| eval loss (assistant tokens) | 8.6 | 3.6 |",
-                     "| ROUGE-L (characters) | 0.05 | 0.41 |", 'mlflow.pyfunc.load_model("models:/xhs@champion")',
-                     'mlflow.transformers.load_model("models:/xhs@champion")',
-                     "mlflow models serve -m models:/xhs@champion --env-manager local",
-                     'load_registered("models:/xhs@champion")', "kftune registry storage-uri xhs@champion",
-                     "AutoModelForCausalLM.from_pretrained"):
+    for expected in (
+        "| lora r | `16` |",
+        "| train rows | 540 |",
+        "| eval loss (assistant tokens) | 8.6 | 3.6 |",
+        "| ROUGE-L (characters) | 0.05 | 0.41 |",
+        'mlflow.pyfunc.load_model("models:/xhs@champion")',
+        'mlflow.transformers.load_model("models:/xhs@champion")',
+        "mlflow models serve -m models:/xhs@champion --env-manager local",
+        'load_registered("models:/xhs@champion")',
+        "kftune registry storage-uri xhs@champion",
+        "AutoModelForCausalLM.from_pretrained",
+    ):
         assert expected in card, expected
     assert "## Training data" not in render(name="xhs", base_model="b", lineage=tags, evaluation=EVALUATION)
 
@@ -60,7 +82,9 @@ def test_an_adapter_is_refused_with_how_to_merge_it(tmp_path):
 
     refuse_adapter(_model(tmp_path, base_model="b"), "s3://b/m")  # a full model passes
     (tmp_path / "model" / "adapter_config.json").write_text("{}")
-    with pytest.raises(KftuneError, match=r"s3://b/m is a LoRA adapter; register a merged model instead: `kftune merge"):
+    with pytest.raises(
+        KftuneError, match=r"s3://b/m is a LoRA adapter; register a merged model instead: `kftune merge"
+    ):
         refuse_adapter(tmp_path / "model", "s3://b/m")
 
 

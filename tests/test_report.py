@@ -8,23 +8,55 @@ from kftune.evaluate.report import render, write_report
 from scripts.screenshot_report import find_browser, screenshot
 
 METRICS = {
-    "model": "s3://b/models/" + "a" * 64, "base_model": "s3://b/base/" + "b" * 64, "method": "lora",
-    "eval_data": "eval.jsonl", "eval_rows": 60, "eval_sha256": "c" * 64, "eval_key": "d" * 64,
+    "model": "s3://b/models/" + "a" * 64,
+    "base_model": "s3://b/base/" + "b" * 64,
+    "method": "lora",
+    "eval_data": "eval.jsonl",
+    "eval_rows": 60,
+    "eval_sha256": "c" * 64,
+    "eval_key": "d" * 64,
     "template_fingerprint": "e" * 64,
-    "base": {"eval_loss": 8.6, "perplexity": 5430.0, "rougeL": 0.05, "chrf": 3.1, "checks_pass_rate": 0.0,
-             "checks": {"title": 0.0, "hashtag": 0.0, "length": 0.5, "all": 0.0}},
-    "tuned": {"eval_loss": 3.6, "perplexity": 36.6, "rougeL": 0.41, "chrf": 30.2, "checks_pass_rate": 0.75,
-              "checks": {"title": 1.0, "hashtag": 0.75, "length": 1.0, "all": 0.75}},
+    "base": {
+        "eval_loss": 8.6,
+        "perplexity": 5430.0,
+        "rougeL": 0.05,
+        "chrf": 3.1,
+        "checks_pass_rate": 0.0,
+        "checks": {"title": 0.0, "hashtag": 0.0, "length": 0.5, "all": 0.0},
+    },
+    "tuned": {
+        "eval_loss": 3.6,
+        "perplexity": 36.6,
+        "rougeL": 0.41,
+        "chrf": 30.2,
+        "checks_pass_rate": 0.75,
+        "checks": {"title": 1.0, "hashtag": 0.75, "length": 1.0, "all": 0.75},
+    },
 }
-TRAINING = {"loss_history": [[s, 8.5 * 0.993 ** s] for s in range(0, 301, 10)],
-            "eval_loss_history": [[s, 8.6 * 0.994 ** s] for s in range(30, 301, 30)]}
-VALIDATION = {"token_lengths": {"rows": 600, "p50": 190, "p90": 230, "max": 260, "max_seq_length": 256,
-                                "histogram": [[i * 10, (i + 1) * 10, max(0, 80 - abs(19 - i) * 12)] for i in range(27)]}}
-SAMPLES = [{"prompt": [{"role": "user", "content": "为这家店写一篇小红书探店笔记。\n店名：山野咖啡"}],
-            "reference": "☕成都咖啡店天花板｜山野咖啡\n手冲很好喝\n#成都探店 #咖啡",
-            "base_output": "<script>alert(1)</script>", "tuned_output": "☕山野咖啡｜成都\n露台安静\n#咖啡",
-            "base_checks": {"title": False, "hashtag": False, "length": False},
-            "tuned_checks": {"title": True, "hashtag": True, "length": False}}]
+TRAINING = {
+    "loss_history": [[s, 8.5 * 0.993**s] for s in range(0, 301, 10)],
+    "eval_loss_history": [[s, 8.6 * 0.994**s] for s in range(30, 301, 30)],
+}
+VALIDATION = {
+    "token_lengths": {
+        "rows": 600,
+        "p50": 190,
+        "p90": 230,
+        "max": 260,
+        "max_seq_length": 256,
+        "histogram": [[i * 10, (i + 1) * 10, max(0, 80 - abs(19 - i) * 12)] for i in range(27)],
+    }
+}
+SAMPLES = [
+    {
+        "prompt": [{"role": "user", "content": "为这家店写一篇小红书探店笔记。\n店名：山野咖啡"}],
+        "reference": "☕成都咖啡店天花板｜山野咖啡\n手冲很好喝\n#成都探店 #咖啡",
+        "base_output": "<script>alert(1)</script>",
+        "tuned_output": "☕山野咖啡｜成都\n露台安静\n#咖啡",
+        "base_checks": {"title": False, "hashtag": False, "length": False},
+        "tuned_checks": {"title": True, "hashtag": True, "length": False},
+    }
+]
 
 
 def test_every_part_is_on_the_page_and_model_text_is_escaped():

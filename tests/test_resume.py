@@ -93,14 +93,20 @@ def damage_newest(store: Store, how: str) -> int:
 
 # (method, precision, damage done to the newest checkpoint after the kill); kills land at seeded random moments.
 # Both precisions on every machine: bf16 is what GPUs and CPUs with native bf16 train in (emulated elsewhere).
-TRIALS = [("lora", "bf16", None), ("full", "bf16", None), ("lora", "fp32", None), ("lora", "fp32", "no-manifest"),
-          ("full", "bf16", "altered")]
+TRIALS = [
+    ("lora", "bf16", None),
+    ("full", "bf16", None),
+    ("lora", "fp32", None),
+    ("lora", "fp32", "no-manifest"),
+    ("full", "bf16", "altered"),
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("trial", "method", "precision", "damage"), [(i, *t) for i, t in enumerate(TRIALS)])
-def test_killed_training_restarts_and_ends_bit_identical(trial, method, precision, damage, tiny_model, small_data,
-                                                         references, tmp_path, one_thread):
+def test_killed_training_restarts_and_ends_bit_identical(
+    trial, method, precision, damage, tiny_model, small_data, references, tmp_path, one_thread
+):
     rng = random.Random(7000 + trial)
     after = rng.randint(2 if damage else 1, soak.LAST_KILL)
     out, store_uri = tmp_path / "out", str(tmp_path / "checkpoints")
@@ -244,7 +250,9 @@ def test_model_and_adapter_weights_load_from_safetensors_only(tiny_model, tmp_pa
         load_model(str(pickled), pick_runtime("fp32"))
 
     adapter = tmp_path / "pickled-adapter"
-    model = get_peft_model(load_model(str(tiny_model), pick_runtime("fp32")), LoraConfig(r=2, target_modules=["q_proj"]))
+    model = get_peft_model(
+        load_model(str(tiny_model), pick_runtime("fp32")), LoraConfig(r=2, target_modules=["q_proj"])
+    )
     model.save_pretrained(adapter, safe_serialization=False)
     assert (adapter / "adapter_model.bin").is_file() and not list(adapter.glob("*.safetensors"))
     with pytest.raises(KftuneError, match="--lora_model"):
@@ -264,7 +272,9 @@ def test_model_code_in_a_model_folder_does_not_run_unless_trusted(tiny_model, tm
         "from transformers import Qwen2ForCausalLM\n"
         # a subclass of its own: registering it for AutoModel must not mark transformers' Qwen2 class
         # as remote code for the rest of the session (save_pretrained would then copy code files)
-        "class CustomModel(Qwen2ForCausalLM):\n    pass\n", encoding="utf-8")
+        "class CustomModel(Qwen2ForCausalLM):\n    pass\n",
+        encoding="utf-8",
+    )
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "custom_modeling.CustomModel"}
     (folder / "config.json").write_text(json.dumps(config))

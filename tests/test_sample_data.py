@@ -12,7 +12,7 @@ from kftune import cli
 from kftune.dev.sample_data import SYSTEM_PROMPT, generate_samples, write_samples
 
 COMMITTED = Path(__file__).parents[1] / "data/store_xhs_sft_samples.jsonl"
-EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
+EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
 HASHTAG_LINE = re.compile(r"^#\S+( #\S+){2,4}$")
 
 

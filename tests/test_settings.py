@@ -45,8 +45,15 @@ def test_method_defaults_are_the_guides_config(path):
     config = json.loads(path.read_text())
     method = _guide_method(config)
     for key, value in config.items():
-        if key in FIELDS and key not in {"base_model", "data_path", "output_dir", "use_lora", "use_qlora",
-                                         "quantization_bit", "lora_target_modules"}:
+        if key in FIELDS and key not in {
+            "base_model",
+            "data_path",
+            "output_dir",
+            "use_lora",
+            "use_qlora",
+            "quantization_bit",
+            "lora_target_modules",
+        }:
             assert method_default(method, key) == value, f"{path.name}: {key}"
 
 

@@ -53,32 +53,97 @@ def failing_calls(tmp: Path, small_data: Path) -> dict[str, tuple]:
     not_trained.mkdir()
     split = artifact(dsl.Dataset, data_split(tmp))
     return {
-        "validate_data": (validate_data, {"data_uri": str(small_data), "artifact_root": str(tmp), "eval_fraction": 2.0,
-                                              "base_model": "", "max_seq_length": 512, "data": artifact(dsl.Dataset, {})},
-                          "eval_fraction must be between 0 and 1"),
-        "train": (train, {"data": split, "base_model": missing, "method": "bogus", "artifact_root": str(tmp), "lora_r": 4,
-                              "lora_alpha": 8, "lora_dropout": 0.0, "quantization_bit": 4, "learning_rate": 1e-4, "max_steps": 1,
-                              "num_train_epochs": 1.0, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
-                              "max_seq_length": 64, "seed": 0, "processes": 1, "model": artifact(dsl.Model, {})},
-                  "method must be one of"),
-        "evaluate": (evaluate, {"data": split, "model": artifact(dsl.Model, trained_model(str(not_trained))),
-                                    "artifact_root": str(tmp), "sample_tokens": 8, "eval_samples": 1,
-                                    "metrics": artifact(dsl.Metrics, {}), "report": artifact(dsl.HTML, {})},
-                     "folder has no config.json or adapter_config.json"),
-        "merge_adapter": (merge_adapter, {"model": artifact(dsl.Model, trained_model(str(not_trained))),
-                                              "artifact_root": str(tmp), "merged": artifact(dsl.Model, {})},
-                          "has no kftune_config.json; pass a model that kftune trained"),
-        "register_model": (register_model, {"data": split, "trained": artifact(dsl.Model, trained_model(str(not_trained))),
-                                                "evaluation": artifact(dsl.Metrics, evaluation(str(tmp))),
-                                                "registered_model_name": "m", "experiment_name": "e", "artifact_root": str(tmp),
-                                                "primary_metric": "no_such_metric", "promotion_margin": 0.01,
-                                                "git_commit": "", "pipeline_run": "", "registered": artifact(dsl.Model, {})},
-                           "no_such_metric"),
+        "validate_data": (
+            validate_data,
+            {
+                "data_uri": str(small_data),
+                "artifact_root": str(tmp),
+                "eval_fraction": 2.0,
+                "base_model": "",
+                "max_seq_length": 512,
+                "data": artifact(dsl.Dataset, {}),
+            },
+            "eval_fraction must be between 0 and 1",
+        ),
+        "train": (
+            train,
+            {
+                "data": split,
+                "base_model": missing,
+                "method": "bogus",
+                "artifact_root": str(tmp),
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "quantization_bit": 4,
+                "learning_rate": 1e-4,
+                "max_steps": 1,
+                "num_train_epochs": 1.0,
+                "per_device_train_batch_size": 1,
+                "gradient_accumulation_steps": 1,
+                "max_seq_length": 64,
+                "seed": 0,
+                "processes": 1,
+                "model": artifact(dsl.Model, {}),
+            },
+            "method must be one of",
+        ),
+        "evaluate": (
+            evaluate,
+            {
+                "data": split,
+                "model": artifact(dsl.Model, trained_model(str(not_trained))),
+                "artifact_root": str(tmp),
+                "sample_tokens": 8,
+                "eval_samples": 1,
+                "metrics": artifact(dsl.Metrics, {}),
+                "report": artifact(dsl.HTML, {}),
+            },
+            "folder has no config.json or adapter_config.json",
+        ),
+        "merge_adapter": (
+            merge_adapter,
+            {
+                "model": artifact(dsl.Model, trained_model(str(not_trained))),
+                "artifact_root": str(tmp),
+                "merged": artifact(dsl.Model, {}),
+            },
+            "has no kftune_config.json; pass a model that kftune trained",
+        ),
+        "register_model": (
+            register_model,
+            {
+                "data": split,
+                "trained": artifact(dsl.Model, trained_model(str(not_trained))),
+                "evaluation": artifact(dsl.Metrics, evaluation(str(tmp))),
+                "registered_model_name": "m",
+                "experiment_name": "e",
+                "artifact_root": str(tmp),
+                "primary_metric": "no_such_metric",
+                "promotion_margin": 0.01,
+                "git_commit": "",
+                "pipeline_run": "",
+                "registered": artifact(dsl.Model, {}),
+            },
+            "no_such_metric",
+        ),
         "plan_sweep": (plan_sweep, {"methods": ["bogus"], "ranks": [8], "target_presets": ["all"]}, "bogus"),
-        "compare_candidates": (compare_candidates, {
-            "data": split, "candidates": [{"name": "lora-r8-all", "method": "lora", "rank": 8}], "trained": [], "evaluations": [],
-            "primary_metric": "eval_loss", "experiment_name": "e", "artifact_root": str(tmp), "report": artifact(dsl.HTML, {}),
-            "winner": artifact(dsl.Model, {}), "winner_evaluation": artifact(dsl.Metrics, {})}, "candidate"),
+        "compare_candidates": (
+            compare_candidates,
+            {
+                "data": split,
+                "candidates": [{"name": "lora-r8-all", "method": "lora", "rank": 8}],
+                "trained": [],
+                "evaluations": [],
+                "primary_metric": "eval_loss",
+                "experiment_name": "e",
+                "artifact_root": str(tmp),
+                "report": artifact(dsl.HTML, {}),
+                "winner": artifact(dsl.Model, {}),
+                "winner_evaluation": artifact(dsl.Metrics, {}),
+            },
+            "candidate",
+        ),
     }
 
 
@@ -114,8 +179,9 @@ def test_the_gate_stop_line_names_data_share_rules_fix_and_files(tiny_model, tmp
 
     data = tmp_path / EXTERNAL_ALPACA.name
     shutil.copy(EXTERNAL_ALPACA, data)
-    report = validate(str(data), tmp_path / "validation", Options(tokenizer=str(tiny_model), max_seq_length=96,
-                                                                  progress=False))
+    report = validate(
+        str(data), tmp_path / "validation", Options(tokenizer=str(tiny_model), max_seq_length=96, progress=False)
+    )
     assert not report.passed
     too_long = report.rules["length.too_long"]["rows"]
     assert too_long > 0.05 * report.rows_in
@@ -126,5 +192,7 @@ def test_the_gate_stop_line_names_data_share_rules_fix_and_files(tiny_model, tmp
     assert f"({report.rejected} of {report.rows_in}, above max_reject_fraction 0.05)" in line
     assert f"top rules: length.too_long {too_long}" in line  # the rule that rejected most comes first
     assert "to fix: length.too_long: raise --max-seq-length (now 96) or shorten the rows" in line
-    assert line.endswith("rejected rows: s3://bucket/pipeline/datasets/abc/rejected.jsonl, "
-                         "report: s3://bucket/pipeline/datasets/abc/report.html")
+    assert line.endswith(
+        "rejected rows: s3://bucket/pipeline/datasets/abc/rejected.jsonl, "
+        "report: s3://bucket/pipeline/datasets/abc/report.html"
+    )

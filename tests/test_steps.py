@@ -24,7 +24,9 @@ def test_settings_a_method_does_not_use_are_dropped(method, lora_r, bits):
 def test_bad_settings_are_all_reported_naming_the_parameter():
     with pytest.raises(ConfigError) as caught:
         steps.check_train_settings("lora", {"lora_r": 0, "learning_rate": 3.0})
-    assert any("lora_r" in p for p in caught.value.problems) and any("learning_rate" in p for p in caught.value.problems)
+    assert any("lora_r" in p for p in caught.value.problems) and any(
+        "learning_rate" in p for p in caught.value.problems
+    )
     with pytest.raises(KftuneError, match="method must be one of full, lora, qlora"):
         steps.check_train_settings("dora", {})
 
@@ -44,7 +46,7 @@ def test_the_loss_counts_only_assistant_tokens(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     short, long_prompt = _conversation("店", "好吃"), _conversation("店" * 40, "好吃")
-    (ids, mask), = encode(tokenizer, [short], 256)
+    ((ids, mask),) = encode(tokenizer, [short], 256)
     answer = tokenizer("好吃<|im_end|>")["input_ids"]
     assert sum(mask) == len(answer) and [i for i, m in zip(ids, mask) if m] == answer
     # a longer prompt adds no scored tokens

@@ -86,8 +86,10 @@ def _handler(state: KfpStandIn) -> type[BaseHTTPRequestHandler]:
             ctype = self.headers.get("Content-Type", "")
             if ctype.startswith("multipart/form-data"):
                 msg = email.parser.BytesParser().parsebytes(f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
-                return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-                        for part in msg.get_payload()}
+                return {
+                    part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                    for part in msg.get_payload()
+                }
             return json.loads(raw) if raw else None
 
         def _send(self, status: int, payload: dict) -> None:
@@ -114,17 +116,24 @@ def _handler(state: KfpStandIn) -> type[BaseHTTPRequestHandler]:
             if (method, path) == ("POST", "/pipelines/upload"):
                 pipeline = {"pipeline_id": new_id, "display_name": query["name"], "namespace": query.get("namespace")}
                 state.pipelines.append(pipeline)
-                state.versions.append({"pipeline_id": new_id, "pipeline_version_id": new_id + "-v0",
-                                       "display_name": query["name"]})  # KFP's default version
+                state.versions.append(
+                    {"pipeline_id": new_id, "pipeline_version_id": new_id + "-v0", "display_name": query["name"]}
+                )  # KFP's default version
                 return self._send(200, pipeline)
             if (method, path) == ("POST", "/pipelines/upload_version"):
-                version = {"pipeline_id": query["pipelineid"], "pipeline_version_id": new_id, "display_name": query["name"]}
+                version = {
+                    "pipeline_id": query["pipelineid"],
+                    "pipeline_version_id": new_id,
+                    "display_name": query["name"],
+                }
                 state.versions.append(version)
                 return self._send(200, version)
             if method == "GET" and path.startswith("/pipelines/") and path.endswith("/versions"):
                 pid = path.split("/")[2]
-                return self._send(200, {"pipeline_versions": [v for v in state.versions
-                                                              if v["pipeline_id"] == pid and _matches(v, flt)]})
+                return self._send(
+                    200,
+                    {"pipeline_versions": [v for v in state.versions if v["pipeline_id"] == pid and _matches(v, flt)]},
+                )
             if (method, path) == ("GET", "/experiments"):
                 return self._send(200, {"experiments": [e for e in state.experiments if _matches(e, flt)]})
             if (method, path) == ("POST", "/experiments"):
@@ -190,8 +199,18 @@ def expected_key(**overrides: Any) -> str:
 def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, capsys, monkeypatch):
     monkeypatch.setenv(submit.TOKEN_ENV, TOKEN)
     kfp_api.token = TOKEN
-    rc, out, err = cli(capsys, "submit", "--host", kfp_api.url, "--params", "params.json", "--method", "qlora",
-                       "--experiment", "nightly")
+    rc, out, err = cli(
+        capsys,
+        "submit",
+        "--host",
+        kfp_api.url,
+        "--params",
+        "params.json",
+        "--method",
+        "qlora",
+        "--experiment",
+        "nightly",
+    )
     assert rc == 0, err
     key = expected_key(method="qlora")
     assert TOKEN not in out + err
@@ -213,8 +232,10 @@ def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, 
     (run,) = kfp_api.sent("POST", "/runs")
     assert run.body["service_account"] == "kftune-pipeline"
     assert run.body["experiment_id"] == kfp_api.experiments[0]["experiment_id"]
-    assert run.body["pipeline_version_reference"] == {"pipeline_id": kfp_api.versions[-1]["pipeline_id"],
-                                                      "pipeline_version_id": kfp_api.versions[-1]["pipeline_version_id"]}
+    assert run.body["pipeline_version_reference"] == {
+        "pipeline_id": kfp_api.versions[-1]["pipeline_id"],
+        "pipeline_version_id": kfp_api.versions[-1]["pipeline_version_id"],
+    }
     params = run.body["runtime_config"]["parameters"]
     assert (params["data_uri"], params["method"], params["lora_r"], params["max_steps"]) == (DATA_URI, "qlora", 8, 50)
     assert params["learning_rate"] == 0.0 and set(params) == set(parameters.resolve_parameters({"data_uri": DATA_URI}))

@@ -13,12 +13,31 @@ from .conftest import run_cli
 def test_methods_times_ranks_times_presets_with_full_trained_once():
     planned = sweep.plan(["lora", "qlora4", "full", "qlora8"], [8.0, 16.0], ["attention", "mlp"])
     names = [c["name"] for c in planned]
-    assert names == ["lora-r8-attention", "lora-r8-mlp", "lora-r16-attention", "lora-r16-mlp",
-                     "qlora4-r8-attention", "qlora4-r8-mlp", "qlora4-r16-attention", "qlora4-r16-mlp", "full",
-                     "qlora8-r8-attention", "qlora8-r8-mlp", "qlora8-r16-attention", "qlora8-r16-mlp"]
+    assert names == [
+        "lora-r8-attention",
+        "lora-r8-mlp",
+        "lora-r16-attention",
+        "lora-r16-mlp",
+        "qlora4-r8-attention",
+        "qlora4-r8-mlp",
+        "qlora4-r16-attention",
+        "qlora4-r16-mlp",
+        "full",
+        "qlora8-r8-attention",
+        "qlora8-r8-mlp",
+        "qlora8-r16-attention",
+        "qlora8-r16-mlp",
+    ]
     by_name = {c["name"]: c for c in planned}
-    assert by_name["qlora8-r16-mlp"] == {"name": "qlora8-r16-mlp", "sweep_method": "qlora8", "method": "qlora", "bits": 8,
-                                         "rank": 16, "preset": "mlp", "targets": "gate_proj,up_proj,down_proj"}
+    assert by_name["qlora8-r16-mlp"] == {
+        "name": "qlora8-r16-mlp",
+        "sweep_method": "qlora8",
+        "method": "qlora",
+        "bits": 8,
+        "rank": 16,
+        "preset": "mlp",
+        "targets": "gate_proj,up_proj,down_proj",
+    }
     assert by_name["qlora4-r8-attention"]["bits"] == 4 and by_name["lora-r8-attention"]["method"] == "lora"
     assert by_name["full"]["method"] == "full" and by_name["full"]["targets"] == ""
     assert all(type(c["rank"]) is int for c in planned)  # KFP hands List[int] items over as floats
@@ -26,13 +45,16 @@ def test_methods_times_ranks_times_presets_with_full_trained_once():
 
 def test_presets_name_the_module_lists_and_auto_leaves_discovery_to_training():
     assert sweep.TARGET_PRESETS["all"] == SEVEN_PROJECTIONS
-    assert set(sweep.TARGET_PRESETS["all"].split(",")) == (set(sweep.TARGET_PRESETS["attention"].split(","))
-                                                          | set(sweep.TARGET_PRESETS["mlp"].split(",")))
+    assert set(sweep.TARGET_PRESETS["all"].split(",")) == (
+        set(sweep.TARGET_PRESETS["attention"].split(",")) | set(sweep.TARGET_PRESETS["mlp"].split(","))
+    )
     (auto,) = sweep.plan(["lora"], [4], ["auto"])
     assert check_train_settings("lora", sweep.candidate_settings(auto, {})).target_modules() is None
     (mlp,) = sweep.plan(["qlora4"], [4], ["mlp"])
     cfg = check_train_settings("qlora", sweep.candidate_settings(mlp, {}))
-    assert cfg.target_modules() == ["gate_proj", "up_proj", "down_proj"] and cfg.quantization_bit == 4 and cfg.lora_r == 4
+    assert (
+        cfg.target_modules() == ["gate_proj", "up_proj", "down_proj"] and cfg.quantization_bit == 4 and cfg.lora_r == 4
+    )
 
 
 def test_repeats_are_planned_once_and_full_alone_needs_no_ranks():
@@ -59,14 +81,43 @@ def test_check_reports_list_metric_and_training_problems_together():
 
 
 def _trained(method: str, rank: int | None, uri: str) -> TrainedModel:
-    return TrainedModel(uri, "ab" * 32, method, {"lora_r": rank, "quantization_bit": 4 if method == "qlora" else None},
-                        {"trainable_params": 2048, "total_params": 150_000, "train_seconds": 4.5,
-                         "tokens_per_second": 300.0, "peak_memory_bytes": 600 * 2**20, "loss_history": [[1, 7.0]]})
+    return TrainedModel(
+        uri,
+        "ab" * 32,
+        method,
+        {"lora_r": rank, "quantization_bit": 4 if method == "qlora" else None},
+        {
+            "trainable_params": 2048,
+            "total_params": 150_000,
+            "train_seconds": 4.5,
+            "tokens_per_second": 300.0,
+            "peak_memory_bytes": 600 * 2**20,
+            "loss_history": [[1, 7.0]],
+        },
+    )
 
 
 def _evaluation(loss: float, rouge: float | None = None) -> Evaluation:
-    return Evaluation("s3://b/e/1", "cd" * 32, "ef" * 32, 7.5, loss, 1800.0, 900.0, 6, 1200,
-                      None, rouge, None, None, None, None, "p", "b", "t")
+    return Evaluation(
+        "s3://b/e/1",
+        "cd" * 32,
+        "ef" * 32,
+        7.5,
+        loss,
+        1800.0,
+        900.0,
+        6,
+        1200,
+        None,
+        rouge,
+        None,
+        None,
+        None,
+        None,
+        "p",
+        "b",
+        "t",
+    )
 
 
 def test_a_candidate_row_is_read_from_the_steps_results():
@@ -77,14 +128,31 @@ def test_a_candidate_row_is_read_from_the_steps_results():
     assert (row.train_seconds, row.tokens_per_second) == (4.5, 300.0)
     assert row.value("eval_loss") == 6.5 and row.value("perplexity") == 900.0
     assert row.value("rougeL") is None and row.value("chrf") is None  # no samples were scored
-    assert sweep.candidate_row(candidate, _trained("qlora", 8, "s3://b/m/1"), _evaluation(6.5, 0.25)).value("rougeL") == 0.25
+    assert (
+        sweep.candidate_row(candidate, _trained("qlora", 8, "s3://b/m/1"), _evaluation(6.5, 0.25)).value("rougeL")
+        == 0.25
+    )
     (full,) = sweep.plan(["full"], [], [])
     assert sweep.candidate_row(full, _trained("full", None, "s3://b/m/2"), _evaluation(6.0)).rank is None
 
 
 def test_the_cli_rejects_a_bad_sweep_in_one_message_before_starting_anything(tmp_path):
-    proc = run_cli("-m", "kftune.cli", "pipeline", "sweep", "--state-dir", str(tmp_path / "stack"),
-                   "--methods", "lora", "--ranks", "0", "--learning-rate", "2", "--pipeline-root", str(tmp_path / "runs"))
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "pipeline",
+        "sweep",
+        "--state-dir",
+        str(tmp_path / "stack"),
+        "--methods",
+        "lora",
+        "--ranks",
+        "0",
+        "--learning-rate",
+        "2",
+        "--pipeline-root",
+        str(tmp_path / "runs"),
+    )
     assert proc.returncode == 2, proc.stderr
     assert "ranks: [0]" in proc.stderr and "learning_rate: must be in (0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())  # no stack, no run folder
@@ -101,8 +169,10 @@ def test_the_sweep_is_logged_to_mlflow_as_a_parent_run_with_a_child_run_per_cand
     client = MlflowClient(uri)
     experiment = client.create_experiment("sweeps", artifact_location=(tmp_path / "artifacts").as_uri())
     planned = sweep.plan(["lora", "full"], [4, 8], ["all"])
-    results = {c["name"]: (_trained(c["method"], c["rank"] or None, f"s3://b/m/{i}"), _evaluation(6.0 + i / 10))
-               for i, c in enumerate(planned)}
+    results = {
+        c["name"]: (_trained(c["method"], c["rank"] or None, f"s3://b/m/{i}"), _evaluation(6.0 + i / 10))
+        for i, c in enumerate(planned)
+    }
     comparison = compare.rank(sweep.candidate_row(c, *results[c["name"]]) for c in planned)
     compare.write_reports(comparison, tmp_path / "reports")
     data = DataSplit("s3://b/d/1", "ef" * 32, "s3://b/d/1/train.jsonl", "s3://b/d/1/eval.jsonl", 18, 6, "12" * 32)
@@ -115,11 +185,14 @@ def test_the_sweep_is_logged_to_mlflow_as_a_parent_run_with_a_child_run_per_cand
     assert runs[parent].data.params["dataset_sha256"] == data.dataset_sha256
     assert runs[parent].data.metrics == {"candidates": 3, "winner_eval_loss": 6.0}
     assert sorted(a.path for a in client.list_artifacts(parent, "comparison")) == [
-        f"comparison/comparison.{ext}" for ext in ("html", "json", "md", "png")]
+        f"comparison/comparison.{ext}" for ext in ("html", "json", "md", "png")
+    ]
     children = {r.info.run_name: r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent}
     assert set(children) == {"lora-r4-all", "lora-r8-all", "full"} and len(runs) == 4
     lora8 = children["lora-r8-all"].data
-    assert lora8.params["method"] == "lora" and lora8.params["lora_r"] == "8" and lora8.tags["trained_uri"] == "s3://b/m/1"
+    assert (
+        lora8.params["method"] == "lora" and lora8.params["lora_r"] == "8" and lora8.tags["trained_uri"] == "s3://b/m/1"
+    )
     assert lora8.metrics["eval_loss"] == 6.1 and lora8.metrics["place"] == 2
     assert lora8.metrics["relative_quality"] == pytest.approx(6.0 / 6.1)
     assert lora8.metrics["peak_memory_bytes"] == 600 * 2**20 and lora8.metrics["tokens_per_second"] == 300.0

@@ -43,10 +43,15 @@ def test_each_branch_trains_with_its_own_gpu_and_the_loop_runs_at_most_paralleli
     assert k8s["exec-train"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     # the branch's settings come from its loop item
     params = body["train"]["inputs"]["parameters"]
-    assert {name: params[name]["parameterExpressionSelector"] for name in ("method", "lora_r", "quantization_bit",
-                                                                          "lora_target_modules")} == {
-        "method": 'parseJson(string_value)["method"]', "lora_r": 'parseJson(string_value)["rank"]',
-        "quantization_bit": 'parseJson(string_value)["bits"]', "lora_target_modules": 'parseJson(string_value)["targets"]'}
+    assert {
+        name: params[name]["parameterExpressionSelector"]
+        for name in ("method", "lora_r", "quantization_bit", "lora_target_modules")
+    } == {
+        "method": 'parseJson(string_value)["method"]',
+        "lora_r": 'parseJson(string_value)["rank"]',
+        "quantization_bit": 'parseJson(string_value)["bits"]',
+        "lora_target_modules": 'parseJson(string_value)["targets"]',
+    }
 
 
 def test_parallelism_defaults_to_the_modules_limit(tmp_path):
@@ -69,7 +74,10 @@ def test_compare_collects_every_branch_and_the_winner_alone_is_merged_and_regist
         body = spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
         conditions[task["triggerPolicy"]["condition"]] = set(body)
     winner_is_full = "inputs.parameter_values['pipelinechannel--compare-candidates-Output'] == 'full'"
-    assert conditions == {winner_is_full: {"register-model"}, f"!({winner_is_full})": {"merge-adapter", "register-model-2"}}
+    assert conditions == {
+        winner_is_full: {"register-model"},
+        f"!({winner_is_full})": {"merge-adapter", "register-model-2"},
+    }
 
 
 def test_every_task_gets_the_credentials_from_secrets_and_no_task_but_training_targets_gpu_nodes(package):

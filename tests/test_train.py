@@ -8,17 +8,59 @@ import torch
 from .conftest import run_cli
 
 # A short run that shows learning: high learning rate, small rank, many passes over 24 rows.
-SHORT_RUN = ["--max_steps", "12", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-             "--logging_steps", "1", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--max_seq_length", "256"]
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "kftune_config.json", "kftune_fingerprint.json", "train_metrics.json"}
-FULL_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "chat_template.jinja", "kftune_config.json", "kftune_fingerprint.json", "train_metrics.json"}
+SHORT_RUN = [
+    "--max_steps",
+    "12",
+    "--per_device_train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "1",
+    "--logging_steps",
+    "1",
+    "--warmup_ratio",
+    "0",
+    "--lr_scheduler_type",
+    "constant",
+    "--max_seq_length",
+    "256",
+]
+ADAPTER_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "kftune_config.json",
+    "kftune_fingerprint.json",
+    "train_metrics.json",
+}
+FULL_FILES = {
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "kftune_config.json",
+    "kftune_fingerprint.json",
+    "train_metrics.json",
+}
 
 
 def train_with_guide_command(config: str, tiny_model, small_data, out, *extra: str):
-    proc = run_cli("fine_tune_qwen.py", "--config_file", f"configs/train_config_{config}.json",
-                   "--base_model", str(tiny_model), "--data_path", str(small_data), "--output_dir", str(out), *SHORT_RUN, *extra)
+    proc = run_cli(
+        "fine_tune_qwen.py",
+        "--config_file",
+        f"configs/train_config_{config}.json",
+        "--base_model",
+        str(tiny_model),
+        "--data_path",
+        str(small_data),
+        "--output_dir",
+        str(out),
+        *SHORT_RUN,
+        *extra,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -44,6 +86,17 @@ def test_guide_config_trains_and_writes_the_guides_files(config, extra, files, t
     saved = json.loads((out / "kftune_config.json").read_text())
     assert saved["base_model"] == str(tiny_model) and saved["max_steps"] == 12
     if config != "full":
-        assert "found linear layers q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in proc.stderr or config == "lora"
-        assert metrics["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        assert (
+            "found linear layers q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in proc.stderr
+            or config == "lora"
+        )
+        assert metrics["target_modules"] == [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     assert not list(tmp_path.glob(".*partial*")), "staging folder left behind"

@@ -32,27 +32,43 @@ class WatchParameters(TrainerCallback):
 
 
 def short_config(tiny_model, small_data, out, **overrides):
-    values = {"base_model": str(tiny_model), "data_path": str(small_data), "output_dir": str(out), "max_steps": 4,
-              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-              "logging_steps": 1, "max_seq_length": 128, "warmup_ratio": 0.0, **overrides}
+    values = {
+        "base_model": str(tiny_model),
+        "data_path": str(small_data),
+        "output_dir": str(out),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "max_seq_length": 128,
+        "warmup_ratio": 0.0,
+        **overrides,
+    }
     return resolve(values, {})
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("method", "overrides"),
-    [("lora", {"use_lora": True, "lora_r": 4}), ("qlora4", {"use_qlora": True, "quantization_bit": 4, "lora_r": 4}),
-     ("qlora8", {"use_qlora": True, "quantization_bit": 8, "lora_r": 4}), ("full", {"learning_rate": 1e-3})],
+    [
+        ("lora", {"use_lora": True, "lora_r": 4}),
+        ("qlora4", {"use_qlora": True, "quantization_bit": 4, "lora_r": 4}),
+        ("qlora8", {"use_qlora": True, "quantization_bit": 8, "lora_r": 4}),
+        ("full", {"learning_rate": 1e-3}),
+    ],
 )
-def test_trainable_change_frozen_stay_and_model_reloads_bit_exact(method, overrides, precision, tiny_model, small_data,
-                                                                   tmp_path):
+def test_trainable_change_frozen_stay_and_model_reloads_bit_exact(
+    method, overrides, precision, tiny_model, small_data, tmp_path
+):
     """Inference loads the model as training computed it (dtype, fp32 norms under QLoRA, bf16 as autocast), so
     the reloaded model's logits equal the trained model's bit for bit in either precision: no tolerance."""
     from kftune.models.infer import load_for_inference
 
     watch = WatchParameters()
-    result = run(short_config(tiny_model, small_data, tmp_path / method, precision=precision, **overrides),
-                 callbacks=[watch])
+    result = run(
+        short_config(tiny_model, small_data, tmp_path / method, precision=precision, **overrides), callbacks=[watch]
+    )
     assert result.metrics["precision"] == precision
 
     changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
@@ -83,4 +99,11 @@ def test_target_discovery_finds_the_guides_seven_projections(tiny_model):
     from kftune.models.loading import load_model, pick_runtime
 
     assert find_linear_targets(load_model(str(tiny_model), pick_runtime())) == [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]

@@ -29,9 +29,20 @@ def one_epoch(tiny_model, small_data, tmp_path_factory) -> dict:
     ballast = b"\x01" * BALLAST  # written, so resident: it raises the process's RSS high-water mark
     del ballast
     assert peak_memory("cpu").bytes > before + 0.9 * BALLAST  # the premise: the process's peak includes it
-    cfg = resolve({"base_model": str(tiny_model), "data_path": str(small_data), "use_lora": True, "lora_r": 4,
-                   "output_dir": str(tmp_path_factory.mktemp("measured") / "out"), "max_steps": 6,
-                   "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_seq_length": MAX_LENGTH}, {})
+    cfg = resolve(
+        {
+            "base_model": str(tiny_model),
+            "data_path": str(small_data),
+            "use_lora": True,
+            "lora_r": 4,
+            "output_dir": str(tmp_path_factory.mktemp("measured") / "out"),
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_seq_length": MAX_LENGTH,
+        },
+        {},
+    )
     return {**run(cfg).metrics, "rss_before": before}
 
 
@@ -47,4 +58,7 @@ def test_peak_memory_is_the_runs_own_not_the_process_peak_before_it(one_epoch):
     assert one_epoch["peak_memory_source"] == "rss_high_water_mark"
     assert one_epoch["peak_memory_bytes"] > 0.9 * one_epoch["rss_before"]  # the process as it was, plus the model
     # not the ballast released before training: the mark was reset when the run began
-    assert one_epoch["peak_memory_bytes"] < one_epoch["rss_before"] + BALLAST / 2, (one_epoch["peak_memory_bytes"], one_epoch["rss_before"])
+    assert one_epoch["peak_memory_bytes"] < one_epoch["rss_before"] + BALLAST / 2, (
+        one_epoch["peak_memory_bytes"],
+        one_epoch["rss_before"],
+    )

@@ -25,8 +25,10 @@ from kftune.data.validation_report import Report
 
 from .conftest import EXTERNAL_ALPACA, REPO, run_cli
 
-GOOD = [{"instruction": f"介绍一下第{i}家咖啡店", "input": "", "output": f"第{i}家店的拿铁很香，环境安静，适合看书。"}
-        for i in range(4)]
+GOOD = [
+    {"instruction": f"介绍一下第{i}家咖啡店", "input": "", "output": f"第{i}家店的拿铁很香，环境安静，适合看书。"}
+    for i in range(4)
+]
 BAD_LINE = 3  # every rule fixture: GOOD[0], GOOD[1], the bad line, GOOD[2], GOOD[3]
 
 
@@ -67,10 +69,23 @@ RULE_FIXTURES: dict[str, bytes | dict] = {
     "content.mojibake": {"instruction": "翻译成中文", "output": "ä¸­æ–‡ means Chinese"},
     "content.control_char": {"instruction": "说点什么", "output": "响铃\x07在这里"},
 }
-WARNINGS = {"parse.bom", "parse.blank_line", "schema.unknown_field", "duplicate.conflicting_answer",
-            "pii.email", "pii.phone", "pii.id_number", "pii.card_number"}  # pii: the default policy flags
-TESTED_ELSEWHERE = {"parse.broken_array", "length.too_long", "roles.template_error", "leakage.eval_in_train",
-                    "leakage.external_eval"}
+WARNINGS = {
+    "parse.bom",
+    "parse.blank_line",
+    "schema.unknown_field",
+    "duplicate.conflicting_answer",
+    "pii.email",
+    "pii.phone",
+    "pii.id_number",
+    "pii.card_number",
+}  # pii: the default policy flags
+TESTED_ELSEWHERE = {
+    "parse.broken_array",
+    "length.too_long",
+    "roles.template_error",
+    "leakage.eval_in_train",
+    "leakage.external_eval",
+}
 
 
 def write(path: Path, rows: list[bytes | dict]) -> Path:
@@ -120,8 +135,15 @@ def test_rule_found_at_its_row(tmp_path, rule):
 
 
 def test_rejected_rows_say_what_is_wrong(tmp_path):
-    _, out = gate(tmp_path, [GOOD[0], RULE_FIXTURES["roles.unknown_role"], RULE_FIXTURES["schema.wrong_type"],
-                             RULE_FIXTURES["duplicate.exact"]])
+    _, out = gate(
+        tmp_path,
+        [
+            GOOD[0],
+            RULE_FIXTURES["roles.unknown_role"],
+            RULE_FIXTURES["schema.wrong_type"],
+            RULE_FIXTURES["duplicate.exact"],
+        ],
+    )
     messages = {r["rule"]: r["message"] for r in out["rejected"]}
     assert messages["roles.unknown_role"] == "messages[0].role is 'human'; expected one of system, user, assistant"
     assert messages["schema.wrong_type"] == "'output' is int; expected a string"
@@ -133,16 +155,22 @@ def test_a_repeated_second_answer_is_a_duplicate_of_its_own_line(tmp_path):
     other = RULE_FIXTURES["duplicate.conflicting_answer"]
     _, out = gate(tmp_path, [GOOD[0], other, GOOD[1], other, GOOD[0]])
     assert found(out["warnings"], "duplicate.conflicting_answer") == [2]
-    assert {r["line"]: r["message"] for r in out["rejected"]} == {4: "duplicate of the row at line 2; remove it",
-                                                                  5: "duplicate of the row at line 1; remove it"}
+    assert {r["line"]: r["message"] for r in out["rejected"]} == {
+        4: "duplicate of the row at line 2; remove it",
+        5: "duplicate of the row at line 1; remove it",
+    }
 
 
 def test_a_row_reports_every_problem_of_its_stage(tmp_path):
     row = chat(("system", "s"), ("assistant", " "), ("system", "again"))
     _, out = gate(tmp_path, [row])
     rules = [p["rule"] for p in out["rejected"][0]["problems"]]
-    assert rules == ["roles.system_not_first", "roles.not_alternating", "roles.not_ending_with_assistant",
-                     "roles.empty_content"]
+    assert rules == [
+        "roles.system_not_first",
+        "roles.not_alternating",
+        "roles.not_ending_with_assistant",
+        "roles.empty_content",
+    ]
 
 
 def test_broken_json_array_fails_the_gate_at_its_line(tmp_path):
@@ -193,10 +221,17 @@ def counter(tiny_model) -> TokenCounter:
 def test_token_counts_match_the_chat_template(counter):
     conversations = [
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-        [{"role": "system", "content": "你是博主"}, {"role": "user", "content": "\n\n写一篇笔记 "},
-         {"role": "assistant", "content": " 好店 ✨ #探店\n"}],
-        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c  "},
-         {"role": "assistant", "content": "\td"}],
+        [
+            {"role": "system", "content": "你是博主"},
+            {"role": "user", "content": "\n\n写一篇笔记 "},
+            {"role": "assistant", "content": " 好店 ✨ #探店\n"},
+        ],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c  "},
+            {"role": "assistant", "content": "\td"},
+        ],
         [{"role": "user", "content": "长" * 300}, {"role": "assistant", "content": "答" * 10}],
         [{"role": "user", "content": "编号 12 3\t4  5\n6"}, {"role": "assistant", "content": "<|im_end|> 7"}],
         [{"role": "user", "content": "cafe\u0301 1\u0301 Ａ\u030a ①²"}, {"role": "assistant", "content": "e\u0301 "}],
@@ -251,8 +286,9 @@ def test_fast_token_counts_equal_apply_chat_template_on_random_rows(shared_count
 
 # --- the fast lane: the same answer as the row rules, for every row it takes -------------------------
 
-LANE_TEXT = st.text(alphabet=st.sampled_from(list("ab XY 12345678，。！？你好咖啡 \u3000\t\nＡ①ﬁß\u0301@\ue000\ue002")),
-                    max_size=24)
+LANE_TEXT = st.text(
+    alphabet=st.sampled_from(list("ab XY 12345678，。！？你好咖啡 \u3000\t\nＡ①ﬁß\u0301@\ue000\ue002")), max_size=24
+)
 
 
 @st.composite
@@ -267,13 +303,31 @@ def lane_row(draw) -> dict:
         if draw(st.booleans()):
             row["history"] = draw(st.sampled_from([None, [], [["问", "答"]], ""]))
         return row
-    roles = draw(st.sampled_from([["user", "assistant"], ["system", "user", "assistant"],
-                                  ["user", "assistant", "user", "assistant"], ["user"], ["assistant", "user"],
-                                  ["user", "bot"], ["user", "assistant", "system"]]))
+    roles = draw(
+        st.sampled_from(
+            [
+                ["user", "assistant"],
+                ["system", "user", "assistant"],
+                ["user", "assistant", "user", "assistant"],
+                ["user"],
+                ["assistant", "user"],
+                ["user", "bot"],
+                ["user", "assistant", "system"],
+            ]
+        )
+    )
     messages = [{"role": r, "content": text()} for r in roles]
     if form == "odd":
-        messages[0] = draw(st.sampled_from([{"role": "user"}, {"role": "user", "content": 1},
-                                            {"role": "user", "content": "x", "name": "n"}, "user"]))
+        messages[0] = draw(
+            st.sampled_from(
+                [
+                    {"role": "user"},
+                    {"role": "user", "content": 1},
+                    {"role": "user", "content": "x", "name": "n"},
+                    "user",
+                ]
+            )
+        )
     return {"messages": messages}
 
 
@@ -295,8 +349,12 @@ def test_the_fast_lane_agrees_with_the_row_rules(counter, objs):
             assert clean == (row.tokens, row.keys, row.text), obj
         elif clean is not None:  # counted, too long: the rules say so too
             assert row.tokens == clean > 40 and row.problems[0][0] == "length.too_long"
-        elif not row.problems and not row.notes and not (obj.get("history")) and not any(
-                WORTH_A_LOOK.search(m["content"]) or "\ue000" in m["content"] for m in row.messages):
+        elif (
+            not row.problems
+            and not row.notes
+            and not (obj.get("history"))
+            and not any(WORTH_A_LOOK.search(m["content"]) or "\ue000" in m["content"] for m in row.messages)
+        ):
             pytest.fail(f"the lane left a clean row to the slow way: {obj}")
     assert counter.slow_reason is None  # the cross-checks never caught a fast count that was wrong
 
@@ -305,8 +363,9 @@ def test_a_template_that_edits_contents_is_rendered_row_by_row(counter):
     from kftune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(counter.tokenizer.name_or_path)
-    tokenizer.chat_template = counter.tokenizer.chat_template.replace("message['content'] + '<|im_end|>' }}",
-                                                                      "message['content'] | trim + '<|im_end|>' }}")
+    tokenizer.chat_template = counter.tokenizer.chat_template.replace(
+        "message['content'] + '<|im_end|>' }}", "message['content'] | trim + '<|im_end|>' }}"
+    )
     assert tokenizer.chat_template != counter.tokenizer.chat_template
     trimming = TokenCounter(tokenizer, limit=10_000, check_rows=0)
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  padded answer  "}]
@@ -320,8 +379,13 @@ def long_answer(n: int = 400) -> dict:
 
 @pytest.mark.parametrize("policy", ["reject", "truncate", "keep"])
 def test_too_long_rows_follow_the_length_policy(tmp_path, tiny_model, counter, policy):
-    report, out = gate(tmp_path, [GOOD[0], GOOD[1], long_answer(), GOOD[2]], tokenizer=str(tiny_model),
-                       max_seq_length=LIMIT, length_policy=policy)
+    report, out = gate(
+        tmp_path,
+        [GOOD[0], GOOD[1], long_answer(), GOOD[2]],
+        tokenizer=str(tiny_model),
+        max_seq_length=LIMIT,
+        length_policy=policy,
+    )
     assert report.rules["length.too_long"] == {"action": policy, "rows": 1}
     if policy == "reject":
         assert found(out["rejected"], "length.too_long") == [BAD_LINE]
@@ -347,8 +411,10 @@ def test_a_chat_template_that_refuses_a_row(tmp_path, tiny_model):
     from kftune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
-    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
-                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+        "supported') }}{% endif %}" + tokenizer.chat_template
+    )
     tokenizer.save_pretrained(tmp_path / "tok")
     row = chat(("system", "be brief"), ("user", "hi"), ("assistant", "hello there"))
     _, out = gate(tmp_path, [GOOD[0], GOOD[1], row], tokenizer=str(tmp_path / "tok"))
@@ -361,7 +427,8 @@ def test_personal_data_follows_the_pii_policy(tmp_path, policy):
     row = {"instruction": "联系方式", "output": "邮箱 li.si@example.cn，电话 13912345678，卡号 4111111111111111"}
     report, out = gate(tmp_path, [GOOD[0], row], pii_policy=policy)
     assert {r: report.rules[r]["rows"] for r in ("pii.email", "pii.phone", "pii.card_number")} == dict.fromkeys(
-        ("pii.email", "pii.phone", "pii.card_number"), 1)
+        ("pii.email", "pii.phone", "pii.card_number"), 1
+    )
     if policy == "reject":
         assert report.rejected == 1 and "li.si@example.cn" not in out["rejected"][0]["message"]
         return
@@ -371,8 +438,18 @@ def test_personal_data_follows_the_pii_policy(tmp_path, policy):
     assert all("13912345678" not in w["message"] for w in out["warnings"])  # reports mask the value
 
 
-@pytest.mark.parametrize("text", ["2023年12月31日 下午3点", "价格 12345678 元", "订单号 1234567890123", "ISBN 978-3-16-148410-0",
-                                  "圆周率 3.14159265358979", "身份证号 110105194912310021", "版本 v1.2.3 (2024-01-15)"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2023年12月31日 下午3点",
+        "价格 12345678 元",
+        "订单号 1234567890123",
+        "ISBN 978-3-16-148410-0",
+        "圆周率 3.14159265358979",
+        "身份证号 110105194912310021",
+        "版本 v1.2.3 (2024-01-15)",
+    ],
+)
 def test_numbers_that_are_not_personal_data(text):
     assert find_pii(text) == []
 
@@ -399,8 +476,10 @@ def test_split_is_deterministic_and_keeps_a_prompt_on_one_side(tmp_path):
 
 def test_an_eval_question_seen_in_train_moves_to_train(tmp_path):
     rows = distinct_rows(40)
-    rows += [chat(("system", f"你是第{k}号助手"), ("user", "同一个问题：哪家店最好？"), ("assistant", f"答案{k}"))
-             for k in range(12)]
+    rows += [
+        chat(("system", f"你是第{k}号助手"), ("user", "同一个问题：哪家店最好？"), ("assistant", f"答案{k}"))
+        for k in range(12)
+    ]
     report, out = gate(tmp_path, rows, eval_fraction=0.3)
     moved = found(out["warnings"], "leakage.eval_in_train")
     assert moved and set(moved) <= set(range(41, 53))
@@ -410,7 +489,9 @@ def test_an_eval_question_seen_in_train_moves_to_train(tmp_path):
 
 
 def test_rows_that_share_a_question_with_the_external_eval_set_are_rejected(tmp_path):
-    external = write(tmp_path / "bench.jsonl", [chat(("user", "问题3：这家店怎么样？"), ("assistant", "x")), b"not json"])
+    external = write(
+        tmp_path / "bench.jsonl", [chat(("user", "问题3：这家店怎么样？"), ("assistant", "x")), b"not json"]
+    )
     report, out = gate(tmp_path, distinct_rows(6), eval_data=str(external))
     assert found(out["rejected"], "leakage.external_eval") == [4]
     assert report.options["eval_data_unusable_rows"] == 1
@@ -438,8 +519,10 @@ def test_gate_fails_on_reject_share_and_min_rows(tmp_path):
     rows = distinct_rows(9) + [RULE_FIXTURES["roles.no_assistant"]]
     report, _ = gate(tmp_path / "a", rows, max_reject_fraction=0.05, min_rows=10)
     assert not report.passed
-    assert report.failures == ["10.0% of rows rejected (1 of 10), above max_reject_fraction=0.05; see rejected.jsonl",
-                               "9 rows accepted, fewer than min_rows=10"]
+    assert report.failures == [
+        "10.0% of rows rejected (1 of 10), above max_reject_fraction=0.05; see rejected.jsonl",
+        "9 rows accepted, fewer than min_rows=10",
+    ]
     assert gate(tmp_path / "b", rows, max_reject_fraction=0.1, min_rows=9)[0].passed
 
 
@@ -456,7 +539,16 @@ def test_output_is_replaced_whole_and_foreign_folders_are_refused(tmp_path):
     (tmp_path / "out" / "stale.txt").write_text("from an earlier run")
     validate(data, tmp_path / "out", Options())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["accepted.jsonl", "rejected.jsonl", "warnings.jsonl", "train.jsonl", "eval.jsonl", "report.json", "report.html"])
+        [
+            "accepted.jsonl",
+            "rejected.jsonl",
+            "warnings.jsonl",
+            "train.jsonl",
+            "eval.jsonl",
+            "report.json",
+            "report.html",
+        ]
+    )
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -469,13 +561,28 @@ def test_worker_processes_give_the_same_outputs(tmp_path, tiny_model, monkeypatc
     """Rows checked in forked workers, a few lines per block, come back in order: same files, same report."""
     from kftune.data import parallel
 
-    rows = distinct_rows(60) + [GOOD[0], RULE_FIXTURES["duplicate.exact"], b"", RULE_FIXTURES["pii.email"],
-                                RULE_FIXTURES["schema.missing_field"], RULE_FIXTURES["duplicate.conflicting_answer"],
-                                long_answer()] + distinct_rows(30, tag="b") + distinct_rows(5)
+    rows = (
+        distinct_rows(60)
+        + [
+            GOOD[0],
+            RULE_FIXTURES["duplicate.exact"],
+            b"",
+            RULE_FIXTURES["pii.email"],
+            RULE_FIXTURES["schema.missing_field"],
+            RULE_FIXTURES["duplicate.conflicting_answer"],
+            long_answer(),
+        ]
+        + distinct_rows(30, tag="b")
+        + distinct_rows(5)
+    )
     data = write(tmp_path / "data.jsonl", rows)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 300)  # many blocks, several in flight
-    reports = {w: validate(data, tmp_path / f"w{w}", Options(tokenizer=str(tiny_model), max_seq_length=LIMIT,
-                                                             workers=w, min_rows=1)) for w in (1, 2)}
+    reports = {
+        w: validate(
+            data, tmp_path / f"w{w}", Options(tokenizer=str(tiny_model), max_seq_length=LIMIT, workers=w, min_rows=1)
+        )
+        for w in (1, 2)
+    }
     for name in ("accepted", "rejected", "train", "eval"):
         assert (tmp_path / "w1" / f"{name}.jsonl").read_bytes() == (tmp_path / "w2" / f"{name}.jsonl").read_bytes()
     warnings = [sorted((tmp_path / f"w{w}" / "warnings.jsonl").read_text().splitlines()) for w in (1, 2)]
@@ -491,7 +598,9 @@ def test_worker_processes_give_the_same_outputs(tmp_path, tiny_model, monkeypatc
 # --- no valid row lost: a property over random mixes ---------------------------------------------------
 
 TEXT = st.text(alphabet=st.sampled_from("abcxyz 0123456789，。！？你好咖啡店笔记推荐很好安静"), max_size=40)
-REJECTING = {rule: row for rule, row in RULE_FIXTURES.items() if rule not in WARNINGS and not rule.startswith("duplicate")}
+REJECTING = {
+    rule: row for rule, row in RULE_FIXTURES.items() if rule not in WARNINGS and not rule.startswith("duplicate")
+}
 
 
 @st.composite
@@ -541,8 +650,10 @@ def test_no_valid_row_is_lost_and_every_bad_row_is_caught(mix):
 def test_real_alpaca_data_mostly_passes(tmp_path, tiny_model):
     report = validate(EXTERNAL_ALPACA, tmp_path / "out", Options(tokenizer=str(tiny_model), length_policy="keep"))
     rejected = {rule: v["rows"] for rule, v in report.rules.items() if v["rows"] and v["action"] == "reject"}
-    print(f"\nalpaca_zh_demo: {report.rows_in} rows, {report.rejected} rejected {rejected}, "
-          f"warnings { {r: v['rows'] for r, v in report.rules.items() if v['rows'] and v['action'] != 'reject'} }")
+    print(
+        f"\nalpaca_zh_demo: {report.rows_in} rows, {report.rejected} rejected {rejected}, "
+        f"warnings { {r: v['rows'] for r, v in report.rules.items() if v['rows'] and v['action'] != 'reject'} }"
+    )
     rows = json.loads(EXTERNAL_ALPACA.read_text(encoding="utf-8"))
     exact_copies = len(rows) - len({json.dumps(r, sort_keys=True) for r in rows})
     assert report.passed and report.rejected / report.rows_in < 0.05
@@ -551,7 +662,9 @@ def test_real_alpaca_data_mostly_passes(tmp_path, tiny_model):
 
 @pytest.mark.skipif(not EXTERNAL_ALPACA.is_file(), reason="shared/external data not present")
 def test_committed_sample_data_passes(tmp_path, tiny_model):
-    report = validate(REPO / "data" / "store_xhs_sft_samples.jsonl", tmp_path / "out", Options(tokenizer=str(tiny_model)))
+    report = validate(
+        REPO / "data" / "store_xhs_sft_samples.jsonl", tmp_path / "out", Options(tokenizer=str(tiny_model))
+    )
     assert report.passed and report.rejected == 0
 
 
@@ -577,13 +690,19 @@ print(json.dumps({"base": base, "peak": peak, "accepted": report.accepted, "byte
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc (Linux)")
 def test_a_large_file_validates_in_bounded_memory(tmp_path):
     rows = 200_000
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big.jsonl"), str(rows)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big.jsonl"), str(rows)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     probe = json.loads(proc.stdout)
     growth = probe["peak"] - probe["base"]
-    print(f"\n{rows} rows, {probe['bytes'] / 1e6:.0f} MB file: peak RSS growth {growth / 1e6:.1f} MB "
-          f"({growth / rows:.0f} bytes/row)")
+    print(
+        f"\n{rows} rows, {probe['bytes'] / 1e6:.0f} MB file: peak RSS growth {growth / 1e6:.1f} MB "
+        f"({growth / rows:.0f} bytes/row)"
+    )
     assert probe["accepted"] == rows
     # Holding the rows as Python objects would take over 1 KB each; the gate keeps ~250 B of hashes.
     assert growth < 400 * rows
@@ -609,7 +728,10 @@ def test_cli_exit_codes(tmp_path):
         ([str(tmp_path / "missing.jsonl")], "missing.jsonl: data file not found"),
         ([str(good), "--policy", "length=cut"], "--policy 'length=cut' is not a policy"),
         ([str(good), "--eval-fraction", "1"], "--eval-fraction must be in [0, 1), got 1.0"),
-        ([str(good), "--base_model", str(tmp_path / "no-model")], "model folder not found; check --base_model/--tokenizer"),
+        (
+            [str(good), "--base_model", str(tmp_path / "no-model")],
+            "model folder not found; check --base_model/--tokenizer",
+        ),
         ([str(good), "--base_model", "a", "--tokenizer", "b"], "not allowed with argument"),
     ]:
         proc = cli(*args, "--out", str(tmp_path / "usage"))
@@ -622,6 +744,10 @@ def test_throughput_benchmark_runs(tiny_model):
     proc = run_cli("bench/validate_throughput.py", "--quick", "--tokenizer", str(tiny_model))
     assert proc.returncode == 0, proc.stderr
     lines = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
-    assert {"json.loads per line (baseline)", "gate, no tokenizer", "gate + tokenizer (workers)",
-            "gate + tokenizer, one process"} <= set(lines)
+    assert {
+        "json.loads per line (baseline)",
+        "gate, no tokenizer",
+        "gate + tokenizer (workers)",
+        "gate + tokenizer, one process",
+    } <= set(lines)
     assert "target 50,000 rows/s with the tokenizer:" in proc.stdout

@@ -99,7 +99,9 @@ def test_retrain_gates_then_submits_with_secrets_from_env():
     secrets = submit_step["env"]
     assert secrets[submit.TOKEN_ENV] == "${{ secrets.KFP_TOKEN }}" and secrets["KFP_HOST"] == "${{ secrets.KFP_HOST }}"
     assert all(EXPR.fullmatch(v).group(1).startswith("secrets.") for v in secrets.values())
-    assert not any("secrets." in str(v) for s in job["steps"] if s is not submit_step for v in (s.get("env") or {}).values())
+    assert not any(
+        "secrets." in str(v) for s in job["steps"] if s is not submit_step for v in (s.get("env") or {}).values()
+    )
     assert "secrets." not in str(job["env"])
     for _, cmds in runs:
         assert not any(word in ("echo", "printenv", "env", "set") for cmd in cmds for word in cmd[:1])

@@ -48,8 +48,9 @@ def instrument(record: dict) -> None:
             record["train_seconds"] = time.perf_counter() - started
             record["losses"] = [e["loss"] for e in self.state.log_history if "loss" in e]
             # LLaMA-Factory turns checkpointing on in the model, not in the Trainer's arguments: ask the layers
-            record["gradient_checkpointing"] = any(getattr(m, "gradient_checkpointing", False) is True
-                                                   for m in self.model.modules())
+            record["gradient_checkpointing"] = any(
+                getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()
+            )
             record["trainable_params"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             import torch
 

@@ -27,8 +27,13 @@ BASE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{% block title %}{% endblock %}</title><style>{{ css }}</style></head>
 <body>{% block body %}{% endblock %}</body></html>
 """
-_ENV = Environment(loader=DictLoader({"base.html": BASE}), autoescape=True, undefined=StrictUndefined,
-                   trim_blocks=True, lstrip_blocks=True)
+_ENV = Environment(
+    loader=DictLoader({"base.html": BASE}),
+    autoescape=True,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 
 def render_page(template: str, **context: Any) -> str:
@@ -49,12 +54,16 @@ def token_histogram(stats: dict[str, Any]) -> Markup:
     top_count = max(n for _, _, n in bins) or 1
     bar = (width - 2 * pad) / len(bins)
     span = bins[-1][1]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" role="img" '
-             f'aria-label="token-length histogram">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" role="img" '
+        f'aria-label="token-length histogram">'
+    ]
     for i, (lo, hi, n) in enumerate(bins):
         h = (height - pad) * n / top_count
-        parts.append(f'<rect x="{pad + i * bar:.1f}" y="{height - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" '
-                     f'fill="#4a7ebb"><title>{lo}-{hi - 1} tokens: {n} rows</title></rect>')
+        parts.append(
+            f'<rect x="{pad + i * bar:.1f}" y="{height - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" '
+            f'fill="#4a7ebb"><title>{lo}-{hi - 1} tokens: {n} rows</title></rect>'
+        )
     x = pad + (width - 2 * pad) * limit / span
     parts.append(f'<line x1="{x:.1f}" y1="{pad / 2}" x2="{x:.1f}" y2="{height}" stroke="#c00" stroke-dasharray="4"/>')
     parts.append(f'<text x="{x + 3:.1f}" y="{pad}" fill="#c00" font-size="11">max_seq_length {limit}</text>')

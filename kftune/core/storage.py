@@ -201,8 +201,11 @@ def delete_tree(prefix: str, s3: S3 | None = None) -> int:
     s3 = s3 or connect_s3()
     bucket, key = _split_uri(prefix)
     with _s3_errors(s3, prefix):
-        keys = [item["Key"] for page in s3.client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=f"{key}/".lstrip("/")) for item in page.get("Contents", [])]
+        keys = [
+            item["Key"]
+            for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/".lstrip("/"))
+            for item in page.get("Contents", [])
+        ]
         keys.sort(key=lambda k: k.rsplit("/", 1)[-1] != MANIFEST)
         for k in keys:  # one by one: manifests must be gone before any file they vouch for
             s3.client.delete_object(Bucket=bucket, Key=k)
@@ -283,8 +286,9 @@ def _read_manifest(s3: S3, bucket: str, base: str) -> dict[str, dict[str, Any]]:
         body = s3.client.get_object(Bucket=bucket, Key=f"{base}/{MANIFEST}")["Body"].read()
     expected = base.rsplit("/", 1)[-1]
     if hashlib.sha256(body).hexdigest() != expected:
-        raise KftuneError(f"{where} does not hash to its folder name {expected}: it was altered; "
-                          "re-upload the artifact")
+        raise KftuneError(
+            f"{where} does not hash to its folder name {expected}: it was altered; re-upload the artifact"
+        )
     manifest = json.loads(body)
     outside = [rel for rel in manifest if rel.startswith("/") or ".." in rel.split("/")]
     if outside:
@@ -295,12 +299,16 @@ def _read_manifest(s3: S3, bucket: str, base: str) -> dict[str, dict[str, Any]]:
 def _verify(path: Path, entry: dict[str, Any], where: str, endpoint: str) -> None:
     size = path.stat().st_size
     if size != entry["size"]:
-        raise KftuneError(f"{where} at {endpoint} has {size} bytes, the manifest says {entry['size']}: "
-                          "the stored object is corrupt; re-upload the artifact")
+        raise KftuneError(
+            f"{where} at {endpoint} has {size} bytes, the manifest says {entry['size']}: "
+            "the stored object is corrupt; re-upload the artifact"
+        )
     digest = sha256_file(path)
     if digest != entry["sha256"]:
-        raise KftuneError(f"{where} at {endpoint} has sha256 {digest}, the manifest says {entry['sha256']}: "
-                          "the stored object is corrupt; re-upload the artifact")
+        raise KftuneError(
+            f"{where} at {endpoint} has sha256 {digest}, the manifest says {entry['sha256']}: "
+            "the stored object is corrupt; re-upload the artifact"
+        )
 
 
 def _is_local_copy(local_dir: Path, sha: str) -> bool:
@@ -315,8 +323,9 @@ def _is_local_copy(local_dir: Path, sha: str) -> bool:
     if hashlib.sha256(body).hexdigest() != sha:
         return False
     files = json.loads(body).items()
-    return all((local_dir / rel).is_file() and (local_dir / rel).stat().st_size == entry["size"]
-               for rel, entry in files)
+    return all(
+        (local_dir / rel).is_file() and (local_dir / rel).stat().st_size == entry["size"] for rel, entry in files
+    )
 
 
 def _move_into_place(tmp: Path, local_dir: Path, sha: str) -> None:
@@ -364,8 +373,10 @@ def _s3_errors(s3: S3, where: str) -> Iterator[None]:
                 "and AWS_SECRET_ACCESS_KEY (the local stack keeps its own in <state-dir>/credentials.env)"
             ) from None
         if code == "NoSuchBucket":
-            raise KftuneError(f"bucket {where.split('/')[2]} does not exist at S3 {s3.endpoint} (for {where}); "
-                              "create it or fix the URI") from None
+            raise KftuneError(
+                f"bucket {where.split('/')[2]} does not exist at S3 {s3.endpoint} (for {where}); "
+                "create it or fix the URI"
+            ) from None
         if code in {"404", "NoSuchKey", "NotFound"}:
             raise KftuneError(f"{where} not found at S3 {s3.endpoint}; check the URI") from None
         message = cause.response.get("Error", {}).get("Message", "")

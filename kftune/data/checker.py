@@ -98,8 +98,13 @@ def _clean_shape(obj: Any) -> tuple[tuple[str, ...], list[str]] | None:
         return None
     instruction, output, extra = obj.get("instruction"), obj.get("output"), obj.get("input")
     system, history = obj.get("system"), obj.get("history")
-    if (type(instruction) is not str or type(output) is not str or (extra is not None and type(extra) is not str)
-            or (system is not None and type(system) is not str) or not (history is None or history == [])):
+    if (
+        type(instruction) is not str
+        or type(output) is not str
+        or (extra is not None and type(extra) is not str)
+        or (system is not None and type(system) is not str)
+        or not (history is None or history == [])
+    ):
         return None
     prompt = alpaca_prompt(instruction, extra)
     return (SYSTEM_ROLES, [system, prompt, output]) if system else (PLAIN_ROLES, [prompt, output])
@@ -165,8 +170,11 @@ class Checker:
             roles, texts = shapes[i]
             n = len(texts)
             first, offset = offset, offset + n
-            if (not suspect.isdisjoint(range(first, offset)) or not all(t.strip() for t in texts)
-                    or len(texts[-1].strip()) < minimum):
+            if (
+                not suspect.isdisjoint(range(first, offset))
+                or not all(t.strip() for t in texts)
+                or len(texts[-1].strip()) < minimum
+            ):
                 continue
             row_norms = norms[first:offset]
             if row_norms[-1] == row_norms[-2]:  # the answer repeats the prompt
@@ -222,13 +230,21 @@ class Checker:
         norms = [norm(m["content"]) for m in messages]
         roles = [m["role"] for m in messages]
         if roles[-2] == "user" and norms[-1] == norms[-2]:
-            row.problems.append(("content.response_equals_prompt", f"{label(row, -1)} repeats the prompt "
-                                                                   f"{label(row, -2)}; write a real answer"))
+            row.problems.append(
+                (
+                    "content.response_equals_prompt",
+                    f"{label(row, -1)} repeats the prompt {label(row, -2)}; write a real answer",
+                )
+            )
             return
         question = hash64(question_of(messages, norms))
         if self.external is not None and question in self.external:
-            row.problems.append(("leakage.external_eval", "the question also appears in the external eval set "
-                                                          "(--eval-data); drop it from one of them"))
+            row.problems.append(
+                (
+                    "leakage.external_eval",
+                    "the question also appears in the external eval set (--eval-data); drop it from one of them",
+                )
+            )
             return
         row.keys = prompt_key(norms, roles), hash64(norms[-1]), question
         row.text = messages_json(messages)

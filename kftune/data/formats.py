@@ -34,8 +34,9 @@ def messages_line(roles: tuple[str, ...], contents: list[str]) -> str:
     """messages_json for a conversation given as its roles and contents."""
     line = _LINE_FORMATS.get(roles)
     if line is None:
-        line = _LINE_FORMATS[roles] = '{"messages": [' + ", ".join(
-            f'{{"role": "{r}", "content": %s}}' for r in roles) + "]}"
+        line = _LINE_FORMATS[roles] = (
+            '{"messages": [' + ", ".join(f'{{"role": "{r}", "content": %s}}' for r in roles) + "]}"
+        )
     return line % tuple(map(_json_string, contents))
 
 
@@ -46,8 +47,10 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
         messages.append({"role": "system", "content": row["system"]})
     for pair in row.get("history") or []:
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages += [{"role": "user", "content": alpaca_prompt(row["instruction"], row.get("input"))},
-                 {"role": "assistant", "content": row["output"]}]
+    messages += [
+        {"role": "user", "content": alpaca_prompt(row["instruction"], row.get("input"))},
+        {"role": "assistant", "content": row["output"]},
+    ]
     return messages
 
 

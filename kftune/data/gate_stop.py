@@ -44,7 +44,9 @@ class GateReport(Protocol):
 
 def rejecting_rules(report: GateReport, top: int = TOP_RULES) -> list[tuple[str, int]]:
     """The rules that rejected rows, most rows first (ties by name, so the line is stable)."""
-    found = [(rule, int(v["rows"])) for rule, v in report.rules.items() if v.get("action") == "reject" and v.get("rows")]
+    found = [
+        (rule, int(v["rows"])) for rule, v in report.rules.items() if v.get("action") == "reject" and v.get("rows")
+    ]
     return sorted(found, key=lambda item: (-item[1], item[0]))[:top]
 
 
@@ -53,8 +55,10 @@ def stop_message(report: GateReport, data: str, artifact_uri: str) -> str:
     share = f"{report.rejected / report.rows_in:.1%}" if report.rows_in else "0%"
     rules = rejecting_rules(report)
     limit = report.options.get("max_reject_fraction")
-    parts = [f"data validation gate failed for {data}: {share} of rows rejected ({report.rejected} of {report.rows_in}"
-             + (f", above max_reject_fraction {limit:g})" if limit is not None else ")")]
+    parts = [
+        f"data validation gate failed for {data}: {share} of rows rejected ({report.rejected} of {report.rows_in}"
+        + (f", above max_reject_fraction {limit:g})" if limit is not None else ")")
+    ]
     if rules:
         parts.append("top rules: " + ", ".join(f"{rule} {rows}" for rule, rows in rules))
     other = [f for f in report.failures if "of rows rejected" not in f]  # the share is said above

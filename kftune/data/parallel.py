@@ -69,11 +69,12 @@ def check_block(checker: Checker, first_line: int, lines: list[bytes]) -> list[R
         items: list[Row | Note | CleanRow] = list(jsonl_rows(lines, first_line))
         rows = [item for item in items if isinstance(item, Row)]
         for start in range(0, len(rows), checker.options.batch_rows):
-            checker.check(rows[start:start + checker.options.batch_rows])
+            checker.check(rows[start : start + checker.options.batch_rows])
     else:
         items, rows = [], []
-        for line, value, clean, raw in zip(range(first_line, first_line + len(lines)), values,
-                                           checker.fast(values), lines):
+        for line, value, clean, raw in zip(
+            range(first_line, first_line + len(lines)), values, checker.fast(values), lines
+        ):
             if type(clean) is tuple:
                 items.append((line, *clean, raw))
             else:
@@ -86,8 +87,9 @@ def check_block(checker: Checker, first_line: int, lines: list[bytes]) -> list[R
     return items
 
 
-def check_block_in_worker(first_line: int, lines: list[bytes]) -> tuple[list[Row | Note | CleanRow],
-                                                                         dict[str, Any] | None]:
+def check_block_in_worker(
+    first_line: int, lines: list[bytes]
+) -> tuple[list[Row | Note | CleanRow], dict[str, Any] | None]:
     """check_block in a worker process; also returns the worker's token-count stats."""
     checker = _worker_checker
     items = check_block(checker, first_line, lines)
@@ -122,8 +124,9 @@ def worker_count(options: Options, size: int) -> int:
     return min(cpus, 4) if size >= PARALLEL_MIN_BYTES else 1
 
 
-def parallel_batches(sink: Sink, checker: Checker, stream: io.BufferedReader,
-                      workers: int) -> Iterator[list[Row | CleanRow]]:
+def parallel_batches(
+    sink: Sink, checker: Checker, stream: io.BufferedReader, workers: int
+) -> Iterator[list[Row | CleanRow]]:
     import multiprocessing
     from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -131,8 +134,9 @@ def parallel_batches(sink: Sink, checker: Checker, stream: io.BufferedReader,
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker, and no fork warning from tokenizers
     stats: dict[int, dict[str, Any]] = {}
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_start_worker, initargs=(checker,)) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(checker,)
+        ) as pool:
             pending: collections.deque[Future] = collections.deque()
             next_line = 1
             while True:

@@ -44,7 +44,9 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             yield f"{path}:{number}", json.loads(line)
         except json.JSONDecodeError as exc:
-            raise KftuneError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
+            raise KftuneError(
+                f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
+            ) from None
 
 
 def load_conversations(path: str | Path) -> list[list[Message]]:

@@ -31,13 +31,18 @@ def label(row: Row, i: int) -> str:
 def _messages_schema(row: Row, obj: dict) -> None:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        row.problems.append(("schema.wrong_type", f"'messages' is {_type(messages)}; expected a non-empty list "
-                                                  "of {role, content} objects"))
+        row.problems.append(
+            (
+                "schema.wrong_type",
+                f"'messages' is {_type(messages)}; expected a non-empty list of {{role, content}} objects",
+            )
+        )
         return
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            row.problems.append(("schema.wrong_type", f"messages[{i}] is {_type(m)}; expected an object "
-                                                      "with 'role' and 'content'"))
+            row.problems.append(
+                ("schema.wrong_type", f"messages[{i}] is {_type(m)}; expected an object with 'role' and 'content'")
+            )
             continue
         for key in ("role", "content"):
             if key not in m:
@@ -48,8 +53,9 @@ def _messages_schema(row: Row, obj: dict) -> None:
             extra = ", ".join(sorted(set(m) - MESSAGE_FIELDS))
             row.notes.append(("schema.unknown_field", f"messages[{i}] has unknown field(s) {extra}; ignored"))
     if len(obj) > 1:
-        row.notes.append(("schema.unknown_field", f"unknown field(s) {', '.join(sorted(set(obj) - {'messages'}))}; "
-                                                  "ignored"))
+        row.notes.append(
+            ("schema.unknown_field", f"unknown field(s) {', '.join(sorted(set(obj) - {'messages'}))}; ignored")
+        )
 
 
 def _alpaca_schema(row: Row, obj: dict) -> None:
@@ -62,8 +68,10 @@ def _alpaca_schema(row: Row, obj: dict) -> None:
         if obj.get(key) is not None and not isinstance(obj[key], str):
             row.problems.append(("schema.wrong_type", f"{key!r} is {_type(obj[key])}; expected a string or null"))
     history = obj.get("history")
-    if history is not None and not (isinstance(history, list) and all(
-            isinstance(h, list) and len(h) == 2 and all(isinstance(t, str) for t in h) for h in history)):
+    if history is not None and not (
+        isinstance(history, list)
+        and all(isinstance(h, list) and len(h) == 2 and all(isinstance(t, str) for t in h) for h in history)
+    ):
         row.problems.append(("schema.wrong_type", "'history' must be a list of [user, assistant] string pairs"))
     if not ALPACA_FIELDS.issuperset(obj):
         extra = ", ".join(sorted(set(obj) - ALPACA_FIELDS))
@@ -81,14 +89,20 @@ def schema(row: Row) -> None:
             _messages_schema(row, obj)
         else:
             mixed = ", ".join(sorted(ALPACA_FIELDS.intersection(obj)))
-            row.problems.append(("schema.unknown_form", f"the row mixes messages form with alpaca fields ({mixed}); "
-                                                        "keep one form"))
+            row.problems.append(
+                ("schema.unknown_form", f"the row mixes messages form with alpaca fields ({mixed}); keep one form")
+            )
     elif "instruction" in obj or "output" in obj:
         _alpaca_schema(row, obj)
     else:
         fields = ", ".join(sorted(obj)) or "none"
-        row.problems.append(("schema.unknown_form", f"neither alpaca form (instruction, input, output) nor messages "
-                                                    f"form (messages); the row's fields: {fields}"))
+        row.problems.append(
+            (
+                "schema.unknown_form",
+                f"neither alpaca form (instruction, input, output) nor messages "
+                f"form (messages); the row's fields: {fields}",
+            )
+        )
     if not row.problems:
         row.messages = to_messages(obj)
 
@@ -108,24 +122,34 @@ def alternates(roles: list[str]) -> bool:
 def _role_problems(row: Row, roles: list[str]) -> None:
     unknown = [i for i, r in enumerate(roles) if r not in ROLES]
     for i in unknown:
-        row.problems.append(("roles.unknown_role", f"{label(row, i)}.role is {roles[i]!r}; expected one of "
-                                                   f"{', '.join(ROLES)}"))
+        row.problems.append(
+            ("roles.unknown_role", f"{label(row, i)}.role is {roles[i]!r}; expected one of {', '.join(ROLES)}")
+        )
     for i, r in enumerate(roles[1:], start=1):
         if r == "system":
-            row.problems.append(("roles.system_not_first", f"{label(row, i)} is a system message; only the first "
-                                                           "message may be"))
+            row.problems.append(
+                ("roles.system_not_first", f"{label(row, i)} is a system message; only the first message may be")
+            )
     turns = [(i, r) for i, r in enumerate(roles) if r != "system"]
     expected = ("user", "assistant")
     wrong = next(((i, r, expected[n % 2]) for n, (i, r) in enumerate(turns) if r != expected[n % 2]), None)
     if wrong and not unknown:
         i, r, should = wrong
-        row.problems.append(("roles.not_alternating", f"{label(row, i)} is {r!r} where {should!r} should be; "
-                                                      "turns must go user, assistant, user, ..."))
+        row.problems.append(
+            (
+                "roles.not_alternating",
+                f"{label(row, i)} is {r!r} where {should!r} should be; turns must go user, assistant, user, ...",
+            )
+        )
     if "assistant" not in roles:
         row.problems.append(("roles.no_assistant", "no assistant turn; add the answer the model should learn"))
     elif roles[-1] != "assistant":
-        row.problems.append(("roles.not_ending_with_assistant", f"the last turn ({label(row, -1)}) is "
-                                                                f"{roles[-1]!r}; end with the assistant's answer"))
+        row.problems.append(
+            (
+                "roles.not_ending_with_assistant",
+                f"the last turn ({label(row, -1)}) is {roles[-1]!r}; end with the assistant's answer",
+            )
+        )
 
 
 def _roles(row: Row) -> None:
@@ -140,8 +164,10 @@ def _roles(row: Row) -> None:
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # UTF-8 bytes decoded as cp1252/latin-1 turn into a lead letter (Â..ô) plus 1-3 continuation characters.
 _CONTINUATION = re.escape("".join(sorted({bytes([b]).decode("cp1252", "ignore") or chr(b) for b in range(0x80, 0xC0)})))
-_MOJIBAKE = re.compile(f"[\u00c2-\u00df][{_CONTINUATION}]|[\u00e0-\u00ef][{_CONTINUATION}]{{2}}"
-                       f"|[\u00f0-\u00f4][{_CONTINUATION}]{{3}}|锟斤拷")
+_MOJIBAKE = re.compile(
+    f"[\u00c2-\u00df][{_CONTINUATION}]|[\u00e0-\u00ef][{_CONTINUATION}]{{2}}"
+    f"|[\u00f0-\u00f4][{_CONTINUATION}]{{3}}|锟斤拷"
+)
 # One scan for any character the content rules look at; clean text (nearly all of it) stops here.
 SUSPECT = re.compile("[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00c2-\u00f4锟]")
 
@@ -164,17 +190,31 @@ def _content(row: Row, suspects: list[int]) -> None:
         if not SUSPECT.search(text):
             continue
         if "\ufffd" in text:
-            row.problems.append(("content.replacement_char",
-                                 f"{label(row, i)} has {text.count(chr(0xFFFD))} U+FFFD character(s): text was lost "
-                                 "in a bad decode; re-export the source as UTF-8"))
+            row.problems.append(
+                (
+                    "content.replacement_char",
+                    f"{label(row, i)} has {text.count(chr(0xFFFD))} U+FFFD character(s): text was lost "
+                    "in a bad decode; re-export the source as UTF-8",
+                )
+            )
         bad = _CONTROL.search(text)
         if bad:
-            row.problems.append(("content.control_char", f"{label(row, i)} has control character "
-                                                         f"U+{ord(bad.group()):04X} at offset {bad.start()}; remove it"))
+            row.problems.append(
+                (
+                    "content.control_char",
+                    f"{label(row, i)} has control character "
+                    f"U+{ord(bad.group()):04X} at offset {bad.start()}; remove it",
+                )
+            )
         pieces = [p.group() for p in _MOJIBAKE.finditer(text) if _is_mojibake(p.group())]
         if pieces:
-            row.problems.append(("content.mojibake", f"{label(row, i)} has mojibake {pieces[0]!r}: UTF-8 decoded "
-                                                     "with the wrong codec; re-export the source as UTF-8"))
+            row.problems.append(
+                (
+                    "content.mojibake",
+                    f"{label(row, i)} has mojibake {pieces[0]!r}: UTF-8 decoded "
+                    "with the wrong codec; re-export the source as UTF-8",
+                )
+            )
 
 
 # One scan per message for anything the content and PII rules would find; clean text stops here.
@@ -191,8 +231,10 @@ def _pii(row: Row, policy: str, suspects: list[int]) -> None:
             continue
         for kind in dict.fromkeys(k for k, _, _ in found):
             values = ", ".join(masked(m["content"][a:b]) for k, a, b in found if k == kind)
-            issue = (f"pii.{kind}", f"{label(row, i)} has {kind.replace('_', ' ')} {values}"
-                                    + PII_OUTCOME[policy].format(PII_MASKS[kind]))
+            issue = (
+                f"pii.{kind}",
+                f"{label(row, i)} has {kind.replace('_', ' ')} {values}" + PII_OUTCOME[policy].format(PII_MASKS[kind]),
+            )
             (row.problems if policy == "reject" else row.notes).append(issue)
         if policy == "redact":
             text = m["content"]
@@ -204,9 +246,14 @@ def _pii(row: Row, policy: str, suspects: list[int]) -> None:
 def _short_response(row: Row, minimum: int) -> None:
     answer = row.messages[-1]["content"].strip()
     if len(answer) < minimum:
-        row.problems.append(("length.short_response", f"{label(row, -1)} has {len(answer)} character(s), fewer "
-                                                      f"than min_response_chars={minimum}; lengthen it or lower "
-                                                      "--min-response-chars"))
+        row.problems.append(
+            (
+                "length.short_response",
+                f"{label(row, -1)} has {len(answer)} character(s), fewer "
+                f"than min_response_chars={minimum}; lengthen it or lower "
+                "--min-response-chars",
+            )
+        )
 
 
 def check_row(row: Row, options: Options) -> None:

@@ -75,7 +75,9 @@ class Options:
             problems.append(f"--max_seq_length must be at least 1, got {self.max_seq_length}")
         for name, kind in (("length_policy", "length"), ("pii_policy", "pii")):
             if getattr(self, name) not in POLICY_KINDS[kind]:
-                problems.append(f"--policy {kind}={getattr(self, name)}: expected one of {', '.join(POLICY_KINDS[kind])}")
+                problems.append(
+                    f"--policy {kind}={getattr(self, name)}: expected one of {', '.join(POLICY_KINDS[kind])}"
+                )
         if self.min_response_chars < 1:
             problems.append(f"--min-response-chars must be at least 1, got {self.min_response_chars}")
         if not 0 <= self.eval_fraction < 1:

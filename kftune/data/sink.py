@@ -22,8 +22,10 @@ class Sink:
 
     def __init__(self, options: Options, name: str, folder: Path) -> None:
         self.options, self.name, self.folder = options, name, folder
-        self.files = {k: open(folder / f"{k}.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
-                      for k in ("accepted", "rejected", "warnings")}
+        self.files = {
+            k: open(folder / f"{k}.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
+            for k in ("accepted", "rejected", "warnings")
+        }
         self.rule_rows: Counter[str] = Counter()
         self.rows_in = self.accepted = self.rejected = self.warned = 0
         self.fatal: str | None = None
@@ -62,15 +64,20 @@ class Sink:
             if same is not None:
                 row.problems.append(("duplicate.exact", f"duplicate of the row at line {same}; remove it"))
                 return
-            row.notes.append(("duplicate.conflicting_answer",
-                              f"same prompt as line {first & MASK32} with a different answer; check which is right"))
+            row.notes.append(
+                (
+                    "duplicate.conflicting_answer",
+                    f"same prompt as line {first & MASK32} with a different answer; check which is right",
+                )
+            )
             self.repeats[(prompt, answer)] = row.line
 
     def note(self, note: Note) -> None:
         """A line that is not a row: counted and listed as a warning, never as a row."""
         self.rule_rows[note.rule] += 1
-        self._record("warnings", {"where": self.where(note.line), "line": note.line, "rule": note.rule,
-                                  "message": note.message})
+        self._record(
+            "warnings", {"where": self.where(note.line), "line": note.line, "rule": note.rule, "message": note.message}
+        )
 
     def _record(self, kind: str, record: dict) -> None:
         self.files[kind].write(to_json(record) + "\n")
@@ -82,7 +89,8 @@ class Sink:
         if row.problems or row.notes:
             self.rule_rows.update({rule for rule, _ in row.problems + row.notes})
             place = {"where": self.where(row.line), "line": row.line} | (
-                {"item": row.item} if row.item is not None else {})
+                {"item": row.item} if row.item is not None else {}
+            )
         for rule, message in row.notes:
             self._record("warnings", place | {"rule": rule, "message": message})
         self.warned += bool(row.notes)
@@ -119,16 +127,20 @@ class Sink:
         distinct, fraction = len(self.seen), self.options.eval_fraction
         failures, held_out = [], set()
         if fraction and distinct < 2:
-            failures.append(f"{distinct} distinct prompt(s) accepted; an eval split needs at least 2 "
-                            "(or pass --eval-fraction 0)")
+            failures.append(
+                f"{distinct} distinct prompt(s) accepted; an eval split needs at least 2 (or pass --eval-fraction 0)"
+            )
         elif fraction:
             held_out = set(heapq.nsmallest(min(distinct - 1, max(1, round(fraction * distinct))), self.seen))
         self.seen.clear()  # the split's sets take its place in memory
         train_questions = {q for p, q in zip(self.prompt_keys, self.question_keys) if p not in held_out}
         counts: Counter[str] = Counter()
         self.files["accepted"].close()  # flushed before it is read back
-        with open(self.folder / "accepted.jsonl", "rb") as accepted, \
-                open(self.folder / "train.jsonl", "wb") as train, open(self.folder / "eval.jsonl", "wb") as evaluation:
+        with (
+            open(self.folder / "accepted.jsonl", "rb") as accepted,
+            open(self.folder / "train.jsonl", "wb") as train,
+            open(self.folder / "eval.jsonl", "wb") as evaluation,
+        ):
             for i, (text, p) in enumerate(zip(accepted, self.prompt_keys)):
                 if p not in held_out:
                     train.write(text)
@@ -137,9 +149,16 @@ class Sink:
                     counts["eval"] += 1
                 else:
                     line = self.lines[i]
-                    self._record("warnings", {"where": self.where(line), "line": line, "rule": "leakage.eval_in_train",
-                                              "message": "its question also appears in train under another system "
-                                                         "prompt or history; moved from eval to train"})
+                    self._record(
+                        "warnings",
+                        {
+                            "where": self.where(line),
+                            "line": line,
+                            "rule": "leakage.eval_in_train",
+                            "message": "its question also appears in train under another system "
+                            "prompt or history; moved from eval to train",
+                        },
+                    )
                     self.rule_rows["leakage.eval_in_train"] += 1
                     train.write(text)
         counts["train"] = len(self.prompt_keys) - counts["eval"]
@@ -169,9 +188,18 @@ def token_stats(lengths: Counter[int], limit: int) -> dict[str, Any] | None:
     for value, n in ordered:
         bins[value // width] += n
     histogram = [[b * width, (b + 1) * width, bins[b]] for b in range(top // width + 1)]
-    return {"rows": total, "min": ordered[0][0], "mean": round(sum(v * n for v, n in ordered) / total, 1),
-            "p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99), "max": ordered[-1][0],
-            "over_limit": sum(n for v, n in ordered if v > limit), "max_seq_length": limit, "histogram": histogram}
+    return {
+        "rows": total,
+        "min": ordered[0][0],
+        "mean": round(sum(v * n for v, n in ordered) / total, 1),
+        "p50": percentile(0.5),
+        "p90": percentile(0.9),
+        "p99": percentile(0.99),
+        "max": ordered[-1][0],
+        "over_limit": sum(n for v, n in ordered if v > limit),
+        "max_seq_length": limit,
+        "histogram": histogram,
+    }
 
 
 def gate_failures(sink: Sink, options: Options) -> list[str]:
@@ -179,8 +207,10 @@ def gate_failures(sink: Sink, options: Options) -> list[str]:
     if not sink.rows_in:
         failures.append("the file has no rows; add JSONL rows in alpaca or messages form")
     elif sink.rejected / sink.rows_in > options.max_reject_fraction:
-        failures.append(f"{sink.rejected / sink.rows_in:.1%} of rows rejected ({sink.rejected} of {sink.rows_in}), "
-                        f"above max_reject_fraction={options.max_reject_fraction:g}; see rejected.jsonl")
+        failures.append(
+            f"{sink.rejected / sink.rows_in:.1%} of rows rejected ({sink.rejected} of {sink.rows_in}), "
+            f"above max_reject_fraction={options.max_reject_fraction:g}; see rejected.jsonl"
+        )
     if sink.accepted < options.min_rows:
         failures.append(f"{sink.accepted} rows accepted, fewer than min_rows={options.min_rows}")
     return failures

@@ -55,7 +55,7 @@ def jsonl_rows(stream: Iterable[bytes], first_line: int = 1) -> Iterator[Row | N
     for number, raw in enumerate(stream, start=first_line):
         if raw[:1] != b"{":  # nearly every line opens an object: no BOM, not blank
             if raw.startswith(BOM):
-                raw = raw[len(BOM):]
+                raw = raw[len(BOM) :]
                 yield Note(number, "parse.bom", "a UTF-8 byte-order mark starts the line; it was removed")
             if not raw.strip():
                 yield Note(number, "parse.blank_line", "blank line skipped; remove it")
@@ -63,15 +63,29 @@ def jsonl_rows(stream: Iterable[bytes], first_line: int = 1) -> Iterator[Row | N
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield Row(number, None, raw.decode("utf-8", "replace").rstrip("\r\n"), problems=[(
-                "parse.invalid_utf8",
-                f"byte {exc.start + 1} (0x{raw[exc.start]:02x}) is not valid UTF-8; re-save the file as UTF-8")])
+            yield Row(
+                number,
+                None,
+                raw.decode("utf-8", "replace").rstrip("\r\n"),
+                problems=[
+                    (
+                        "parse.invalid_utf8",
+                        f"byte {exc.start + 1} (0x{raw[exc.start]:02x}) is not valid UTF-8; re-save the file as UTF-8",
+                    )
+                ],
+            )
             continue
         try:
             yield Row(number, None, from_json(text))
         except json.JSONDecodeError as exc:
-            yield Row(number, None, text.rstrip("\r\n"), problems=[(
-                "parse.invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; fix or remove the line")])
+            yield Row(
+                number,
+                None,
+                text.rstrip("\r\n"),
+                problems=[
+                    ("parse.invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; fix or remove the line")
+                ],
+            )
 
 
 _NOT_SPACE = re.compile(r"[^ \t\r\n]")
@@ -99,9 +113,10 @@ class ArrayItems:
         try:
             new = self._stream.read(max(self._chunk, len(self._buf) - self._pos))
         except UnicodeDecodeError as exc:
-            raise BrokenFile(self._line, "parse.invalid_utf8",
-                              f"not valid UTF-8 near here ({exc.reason}); re-save the file as UTF-8") from None
-        self._buf, self._pos, self._eof = self._buf[self._pos:] + new, 0, not new
+            raise BrokenFile(
+                self._line, "parse.invalid_utf8", f"not valid UTF-8 near here ({exc.reason}); re-save the file as UTF-8"
+            ) from None
+        self._buf, self._pos, self._eof = self._buf[self._pos :] + new, 0, not new
 
     def _peek(self) -> str:
         """The next non-whitespace character ('' at the end of the file)."""
@@ -126,11 +141,14 @@ class ArrayItems:
                 cut = exc.msg.startswith("Unterminated string") or exc.pos >= len(self._buf) - 16
                 if self._eof or not cut:
                     line = self._line + self._buf.count("\n", self._pos, exc.pos)
-                    raise BrokenFile(line, "parse.broken_array",
-                                      f"invalid JSON in the array ({exc.msg}); items after this point "
-                                      "cannot be read; fix the file or convert it to JSONL") from None
+                    raise BrokenFile(
+                        line,
+                        "parse.broken_array",
+                        f"invalid JSON in the array ({exc.msg}); items after this point "
+                        "cannot be read; fix the file or convert it to JSONL",
+                    ) from None
             else:
-                if self._eof or isinstance(value, (dict, list, str)) or self._buf[end:end + 1] in _NUMBER_ENDS:
+                if self._eof or isinstance(value, (dict, list, str)) or self._buf[end : end + 1] in _NUMBER_ENDS:
                     line = self._line
                     self._advance(end)
                     return line, value
@@ -140,8 +158,9 @@ class ArrayItems:
         found = self._peek()
         if not found or found not in chars:
             seen = f"found {found!r}" if found else "the file ends"
-            raise BrokenFile(self._line, "parse.broken_array",
-                              f"expected {what}, {seen}; items after this point cannot be read")
+            raise BrokenFile(
+                self._line, "parse.broken_array", f"expected {what}, {seen}; items after this point cannot be read"
+            )
         self._advance(self._pos + 1)
         return found
 

@@ -60,12 +60,15 @@ def _inserts_content_verbatim(template: str) -> bool:
 
     def verbatim(node: Any, parents: list[Any]) -> bool:
         if (isinstance(node, nodes.Getattr) and node.attr == "content") or (
-                isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"):
+            isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+        ):
             up = len(parents) - 1
             while up >= 0 and isinstance(parents[up], (nodes.Add, nodes.Concat)):
                 up -= 1
             written = up >= 0 and isinstance(parents[up], nodes.Output)
-            tested = up == len(parents) - 1 and up >= 0 and isinstance(parents[up], nodes.If) and parents[up].test is node
+            tested = (
+                up == len(parents) - 1 and up >= 0 and isinstance(parents[up], nodes.If) and parents[up].test is node
+            )
             return written or tested
         return all(verbatim(child, parents + [node]) for child in node.iter_child_nodes())
 
@@ -90,10 +93,15 @@ def _qwen2_pipeline(backend: Any) -> str | None:
         return f"normaliser {normalizer.get('type')}"
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     split, byte_level = (steps + [{}, {}])[:2] if len(steps) == 2 else ({}, {})
-    if not (split.get("type") == "Split" and split.get("pattern") == {"Regex": PRETOKENIZE_REGEX}
-            and split.get("behavior") == "Isolated" and not split.get("invert")
-            and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex")
-            and not byte_level.get("add_prefix_space")):
+    if not (
+        split.get("type") == "Split"
+        and split.get("pattern") == {"Regex": PRETOKENIZE_REGEX}
+        and split.get("behavior") == "Isolated"
+        and not split.get("invert")
+        and byte_level.get("type") == "ByteLevel"
+        and not byte_level.get("use_regex")
+        and not byte_level.get("add_prefix_space")
+    ):
         return "pre-tokenizer is not Qwen2's"
     if spec.get("model", {}).get("dropout"):
         return "BPE dropout"
@@ -153,8 +161,9 @@ class _Chunks:
         missing = list(self._missing)
         self._missing.clear()
         self._stats["chunk_misses"] += len(missing)
-        encoded = self._backend.encode_batch_fast([c if last else c + "0" for c, last in missing],
-                                                  add_special_tokens=False)
+        encoded = self._backend.encode_batch_fast(
+            [c if last else c + "0" for c, last in missing], add_special_tokens=False
+        )
         for table in (self._inner, self._last):
             if len(table) + len(missing) > CACHE_LIMIT:
                 table.clear()
@@ -211,16 +220,21 @@ class TokenCounter:
         problem = self.template_problem(roles)
         if problem:
             raise KftuneError(f"the chat template refuses roles {', '.join(roles)}: {problem}")
-        text = self.tokenizer.apply_chat_template([{"role": r, "content": _marker(i)} for i, r in enumerate(roles)],
-                                                  tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": r, "content": _marker(i)} for i, r in enumerate(roles)], tokenize=False
+        )
         parts = _MARKER.split(text)
         literals = parts[::2]  # the template's own text before, between and after the contents
         cuts = [list(self._added.finditer(lit)) for lit in literals]
         shape = None
         if parts[1::2] == [str(i) for i in range(len(roles))] and all(cuts[1:-1]):  # one content per piece
-            around = [(literals[i][cuts[i][-1].end():] if cuts[i] else literals[i],
-                       literals[i + 1][:cuts[i + 1][0].start()] if cuts[i + 1] else literals[i + 1])
-                      for i in range(len(roles))]
+            around = [
+                (
+                    literals[i][cuts[i][-1].end() :] if cuts[i] else literals[i],
+                    literals[i + 1][: cuts[i + 1][0].start()] if cuts[i + 1] else literals[i + 1],
+                )
+                for i in range(len(roles))
+            ]
             for i, (prefix, suffix) in enumerate(around):
                 text = text.replace(prefix + _marker(i) + suffix, "", 1)
             shape = _Shape(around, len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
@@ -247,8 +261,9 @@ class TokenCounter:
         self.stats["fast_rows"] += len(counts) - len(slow)
         return counts  # type: ignore[return-value]
 
-    def _fast_counts(self, texts: list[list[str]], roles: list[Roles], counts: list[int | None],
-                     where: list[int] | None = None) -> list[int]:
+    def _fast_counts(
+        self, texts: list[list[str]], roles: list[Roles], counts: list[int | None], where: list[int] | None = None
+    ) -> list[int]:
         """Fill counts[...] for rows the fast path can count; returns the rows waiting on chunks."""
         pending, chunks, added, shapes = [], self._chunks, self._added.search, self._shapes
         for k, (contents, row_roles) in enumerate(zip(texts, roles)):
@@ -312,9 +327,12 @@ class TokenCounter:
 
     def describe(self) -> dict[str, Any]:
         fast = self.slow_reason is None
-        return {"method": "chat template pieces + cached digit-free chunks (exact)" if fast
-                else f"chat template per row ({self.slow_reason})", **{k: self.stats[k] for k in (
-                    "fast_rows", "checked_rows", "mismatches", "chunk_lookups", "chunk_misses")}}
+        return {
+            "method": "chat template pieces + cached digit-free chunks (exact)"
+            if fast
+            else f"chat template per row ({self.slow_reason})",
+            **{k: self.stats[k] for k in ("fast_rows", "checked_rows", "mismatches", "chunk_lookups", "chunk_misses")},
+        }
 
 
 def load_counter(location: str, limit: int) -> TokenCounter:
@@ -326,6 +344,8 @@ def load_counter(location: str, limit: int) -> TokenCounter:
         folder = resolve_model_location(location, flag="--base_model/--tokenizer")
     tokenizer = load_tokenizer(str(folder))  # a tokenizer folder needs no config.json
     if not tokenizer.chat_template:
-        raise KftuneError(f"{location}: the tokenizer has no chat template, so lengths can't be counted as in "
-                          "training; pass the base model (--base_model) or a tokenizer with a chat template")
+        raise KftuneError(
+            f"{location}: the tokenizer has no chat template, so lengths can't be counted as in "
+            "training; pass the base model (--base_model) or a tokenizer with a chat template"
+        )
     return TokenCounter(tokenizer, limit)

@@ -113,8 +113,9 @@ def _prepare_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise KftuneError(f"--out {out_dir} is a file; give a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / artifacts.VALIDATION_REPORT).is_file():
-        raise KftuneError(f"--out {out_dir} exists and is not an earlier validate-data output; "
-                          "pick another folder or empty it")
+        raise KftuneError(
+            f"--out {out_dir} exists and is not an earlier validate-data output; pick another folder or empty it"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -147,15 +148,27 @@ def validate(source: str | os.PathLike, out_dir: str | os.PathLike, options: Opt
             rules["leakage.external_eval"]["action"] = "skipped (no --eval-data)"
         failures = gate_failures(sink, options) + split_failures
         report = Report(
-            passed=not failures, failures=failures, out_dir=str(out_dir), source=name, dataset_sha256=sha256,
-            data_format=data_format, rows_in=sink.rows_in, accepted=sink.accepted, rejected=sink.rejected,
-            rows_with_warnings=sink.warned, train_rows=train_rows, eval_rows=eval_rows, rules=rules,
+            passed=not failures,
+            failures=failures,
+            out_dir=str(out_dir),
+            source=name,
+            dataset_sha256=sha256,
+            data_format=data_format,
+            rows_in=sink.rows_in,
+            accepted=sink.accepted,
+            rejected=sink.rejected,
+            rows_with_warnings=sink.warned,
+            train_rows=train_rows,
+            eval_rows=eval_rows,
+            rules=rules,
             token_lengths=token_stats(sink.lengths, options.max_seq_length),
             token_counting=counter.describe() if counter else None,
             options=asdict(options) | ({"eval_data_unusable_rows": unusable} if external is not None else {}),
             seconds=round(time.perf_counter() - started, 3),
         )
-        (tmp / artifacts.VALIDATION_REPORT).write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", "utf-8")
+        (tmp / artifacts.VALIDATION_REPORT).write_text(
+            json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", "utf-8"
+        )
         (tmp / artifacts.REPORT).write_text(render_html(report, sink.examples), "utf-8")
     return report
 
@@ -178,32 +191,82 @@ def _policies(values: list[str]) -> dict[str, str]:
 
 def _parser() -> argparse.ArgumentParser:
     defaults = Options()
-    parser = argparse.ArgumentParser(prog="kftune validate-data", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kftune validate-data",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("data", metavar="DATA", help="JSONL or JSON array file (alpaca or messages), or an s3:// URI")
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--base_model", "--base-model", metavar="M", help="base model whose tokenizer and chat "
-                                                                          "template count the tokens")
+    model.add_argument(
+        "--base_model",
+        "--base-model",
+        metavar="M",
+        help="base model whose tokenizer and chat template count the tokens",
+    )
     model.add_argument("--tokenizer", metavar="T", help="a tokenizer folder or hub id instead of the base model")
-    parser.add_argument("--max_seq_length", "--max-seq-length", metavar="N", type=int, default=defaults.max_seq_length,
-                        help="tokens per row after the chat template, as in training")
-    parser.add_argument("--eval-fraction", "--eval_fraction", metavar="F", type=float, default=defaults.eval_fraction,
-                        help="share of distinct prompts held out as eval.jsonl (0: none)")
-    parser.add_argument("--eval-data", "--eval_data", metavar="E", help="external eval set; train rows that share a "
-                                                                        "question with it are rejected")
+    parser.add_argument(
+        "--max_seq_length",
+        "--max-seq-length",
+        metavar="N",
+        type=int,
+        default=defaults.max_seq_length,
+        help="tokens per row after the chat template, as in training",
+    )
+    parser.add_argument(
+        "--eval-fraction",
+        "--eval_fraction",
+        metavar="F",
+        type=float,
+        default=defaults.eval_fraction,
+        help="share of distinct prompts held out as eval.jsonl (0: none)",
+    )
+    parser.add_argument(
+        "--eval-data",
+        "--eval_data",
+        metavar="E",
+        help="external eval set; train rows that share a question with it are rejected",
+    )
     parser.add_argument("--out", metavar="DIR", default="validation", help="output folder (replaced atomically)")
-    parser.add_argument("--policy", action="append", default=[], metavar="KIND=VALUE",
-                        help="length=reject|truncate|keep (default reject), pii=flag|reject|redact (default flag); "
-                             "repeat or comma-separate")
-    parser.add_argument("--max-reject-fraction", "--max_reject_fraction", metavar="F", type=float,
-                        default=defaults.max_reject_fraction, help="the gate fails above this share of rejected rows")
-    parser.add_argument("--min-rows", "--min_rows", metavar="N", type=int, default=defaults.min_rows,
-                        help="the gate fails with fewer accepted rows")
-    parser.add_argument("--min-response-chars", "--min_response_chars", metavar="N", type=int,
-                        default=defaults.min_response_chars, help="shorter final answers are rejected")
-    parser.add_argument("--workers", metavar="N", type=int, default=defaults.workers,
-                        help="processes checking rows of a JSONL file (0: one per CPU, at most 4, for files "
-                             "over 8 MiB; 1: none)")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="KIND=VALUE",
+        help="length=reject|truncate|keep (default reject), pii=flag|reject|redact (default flag); "
+        "repeat or comma-separate",
+    )
+    parser.add_argument(
+        "--max-reject-fraction",
+        "--max_reject_fraction",
+        metavar="F",
+        type=float,
+        default=defaults.max_reject_fraction,
+        help="the gate fails above this share of rejected rows",
+    )
+    parser.add_argument(
+        "--min-rows",
+        "--min_rows",
+        metavar="N",
+        type=int,
+        default=defaults.min_rows,
+        help="the gate fails with fewer accepted rows",
+    )
+    parser.add_argument(
+        "--min-response-chars",
+        "--min_response_chars",
+        metavar="N",
+        type=int,
+        default=defaults.min_response_chars,
+        help="shorter final answers are rejected",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=int,
+        default=defaults.workers,
+        help="processes checking rows of a JSONL file (0: one per CPU, at most 4, for files over 8 MiB; 1: none)",
+    )
     return parser
 
 
@@ -211,10 +274,17 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     policies = _policies(args.policy)
     options = Options(
-        tokenizer=args.base_model or args.tokenizer, max_seq_length=args.max_seq_length,
-        length_policy=policies.get("length", "reject"), pii_policy=policies.get("pii", "flag"),
-        min_response_chars=args.min_response_chars, eval_fraction=args.eval_fraction, eval_data=args.eval_data,
-        max_reject_fraction=args.max_reject_fraction, min_rows=args.min_rows, workers=args.workers, progress=True,
+        tokenizer=args.base_model or args.tokenizer,
+        max_seq_length=args.max_seq_length,
+        length_policy=policies.get("length", "reject"),
+        pii_policy=policies.get("pii", "flag"),
+        min_response_chars=args.min_response_chars,
+        eval_fraction=args.eval_fraction,
+        eval_data=args.eval_data,
+        max_reject_fraction=args.max_reject_fraction,
+        min_rows=args.min_rows,
+        workers=args.workers,
+        progress=True,
     )
     report = validate(args.data, args.out, options)
     print(report.summary())

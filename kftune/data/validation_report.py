@@ -57,7 +57,9 @@ class Report:
             lines += [f"  {rule.ljust(width)}  {action:8s} {rows:>8d}" for rule, action, rows in found]
         if self.token_lengths:
             t = self.token_lengths
-            lines.append(f"tokens per row: min {t['min']}, p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']}")
+            lines.append(
+                f"tokens per row: min {t['min']}, p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']}"
+            )
         lines.append("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures))
         lines.append(f"report: {Path(self.out_dir) / 'report.html'}")
         return "\n".join(lines)
@@ -91,11 +93,26 @@ VALIDATION_PAGE = """{% extends "base.html" %}
 
 def render_html(report: Report, examples: dict[str, list[dict]]) -> str:
     """One self-contained page: verdict, counts, rules, token lengths and example rows."""
-    summary = [["source", report.source], ["format", report.data_format], ["dataset sha256", report.dataset_sha256],
-               ["rows in", report.rows_in], ["accepted", report.accepted], ["rejected", report.rejected],
-               ["rows with warnings", report.rows_with_warnings], ["train rows", report.train_rows],
-               ["eval rows", report.eval_rows], ["seconds", report.seconds]]
+    summary = [
+        ["source", report.source],
+        ["format", report.data_format],
+        ["dataset sha256", report.dataset_sha256],
+        ["rows in", report.rows_in],
+        ["accepted", report.accepted],
+        ["rejected", report.rejected],
+        ["rows with warnings", report.rows_with_warnings],
+        ["train rows", report.train_rows],
+        ["eval rows", report.eval_rows],
+        ["seconds", report.seconds],
+    ]
     t = report.token_lengths
-    return render_page(VALIDATION_PAGE, verdict="PASSED" if report.passed else "FAILED", report=report, summary=summary,
-                       rules=RULES, t=t, histogram=token_histogram(t) if t else "",
-                       examples={kind: examples[kind] for kind in ("rejected", "warnings")})
+    return render_page(
+        VALIDATION_PAGE,
+        verdict="PASSED" if report.passed else "FAILED",
+        report=report,
+        summary=summary,
+        rules=RULES,
+        t=t,
+        histogram=token_histogram(t) if t else "",
+        examples={kind: examples[kind] for kind in ("rejected", "warnings")},
+    )

@@ -47,8 +47,9 @@ def executable(name: str, package: str) -> str:
         return str(path)
     found = shutil.which(name)
     if found is None:
-        raise KftuneError(f"`{name}` is neither next to {sys.executable} nor on PATH; "
-                          f"install the {package} package (`make setup`)")
+        raise KftuneError(
+            f"`{name}` is neither next to {sys.executable} nor on PATH; install the {package} package (`make setup`)"
+        )
     return found
 
 
@@ -58,8 +59,15 @@ def start(state: Path, name: str, command: list[str], env: dict[str, str]) -> ps
         log.write(f"--- kftune stack up {datetime.datetime.now().isoformat(timespec='seconds')} ---\n".encode())
         log.flush()
         warnings.simplefilter("ignore", ResourceWarning)  # the server is meant to outlive its Popen handle
-        pid = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                               env=env, cwd=state, start_new_session=True).pid
+        pid = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=state,
+            start_new_session=True,
+        ).pid
     proc = psutil.Process(pid)
     (state / f"{name}.pid").write_text(json.dumps({"pid": pid, "create_time": proc.create_time()}))
     return proc

@@ -45,8 +45,16 @@ CREDENTIALS = "credentials.env"
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
 # weed mini's inner servers; each gets a free port so several stacks can run side by side.
-_WEED_PORTS = ("s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-               "filer.port", "filer.port.grpc", "admin.port")
+_WEED_PORTS = (
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+)
 _GRPC_OFFSET = 10000  # weed's worker dials admin.port + 10000 whatever -admin.port.grpc says
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -66,14 +74,17 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).absolute()
-        problems = [f"{flag} {port} is not a TCP port (1-65535)"
-                    for flag, port in (("--s3-port", self.s3_port), ("--mlflow-port", self.mlflow_port))
-                    if not 1 <= port <= 65535]
+        problems = [
+            f"{flag} {port} is not a TCP port (1-65535)"
+            for flag, port in (("--s3-port", self.s3_port), ("--mlflow-port", self.mlflow_port))
+            if not 1 <= port <= 65535
+        ]
         if self.s3_port == self.mlflow_port:
             problems.append(f"--s3-port and --mlflow-port are both {self.s3_port}; give them different ports")
         if not _BUCKET.fullmatch(self.bucket):
-            problems.append(f"--bucket {self.bucket!r} is not an S3 bucket name "
-                            "(3-63 lowercase letters, digits, dots, hyphens)")
+            problems.append(
+                f"--bucket {self.bucket!r} is not an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)"
+            )
         if problems:
             raise ConfigError(problems, "the stack settings")
 
@@ -136,22 +147,37 @@ def up(cfg: StackConfig, timeout_s: float = STARTUP_TIMEOUT_S) -> StackInfo:
     if status(state).running:
         return _same_stack(cfg, load_info(state))
     down(state)  # what is left of a half-running stack: only its recorded processes
-    for port, label, flag in ((cfg.s3_port, SERVICES["weed"], "--s3-port"),
-                              (cfg.mlflow_port, SERVICES["mlflow"], "--mlflow-port")):
+    for port, label, flag in (
+        (cfg.s3_port, SERVICES["weed"], "--s3-port"),
+        (cfg.mlflow_port, SERVICES["mlflow"], "--mlflow-port"),
+    ):
         if port_in_use(port):
-            raise KftuneError(f"port {port} on {HOST} is in use (needed for {label}); "
-                              f"stop what holds it or pass {flag}")
+            raise KftuneError(
+                f"port {port} on {HOST} is in use (needed for {label}); stop what holds it or pass {flag}"
+            )
     state.mkdir(parents=True, exist_ok=True)
     key, secret = _credentials(state)
     ports = _weed_ports(_saved_state(state).get("weed_ports"), taken={cfg.s3_port, cfg.mlflow_port})
-    (state / "stack.json").write_text(json.dumps(
-        {"s3_port": cfg.s3_port, "mlflow_port": cfg.mlflow_port, "bucket": cfg.bucket, "weed_ports": ports}, indent=2))
+    (state / "stack.json").write_text(
+        json.dumps(
+            {"s3_port": cfg.s3_port, "mlflow_port": cfg.mlflow_port, "bucket": cfg.bucket, "weed_ports": ports},
+            indent=2,
+        )
+    )
     info = load_info(state)
     try:
-        weed = start(state, "weed", _weed_command(cfg, ports, _write_identities(state, key, secret)),
-                      {k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
-        mlflow = start(state, "mlflow", _mlflow_command(cfg),
-                        {**os.environ, **info.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        weed = start(
+            state,
+            "weed",
+            _weed_command(cfg, ports, _write_identities(state, key, secret)),
+            {k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        )
+        mlflow = start(
+            state,
+            "mlflow",
+            _mlflow_command(cfg),
+            {**os.environ, **info.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
         deadline = time.monotonic() + timeout_s
         client = _s3_client(info)
         _wait(info, "weed", weed, lambda: _s3_answers(client), deadline)
@@ -189,10 +215,14 @@ def status(state_dir: str | Path) -> StackStatus:
     if not (state / "stack.json").is_file():
         return StackStatus(state, None, ())
     info = load_info(state)
-    return StackStatus(state, info.bucket, (
-        _service(state, "weed", info.s3_endpoint, lambda: _bucket_exists(_s3_client(info), info.bucket)),
-        _service(state, "mlflow", info.mlflow_url, lambda: _mlflow_healthy(info.mlflow_url)),
-    ))
+    return StackStatus(
+        state,
+        info.bucket,
+        (
+            _service(state, "weed", info.s3_endpoint, lambda: _bucket_exists(_s3_client(info), info.bucket)),
+            _service(state, "mlflow", info.mlflow_url, lambda: _mlflow_healthy(info.mlflow_url)),
+        ),
+    )
 
 
 def load_info(state_dir: str | Path) -> StackInfo:
@@ -202,8 +232,14 @@ def load_info(state_dir: str | Path) -> StackInfo:
     if not saved:
         raise KftuneError(f"no stack recorded in {state}; start one with `kftune stack up --state-dir {state}`")
     key, secret = _read_credentials(state / CREDENTIALS)
-    return StackInfo(state, f"http://{HOST}:{saved['s3_port']}", f"http://{HOST}:{saved['mlflow_port']}",
-                     saved["bucket"], key, secret)
+    return StackInfo(
+        state,
+        f"http://{HOST}:{saved['s3_port']}",
+        f"http://{HOST}:{saved['mlflow_port']}",
+        saved["bucket"],
+        key,
+        secret,
+    )
 
 
 def _service(state: Path, name: str, url: str, healthy: Callable[[], bool]) -> ServiceStatus:
@@ -216,7 +252,8 @@ def _same_stack(cfg: StackConfig, info: StackInfo) -> StackInfo:
     if (info.s3_endpoint, info.mlflow_url, info.bucket) != wanted:
         raise KftuneError(
             f"the stack in {cfg.state_dir} already runs with S3 {info.s3_endpoint}, MLflow {info.mlflow_url}, "
-            f"bucket {info.bucket}; run `kftune stack down --state-dir {cfg.state_dir}` first to change them")
+            f"bucket {info.bucket}; run `kftune stack down --state-dir {cfg.state_dir}` first to change them"
+        )
     return info
 
 
@@ -236,8 +273,10 @@ def _read_credentials(path: Path) -> tuple[str, str]:
         pairs = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
         return pairs["AWS_ACCESS_KEY_ID"], pairs["AWS_SECRET_ACCESS_KEY"]
     except (OSError, KeyError):
-        raise KftuneError(f"{path} is missing or lacks AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; "
-                          "run `kftune stack down`, remove it and run `kftune stack up` to make new ones") from None
+        raise KftuneError(
+            f"{path} is missing or lacks AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; "
+            "run `kftune stack down`, remove it and run `kftune stack up` to make new ones"
+        ) from None
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -253,8 +292,11 @@ def _write_private(path: Path, text: str) -> None:
 def _write_identities(state: Path, key: str, secret: str) -> Path:
     """SeaweedFS's S3 identity file: one admin identity with the stack's keys."""
     path = state / "s3-identities.json"
-    identity = {"name": "kftune", "credentials": [{"accessKey": key, "secretKey": secret}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    identity = {
+        "name": "kftune",
+        "credentials": [{"accessKey": key, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
     _write_private(path, json.dumps({"identities": [identity]}))
     return path
 
@@ -278,18 +320,28 @@ def _weed_ports(saved: dict[str, int] | None, taken: set[int]) -> dict[str, int]
 
 def _usable(ports: dict[str, int], taken: set[int]) -> bool:
     every = [*ports.values(), ports["admin.port"] + _GRPC_OFFSET]
-    return (max(every) <= 65535 and len(set(every)) == len(every) and not taken & set(every)
-            and not any(port_in_use(p) for p in every))
+    return (
+        max(every) <= 65535
+        and len(set(every)) == len(every)
+        and not taken & set(every)
+        and not any(port_in_use(p) for p in every)
+    )
 
 
 def _weed_command(cfg: StackConfig, ports: dict[str, int], identities: Path) -> list[str]:
     """`weed mini` with every server on 127.0.0.1 and the extras (WebDAV, Iceberg, Lance, UI) off."""
     flags: dict[str, object] = {
-        "dir": cfg.state_dir / "weed", "ip": HOST, "ip.bind": HOST,
-        "s3.port": cfg.s3_port, "s3.config": identities,
-        "s3.port.iceberg": 0, "s3.port.lance": 0,
+        "dir": cfg.state_dir / "weed",
+        "ip": HOST,
+        "ip.bind": HOST,
+        "s3.port": cfg.s3_port,
+        "s3.config": identities,
+        "s3.port.iceberg": 0,
+        "s3.port.lance": 0,
         "s3.autoCreateBucket": "false",  # a mistyped bucket is an error, as on real S3
-        "admin.ui": "false", "webdav": "false", "master.telemetry": "false",
+        "admin.ui": "false",
+        "webdav": "false",
+        "master.telemetry": "false",
         "volume.preStopSeconds": 0,  # a lone volume server has no one to hand traffic to: stop at once
         **ports,
     }
@@ -308,10 +360,21 @@ def _remove_weed_sockets(saved: dict[str, Any]) -> None:
 
 def _mlflow_command(cfg: StackConfig) -> list[str]:
     """One worker (0.5 GB instead of 2.4), artifacts proxied by the server into the bucket."""
-    return [executable("mlflow", "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{cfg.state_dir / 'mlflow.db'}",
-            "--artifacts-destination", f"s3://{cfg.bucket}/mlflow", "--serve-artifacts",
-            "--host", HOST, "--port", str(cfg.mlflow_port), "--workers", "1"]
+    return [
+        executable("mlflow", "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{cfg.state_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{cfg.bucket}/mlflow",
+        "--serve-artifacts",
+        "--host",
+        HOST,
+        "--port",
+        str(cfg.mlflow_port),
+        "--workers",
+        "1",
+    ]
 
 
 def _wait(info: StackInfo, name: str, proc: psutil.Process, healthy: Callable[[], bool], deadline: float) -> None:
@@ -332,8 +395,9 @@ def _startup_error(info: StackInfo, name: str, why: str) -> KftuneError:
 
 def _s3_client(info: StackInfo) -> Any:
     """A client that answers fast and never retries: health checks poll instead."""
-    return connect_s3(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key,
-                   max_attempts=1, timeout_s=2.0).client
+    return connect_s3(
+        info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key, max_attempts=1, timeout_s=2.0
+    ).client
 
 
 def _s3_answers(client: Any) -> bool:
@@ -358,8 +422,10 @@ def _ensure_bucket(client: Any, info: StackInfo) -> None:
     try:
         client.create_bucket(Bucket=info.bucket)
     except ClientError as exc:
-        raise KftuneError(f"SeaweedFS S3 at {info.s3_endpoint} refused to create bucket {info.bucket}: "
-                          f"{exc.response.get('Error', {}).get('Code')}; see {info.state_dir / 'weed.log'}") from None
+        raise KftuneError(
+            f"SeaweedFS S3 at {info.s3_endpoint} refused to create bucket {info.bucket}: "
+            f"{exc.response.get('Error', {}).get('Code')}; see {info.state_dir / 'weed.log'}"
+        ) from None
 
 
 def _mlflow_healthy(url: str) -> bool:
@@ -371,11 +437,16 @@ def _mlflow_healthy(url: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kftune stack",
-                                     description="start, stop or show the local SeaweedFS S3 + MLflow stack")
+    parser = argparse.ArgumentParser(
+        prog="kftune stack", description="start, stop or show the local SeaweedFS S3 + MLflow stack"
+    )
     parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--state-dir", type=Path, default=default_state_dir(),
-                        help="data, logs, pids and credentials (default: $KFTUNE_STACK_DIR or ./.kftune/stack)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        help="data, logs, pids and credentials (default: $KFTUNE_STACK_DIR or ./.kftune/stack)",
+    )
     parser.add_argument("--s3-port", type=int, default=StackConfig.s3_port, help="SeaweedFS S3 port (up)")
     parser.add_argument("--mlflow-port", type=int, default=StackConfig.mlflow_port, help="MLflow server port (up)")
     parser.add_argument("--bucket", default=StackConfig.bucket, help="bucket for artifacts (up)")
@@ -390,8 +461,10 @@ def main(argv: list[str]) -> int:
         was_running, started = status(cfg.state_dir).running, time.monotonic()
         info = up(cfg)
         print("already running" if was_running else f"started in {time.monotonic() - started:.1f}s")
-        print(f"use it: set -a; . {info.state_dir / CREDENTIALS}; set +a; export AWS_ENDPOINT_URL={info.s3_endpoint} "
-              f"MLFLOW_TRACKING_URI={info.mlflow_url} KFTUNE_BUCKET={info.bucket}")
+        print(
+            f"use it: set -a; . {info.state_dir / CREDENTIALS}; set +a; export AWS_ENDPOINT_URL={info.s3_endpoint} "
+            f"MLFLOW_TRACKING_URI={info.mlflow_url} KFTUNE_BUCKET={info.bucket}"
+        )
     current = status(args.state_dir)
     print(current.render())
     return 0 if current.running else 1

@@ -143,14 +143,18 @@ def to_qwen2_tokenizer(raw: Tokenizer) -> Qwen2Tokenizer:
     )
 
 
-def _check_sizes(hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
-                 intermediate_size: int, vocab_size: int) -> None:
+def _check_sizes(
+    hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int, vocab_size: int
+) -> None:
     """Report every impossible size at once, naming the flag."""
     problems = [
         f"--{flag} must be at least {low}, got {value}"
         for flag, value, low in (
-            ("hidden-size", hidden_size, 8), ("layers", num_layers, 1), ("heads", num_heads, 1),
-            ("kv-heads", num_kv_heads, 1), ("intermediate-size", intermediate_size, 1),
+            ("hidden-size", hidden_size, 8),
+            ("layers", num_layers, 1),
+            ("heads", num_heads, 1),
+            ("kv-heads", num_kv_heads, 1),
+            ("intermediate-size", intermediate_size, 1),
             ("vocab-size", vocab_size, 512),
         )
         if value < low
@@ -252,8 +256,13 @@ def main(argv: list[str]) -> int:
         ("--seed", "seed", "weight-init seed"),
     ):
         parser.add_argument(flag, dest=dest, metavar="N", type=int, default=defaults[dest], help=help_)
-    parser.add_argument("--data", dest="data_path", metavar="FILE", default=argparse.SUPPRESS,
-                        help="JSONL (alpaca or messages) to train the tokenizer on; default: the 600 sample rows")
+    parser.add_argument(
+        "--data",
+        dest="data_path",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="JSONL (alpaca or messages) to train the tokenizer on; default: the 600 sample rows",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     out = build_tiny_model(**vars(parser.parse_args(argv)))
     print(f"wrote a tiny Qwen2 model and tokenizer to {out}")

@@ -78,7 +78,9 @@ def encode(tokenizer, conversations: list[list[Message]], max_length: int) -> li
     return encoded
 
 
-def assistant_loss(model, tokenizer, conversations: list[list[Message]], max_length: int = 512, batch_size: int = 8) -> LossResult:
+def assistant_loss(
+    model, tokenizer, conversations: list[list[Message]], max_length: int = 512, batch_size: int = 8
+) -> LossResult:
     """Mean next-token loss over the assistant tokens of `conversations`."""
     import torch
 
@@ -99,8 +101,11 @@ def assistant_loss(model, tokenizer, conversations: list[list[Message]], max_len
         with torch.inference_mode():
             logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
         target = labels[:, 1:].to(logits.device)
-        total += float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
         tokens += int((target != -100).sum())
     if tokens == 0:
         raise KftuneError("the eval split has no assistant tokens to score (all truncated away?); raise max_seq_length")
@@ -151,8 +156,14 @@ def describe(model: str, base_model: str | None = None) -> TunedModel:
     base = base_model or (cfg.base_model if cfg else None)
     if not base:
         raise KftuneError(f"--model {model} records no base model (no {artifacts.CONFIG}); pass --base_model")
-    return TunedModel(folder, base, adapter, cfg.quantization_bit if cfg and adapter and cfg.use_qlora else None,
-                     cfg.method if cfg else None, cfg.max_seq_length if cfg else None)
+    return TunedModel(
+        folder,
+        base,
+        adapter,
+        cfg.quantization_bit if cfg and adapter and cfg.use_qlora else None,
+        cfg.method if cfg else None,
+        cfg.max_seq_length if cfg else None,
+    )
 
 
 def training_tokenizer(candidate: TunedModel, allow_template_mismatch: bool = False):
@@ -161,20 +172,34 @@ def training_tokenizer(candidate: TunedModel, allow_template_mismatch: bool = Fa
 
     base_location = resolve_model_location(candidate.base_model)
     base_tokenizer = load_tokenizer(base_location)
-    fingerprint.check(candidate.folder, base_tokenizer, f"the base model's tokenizer ({candidate.base_model})",
-                      allow_template_mismatch)
+    fingerprint.check(
+        candidate.folder,
+        base_tokenizer,
+        f"the base model's tokenizer ({candidate.base_model})",
+        allow_template_mismatch,
+    )
     if not has_tokenizer_files(str(candidate.folder)):
         return base_tokenizer
     tokenizer = load_tokenizer(str(candidate.folder))
-    fingerprint.check(candidate.folder, tokenizer, f"the tokenizer saved in {candidate.folder}", allow_template_mismatch)
+    fingerprint.check(
+        candidate.folder, tokenizer, f"the tokenizer saved in {candidate.folder}", allow_template_mismatch
+    )
     return tokenizer
 
 
-def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Settings) -> tuple[dict[str, Any], list[str]]:
+def score(
+    model, tokenizer, conversations: Sequence[list[Message]], settings: Settings
+) -> tuple[dict[str, Any], list[str]]:
     """(metrics, generated outputs) of one loaded model on the eval conversations."""
     loss = assistant_loss(model, tokenizer, list(conversations), settings.max_seq_length, settings.batch_size)
-    gen = {"max_new_tokens": settings.max_new_tokens, "do_sample": False, "repetition_penalty": settings.repetition_penalty,
-           "temperature": None, "top_p": None, "top_k": None}
+    gen = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": False,
+        "repetition_penalty": settings.repetition_penalty,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+    }
     prompts = conversations[: settings.samples]
     outputs = [generate_reply(model, tokenizer, c[:-1], gen)[0] for c in prompts]
     metrics: dict[str, Any] = {"eval_loss": loss.loss, "perplexity": loss.perplexity, "eval_tokens": loss.tokens}
@@ -190,8 +215,9 @@ def score(model, tokenizer, conversations: Sequence[list[Message]], settings: Se
     return metrics, outputs
 
 
-def score_candidate(candidate: TunedModel, tokenizer, conversations: Sequence[list[Message]], settings: Settings,
-                    as_base: bool = False) -> tuple[dict[str, Any], list[str]]:
+def score_candidate(
+    candidate: TunedModel, tokenizer, conversations: Sequence[list[Message]], settings: Settings, as_base: bool = False
+) -> tuple[dict[str, Any], list[str]]:
     """Load the candidate (or, with `as_base`, its base alone, quantized the same way), score it, free it."""
     adapter = str(candidate.folder) if candidate.adapter else None
     location = candidate.base_model if (as_base or adapter) else str(candidate.folder)
@@ -203,9 +229,16 @@ def score_candidate(candidate: TunedModel, tokenizer, conversations: Sequence[li
         gc.collect()
 
 
-def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: str | None = None,
-             settings: Settings | None = None, validation: str | None = None,
-             allow_template_mismatch: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: str,
+    eval_data: str,
+    output_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    settings: Settings | None = None,
+    validation: str | None = None,
+    allow_template_mismatch: bool = False,
+) -> dict[str, Any]:
     """Score the base and the tuned model; write metrics.json, samples.jsonl and report.html into `output_dir`.
 
     `validation`: the validation step's report.json (or its folder), for the report's token-length histogram.
@@ -232,28 +265,49 @@ def evaluate(model: str, eval_data: str, output_dir: str | Path, *, base_model: 
     log.info("scoring the tuned model %s", model)
     tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings)
 
-
     checks = load_checks(settings.checks)
     prompts = conversations[: settings.samples]
-    samples = [{"prompt": c[:-1], "reference": c[-1]["content"], "base_output": b, "tuned_output": t,
-                "base_checks": run_checks(checks, b), "tuned_checks": run_checks(checks, t)}
-               for c, b, t in zip(prompts, base_outputs, tuned_outputs, strict=True)]
+    samples = [
+        {
+            "prompt": c[:-1],
+            "reference": c[-1]["content"],
+            "base_output": b,
+            "tuned_output": t,
+            "base_checks": run_checks(checks, b),
+            "tuned_checks": run_checks(checks, t),
+        }
+        for c, b, t in zip(prompts, base_outputs, tuned_outputs, strict=True)
+    ]
     metrics = {
-        "model": model, "base_model": candidate.base_model, "kind": "adapter" if candidate.adapter else "model",
-        "method": candidate.method, "eval_data": eval_data, "eval_sha256": eval_sha256, "eval_rows": len(conversations),
-        "eval_key": settings.key(eval_sha256), "settings": {**dataclasses.asdict(settings), "check_names": [c.name for c in checks]},
+        "model": model,
+        "base_model": candidate.base_model,
+        "kind": "adapter" if candidate.adapter else "model",
+        "method": candidate.method,
+        "eval_data": eval_data,
+        "eval_sha256": eval_sha256,
+        "eval_rows": len(conversations),
+        "eval_key": settings.key(eval_sha256),
+        "settings": {**dataclasses.asdict(settings), "check_names": [c.name for c in checks]},
         "template_fingerprint": fingerprint.compute(tokenizer)["fingerprint"],
-        "base": base, "tuned": tuned,
+        "base": base,
+        "tuned": tuned,
         "reference_checks": pass_rates([run_checks(checks, c[-1]["content"]) for c in prompts], checks),
     }
     training = candidate.folder / artifacts.TRAIN_METRICS
     with building(out) as staging:
-        (staging / artifacts.EVAL_METRICS).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        (staging / artifacts.SAMPLES).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples),
-                                                encoding="utf-8")
-        write_report(staging / artifacts.REPORT, metrics, samples,
-                     training=json.loads(training.read_text(encoding="utf-8")) if training.is_file() else None,
-                     validation=_validation_report(validation))
+        (staging / artifacts.EVAL_METRICS).write_text(
+            json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+        (staging / artifacts.SAMPLES).write_text(
+            "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8"
+        )
+        write_report(
+            staging / artifacts.REPORT,
+            metrics,
+            samples,
+            training=json.loads(training.read_text(encoding="utf-8")) if training.is_file() else None,
+            validation=_validation_report(validation),
+        )
     log.info("eval loss base %.4f -> tuned %.4f; written to %s", base["eval_loss"], tuned["eval_loss"], out)
     return metrics
 
@@ -282,9 +336,14 @@ def _validation_report(location: str | None) -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kftune evaluate", description="Score a base and a tuned model on the same "
-                                "held-out data: loss on assistant tokens, ROUGE-L/chrF and checks on greedy answers.")
-    p.add_argument("--model", required=True, help="the tuned model: adapter folder, merged/full model folder or s3:// URI")
+    p = argparse.ArgumentParser(
+        prog="kftune evaluate",
+        description="Score a base and a tuned model on the same "
+        "held-out data: loss on assistant tokens, ROUGE-L/chrF and checks on greedy answers.",
+    )
+    p.add_argument(
+        "--model", required=True, help="the tuned model: adapter folder, merged/full model folder or s3:// URI"
+    )
     p.add_argument("--base_model", help="its base (default: the base recorded in the model's kftune_config.json)")
     p.add_argument("--eval_data", required=True, help="held-out data (JSONL/JSON, alpaca or messages; local or s3://)")
     p.add_argument("--output_dir", default="./eval_output", help="where metrics.json, samples.jsonl and report.html go")
@@ -292,22 +351,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=Settings.max_new_tokens)
     p.add_argument("--max_seq_length", type=int, help="tokens per scored row (default: the training config's)")
     p.add_argument("--batch_size", type=int, default=Settings.batch_size)
-    p.add_argument("--checks", help="output checks: comma list of built-in names (title, hashtag, length) or "
-                                    "module:attribute; default: all built-in ones")
+    p.add_argument(
+        "--checks",
+        help="output checks: comma list of built-in names (title, hashtag, length) or "
+        "module:attribute; default: all built-in ones",
+    )
     p.add_argument("--validation", help="validate-data output folder or report.json, for the token-length histogram")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                   help="compute precision; the one training used reproduces its eval_loss (auto: bf16 where native)")
-    p.add_argument(ALLOW_FLAG, "--allow_template_mismatch", dest="allow_template_mismatch", action="store_true",
-                   help="go on when the tokenizer or chat template differs from the one the model was trained with")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32", "fp16"],
+        help="compute precision; the one training used reproduces its eval_loss (auto: bf16 where native)",
+    )
+    p.add_argument(
+        ALLOW_FLAG,
+        "--allow_template_mismatch",
+        dest="allow_template_mismatch",
+        action="store_true",
+        help="go on when the tokenizer or chat template differs from the one the model was trained with",
+    )
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings(max_seq_length=args.max_seq_length, samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        checks=args.checks, precision=args.precision)
-    metrics = evaluate(args.model, args.eval_data, args.output_dir, base_model=args.base_model, settings=settings,
-                       validation=args.validation, allow_template_mismatch=args.allow_template_mismatch)
+    settings = Settings(
+        max_seq_length=args.max_seq_length,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        checks=args.checks,
+        precision=args.precision,
+    )
+    metrics = evaluate(
+        args.model,
+        args.eval_data,
+        args.output_dir,
+        base_model=args.base_model,
+        settings=settings,
+        validation=args.validation,
+        allow_template_mismatch=args.allow_template_mismatch,
+    )
     print(format_table(metrics))
     return 0
 

@@ -18,8 +18,13 @@ from markupsafe import Markup
 from kftune.core.pages import png_img, render_page, token_histogram
 
 TUNED_COLOR, BASE_COLOR, EVAL_COLOR = "#1f77b4", "#999999", "#d62728"
-BAR_METRICS = (("eval_loss", "eval loss (lower is better)"), ("rougeL", "ROUGE-L, characters"),
-               ("chrf", "chrF"), ("checks_pass_rate", "outputs passing every check"))
+BAR_METRICS = (
+    ("eval_loss", "eval loss (lower is better)"),
+    ("rougeL", "ROUGE-L, characters"),
+    ("chrf", "chrF"),
+    ("checks_pass_rate", "outputs passing every check"),
+)
+
 
 def _png(fig) -> Markup:
     buffer = io.BytesIO()
@@ -37,8 +42,10 @@ def loss_curves(training: dict[str, Any] | None, metrics: dict[str, Any]) -> Mar
     """Training loss by step, eval loss by step (when training evaluated), and the final base/tuned eval loss."""
     history = (training or {}).get("loss_history") or []
     if not history:
-        return Markup('<p class="note">no training loss history (the model folder has no train_metrics.json from '
-                      'kftune train)</p>')
+        return Markup(
+            '<p class="note">no training loss history (the model folder has no train_metrics.json from '
+            "kftune train)</p>"
+        )
     fig = _figure(9, 4)
     ax = fig.add_subplot()
     steps, losses = zip(*history)
@@ -49,7 +56,9 @@ def loss_curves(training: dict[str, Any] | None, metrics: dict[str, Any]) -> Mar
         ax.plot(eval_steps, eval_losses, "o-", color=EVAL_COLOR, label="eval loss during training")
     last = steps[-1]
     ax.axhline(metrics["base"]["eval_loss"], color=BASE_COLOR, linestyle="--", label="base model, eval loss")
-    ax.plot([last], [metrics["tuned"]["eval_loss"]], "*", markersize=14, color=EVAL_COLOR, label="tuned model, eval loss")
+    ax.plot(
+        [last], [metrics["tuned"]["eval_loss"]], "*", markersize=14, color=EVAL_COLOR, label="tuned model, eval loss"
+    )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per assistant token (nats)")
     ax.set_title("Loss curves")
@@ -77,30 +86,42 @@ def length_histogram(validation: dict[str, Any] | None) -> Markup:
     if not stats:
         return Markup('<p class="note">no validation report with token lengths (pass --validation)</p>')
     return Markup("<p>Token lengths of {} accepted rows: p50 {}, p90 {}, max {}</p>").format(
-        stats["rows"], stats["p50"], stats["p90"], stats["max"]) + token_histogram(stats)
+        stats["rows"], stats["p50"], stats["p90"], stats["max"]
+    ) + token_histogram(stats)
 
 
 def _metrics_table(metrics: dict[str, Any]) -> Markup:
     rows = []
-    for key, label in (("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("rougeL", "ROUGE-L (chars)"),
-                       ("chrf", "chrF"), ("checks_pass_rate", "passing every check")):
+    for key, label in (
+        ("eval_loss", "eval loss"),
+        ("perplexity", "perplexity"),
+        ("rougeL", "ROUGE-L (chars)"),
+        ("chrf", "chrF"),
+        ("checks_pass_rate", "passing every check"),
+    ):
         if key not in metrics["tuned"]:
             continue
         base, tuned = metrics["base"][key], metrics["tuned"][key]
         lower_better = key in ("eval_loss", "perplexity")
         better = tuned < base if lower_better else tuned > base
-        rows.append(f'<tr><td>{label}</td><td class="num">{base:.4g}</td>'
-                    f'<td class="num{" better" if better else ""}">{tuned:.4g}</td></tr>')
+        rows.append(
+            f'<tr><td>{label}</td><td class="num">{base:.4g}</td>'
+            f'<td class="num{" better" if better else ""}">{tuned:.4g}</td></tr>'
+        )
     for name, rate in (metrics["tuned"].get("checks") or {}).items():
         if name != "all":
-            rows.append(f'<tr><td>check: {html.escape(name)}</td><td class="num">{metrics["base"]["checks"][name]:.2f}</td>'
-                        f'<td class="num">{rate:.2f}</td></tr>')
+            rows.append(
+                f'<tr><td>check: {html.escape(name)}</td><td class="num">{metrics["base"]["checks"][name]:.2f}</td>'
+                f'<td class="num">{rate:.2f}</td></tr>'
+            )
     return Markup("<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>" + "".join(rows) + "</table>")
 
 
 def _checks(results: dict[str, bool]) -> str:
-    return " ".join(f'<span class="{"ok" if ok else "no"}">{"✓" if ok else "✗"} {html.escape(name)}</span>'
-                    for name, ok in results.items())
+    return " ".join(
+        f'<span class="{"ok" if ok else "no"}">{"✓" if ok else "✗"} {html.escape(name)}</span>'
+        for name, ok in results.items()
+    )
 
 
 def _samples_table(samples: Sequence[dict[str, Any]]) -> Markup:
@@ -109,11 +130,16 @@ def _samples_table(samples: Sequence[dict[str, Any]]) -> Markup:
     rows = []
     for s in samples:
         prompt = "\n".join(m["content"] for m in s["prompt"] if m["role"] == "user")
-        rows.append(f"<tr><td>{html.escape(prompt)}</td><td>{html.escape(s['reference'])}</td>"
-                    f"<td>{html.escape(s['base_output'])}<br>{_checks(s['base_checks'])}</td>"
-                    f"<td>{html.escape(s['tuned_output'])}<br>{_checks(s['tuned_checks'])}</td></tr>")
-    return Markup('<table class="samples"><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>'
-                  + "".join(rows) + "</table>")
+        rows.append(
+            f"<tr><td>{html.escape(prompt)}</td><td>{html.escape(s['reference'])}</td>"
+            f"<td>{html.escape(s['base_output'])}<br>{_checks(s['base_checks'])}</td>"
+            f"<td>{html.escape(s['tuned_output'])}<br>{_checks(s['tuned_checks'])}</td></tr>"
+        )
+    return Markup(
+        '<table class="samples"><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>'
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 EVALUATION_PAGE = """{% extends "base.html" %}
@@ -130,19 +156,39 @@ EVALUATION_PAGE = """{% extends "base.html" %}
 """
 
 
-def render(metrics: dict[str, Any], samples: Sequence[dict[str, Any]], training: dict[str, Any] | None = None,
-           validation: dict[str, Any] | None = None) -> str:
-    meta = [("tuned model", metrics["model"]), ("base model", metrics["base_model"]),
-            ("method", metrics.get("method") or "unknown"), ("eval data", metrics["eval_data"]),
-            ("eval rows / sha256", f"{metrics['eval_rows']} / {metrics['eval_sha256']}"),
-            ("eval key", metrics["eval_key"]), ("template fingerprint", metrics["template_fingerprint"])]
-    return render_page(EVALUATION_PAGE, meta=meta, metrics_table=_metrics_table(metrics),
-                       metrics_chart=metrics_chart(metrics), loss_curves=loss_curves(training, metrics),
-                       length_histogram=length_histogram(validation), samples_table=_samples_table(samples))
+def render(
+    metrics: dict[str, Any],
+    samples: Sequence[dict[str, Any]],
+    training: dict[str, Any] | None = None,
+    validation: dict[str, Any] | None = None,
+) -> str:
+    meta = [
+        ("tuned model", metrics["model"]),
+        ("base model", metrics["base_model"]),
+        ("method", metrics.get("method") or "unknown"),
+        ("eval data", metrics["eval_data"]),
+        ("eval rows / sha256", f"{metrics['eval_rows']} / {metrics['eval_sha256']}"),
+        ("eval key", metrics["eval_key"]),
+        ("template fingerprint", metrics["template_fingerprint"]),
+    ]
+    return render_page(
+        EVALUATION_PAGE,
+        meta=meta,
+        metrics_table=_metrics_table(metrics),
+        metrics_chart=metrics_chart(metrics),
+        loss_curves=loss_curves(training, metrics),
+        length_histogram=length_histogram(validation),
+        samples_table=_samples_table(samples),
+    )
 
 
-def write_report(path: str | Path, metrics: dict[str, Any], samples: Sequence[dict[str, Any]],
-                 training: dict[str, Any] | None = None, validation: dict[str, Any] | None = None) -> Path:
+def write_report(
+    path: str | Path,
+    metrics: dict[str, Any],
+    samples: Sequence[dict[str, Any]],
+    training: dict[str, Any] | None = None,
+    validation: dict[str, Any] | None = None,
+) -> Path:
     path = Path(path)
     path.write_text(render(metrics, samples, training, validation), encoding="utf-8")
     return path

@@ -63,8 +63,11 @@ def _has_title(text: str) -> bool:
 DEFAULT_CHECKS: tuple[OutputCheck, ...] = (
     OutputCheck("title", f"a first line of at most {TITLE_MAX_CHARS} characters, then a body", _has_title),
     OutputCheck("hashtag", "at least one #hashtag", lambda text: bool(_HASHTAG.search(text))),
-    OutputCheck("length", f"{LENGTH_RANGE[0]}-{LENGTH_RANGE[1]} characters",
-                lambda text: LENGTH_RANGE[0] <= len(text.strip()) <= LENGTH_RANGE[1]),
+    OutputCheck(
+        "length",
+        f"{LENGTH_RANGE[0]}-{LENGTH_RANGE[1]} characters",
+        lambda text: LENGTH_RANGE[0] <= len(text.strip()) <= LENGTH_RANGE[1],
+    ),
 )
 BUILTIN = {check.name: check for check in DEFAULT_CHECKS}
 
@@ -88,13 +91,16 @@ def load_checks(spec: str | None) -> tuple[OutputCheck, ...]:
                 found = getattr(importlib.import_module(module), attribute)
             except (ImportError, AttributeError) as exc:
                 raise KftuneError(f"--checks {item}: cannot import it ({exc})") from None
-            found = [found] if isinstance(found, OutputCheck) else list(found) if isinstance(found, (list, tuple)) else None
+            found = (
+                [found] if isinstance(found, OutputCheck) else list(found) if isinstance(found, (list, tuple)) else None
+            )
             if not found or not all(isinstance(c, OutputCheck) for c in found):
                 raise KftuneError(f"--checks {item}: expected a kftune.scoring.OutputCheck or a list of them")
             checks += found
         else:
-            raise KftuneError(f"--checks {item}: unknown check; built-in ones are {', '.join(BUILTIN)}, "
-                              "or give module:attribute")
+            raise KftuneError(
+                f"--checks {item}: unknown check; built-in ones are {', '.join(BUILTIN)}, or give module:attribute"
+            )
     names = [c.name for c in checks]
     if len(set(names)) != len(names):
         raise KftuneError(f"--checks: a check name appears twice ({', '.join(names)})")

@@ -68,17 +68,24 @@ def check(model_dir: str | Path, tokenizer, what: str, allow_mismatch: bool = Fa
     if record is None:
         return
     if record.get("version") != VERSION:
-        log.warning("%s/%s was written by another kftune version (fingerprint version %s, this one %s); not checked",
-                    model_dir, artifacts.FINGERPRINT, record.get("version"), VERSION)
+        log.warning(
+            "%s/%s was written by another kftune version (fingerprint version %s, this one %s); not checked",
+            model_dir,
+            artifacts.FINGERPRINT,
+            record.get("version"),
+            VERSION,
+        )
         return
     now = compute(tokenizer)
     if now["fingerprint"] == record["fingerprint"]:
         return
     changed = [part.replace("_", " ") for part in ("chat_template", "tokenizer") if now[part] != record.get(part)]
-    message = (f"{what} differs from the one {model_dir} was trained with ({' and '.join(changed)} changed; "
-               f"fingerprint {now['fingerprint'][:12]} vs {record['fingerprint'][:12]} in {artifacts.FINGERPRINT}); "
-               f"prompts would not be rendered as in training. Use the training tokenizer, or pass {ALLOW_FLAG} "
-               "to go on anyway")
+    message = (
+        f"{what} differs from the one {model_dir} was trained with ({' and '.join(changed)} changed; "
+        f"fingerprint {now['fingerprint'][:12]} vs {record['fingerprint'][:12]} in {artifacts.FINGERPRINT}); "
+        f"prompts would not be rendered as in training. Use the training tokenizer, or pass {ALLOW_FLAG} "
+        "to go on anyway"
+    )
     if not allow_mismatch:
         raise KftuneError(message)
     log.warning("%s (going on: %s)", message.split("; prompts")[0], ALLOW_FLAG)

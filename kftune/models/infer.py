@@ -40,12 +40,19 @@ def checked_tokenizer(model_dir: str, base: str | None = None, allow_template_mi
     where = f"the tokenizer saved in {model_dir}" if own or not base else f"the base model's tokenizer ({base})"
     fingerprint.check(model_dir, tokenizer, where, allow_template_mismatch)
     if base and own and base != model_dir:
-        fingerprint.check(model_dir, load_tokenizer(base), f"the base model's tokenizer ({base})", allow_template_mismatch)
+        fingerprint.check(
+            model_dir, load_tokenizer(base), f"the base model's tokenizer ({base})", allow_template_mismatch
+        )
     return tokenizer
 
 
-def load_for_inference(base_model: str, lora_model: str | None = None, bits: int | None = None, precision: str = "auto",
-                       allow_template_mismatch: bool = False):
+def load_for_inference(
+    base_model: str,
+    lora_model: str | None = None,
+    bits: int | None = None,
+    precision: str = "auto",
+    allow_template_mismatch: bool = False,
+):
     """(model, tokenizer) ready for generation; the adapter's saved tokenizer wins over the base's."""
     from kftune.models.loading import (  # heavy: imports torch; loaded when used
         compute_as_in_training,
@@ -61,8 +68,11 @@ def load_for_inference(base_model: str, lora_model: str | None = None, bits: int
     adapter = resolve_model_location(lora_model, "--lora_model") if lora_model else None
     if adapter and not Path(adapter, "adapter_config.json").is_file():
         raise KftuneError(f"{lora_model}: no adapter_config.json; --lora_model must be a LoRA output folder")
-    tokenizer = checked_tokenizer(adapter, base, allow_template_mismatch) if adapter else \
-        checked_tokenizer(base, None, allow_template_mismatch)
+    tokenizer = (
+        checked_tokenizer(adapter, base, allow_template_mismatch)
+        if adapter
+        else checked_tokenizer(base, None, allow_template_mismatch)
+    )
     model = load_model(base, runtime, dtype=None if adapter else trained_weights_dtype(base), quantization_bit=bits)
     if bits:
         model = prepare_quantized(model, runtime.precision)
@@ -118,7 +128,9 @@ def generate_reply(model, tokenizer, messages: list[dict], gen_kwargs: dict, str
             **inputs,
             streamer=streamer,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if "<|im_end|>" in tokenizer.get_vocab()
+            else tokenizer.eos_token_id,
             **gen_kwargs,
         )
     prompt_len = inputs["input_ids"].shape[1]
@@ -164,15 +176,22 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     mode.add_argument("--chat", action="store_true", help="interactive chat that keeps history")
     p.add_argument("--system", help="system message (default: the chat template's)")
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--do_sample", choices=["true", "false"], default="true", help="sample (true) or greedy decode (false)")
+    p.add_argument(
+        "--do_sample", choices=["true", "false"], default="true", help="sample (true) or greedy decode (false)"
+    )
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--repetition_penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
-    p.add_argument("--allow-template-mismatch", "--allow_template_mismatch", dest="allow_template_mismatch",
-                   action="store_true", help="go on when the tokenizer or chat template differs from the training one")
+    p.add_argument(
+        "--allow-template-mismatch",
+        "--allow_template_mismatch",
+        dest="allow_template_mismatch",
+        action="store_true",
+        help="go on when the tokenizer or chat template differs from the training one",
+    )
     return p
 
 
@@ -182,7 +201,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
     kwargs: dict = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
     if args.do_sample == "true":
         if args.temperature <= 0 or not 0 < args.top_p <= 1:
-            raise KftuneError("--temperature must be > 0 and --top_p in (0, 1] when sampling; or pass --do_sample false")
+            raise KftuneError(
+                "--temperature must be > 0 and --top_p in (0, 1] when sampling; or pass --do_sample false"
+            )
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -193,8 +214,9 @@ def main(argv: list[str]) -> int:
     args = build_parser("inference_lora.py").parse_args(argv)
     gen_kwargs = generation_kwargs(args)
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
-    model, tokenizer = load_for_inference(args.base_model, args.lora_model, bits, args.precision,
-                                          args.allow_template_mismatch)
+    model, tokenizer = load_for_inference(
+        args.base_model, args.lora_model, bits, args.precision, args.allow_template_mismatch
+    )
     if args.seed is not None:
         from transformers import set_seed
 

@@ -46,8 +46,14 @@ def probe_batch(tokenizer) -> dict:
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
-def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = DEFAULT_TOLERANCE, save_dtype: str = "auto",
-          allow_template_mismatch: bool = False) -> MergeResult:
+def merge(
+    base_model: str,
+    lora_model: str,
+    output_dir: str,
+    tolerance: float = DEFAULT_TOLERANCE,
+    save_dtype: str = "auto",
+    allow_template_mismatch: bool = False,
+) -> MergeResult:
     """Merge, check parity, save safetensors + tokenizer; output_dir appears only if parity holds."""
     from kftune.models.loading import (  # heavy: imports torch; loaded when used
         load_adapter,
@@ -91,7 +97,13 @@ def merge(base_model: str, lora_model: str, output_dir: str, tolerance: float = 
         for carried in (artifacts.CONFIG, artifacts.FINGERPRINT, artifacts.TRAIN_METRICS):
             if Path(adapter, carried).is_file():
                 shutil.copy2(Path(adapter, carried), staging / carried)
-        report = {"base_model": base_model, "lora_model": lora_model, "max_abs_logit_diff": diff, "tolerance": tolerance, "saved_dtype": str(dtype).removeprefix("torch.")}
+        report = {
+            "base_model": base_model,
+            "lora_model": lora_model,
+            "max_abs_logit_diff": diff,
+            "tolerance": tolerance,
+            "saved_dtype": str(dtype).removeprefix("torch."),
+        }
         (staging / artifacts.MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log.info("merged model saved to %s", out)
     return MergeResult(out, diff)
@@ -104,8 +116,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--output_dir", required=True, help="where the merged model is written")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max |logit difference| allowed")
     p.add_argument("--save_dtype", choices=list(SAVE_DTYPES), default="auto", help="auto keeps the base's dtype")
-    p.add_argument(ALLOW_FLAG, "--allow_template_mismatch", dest="allow_template_mismatch", action="store_true",
-                   help="go on when the base's tokenizer or chat template differs from the one the adapter was trained with")
+    p.add_argument(
+        ALLOW_FLAG,
+        "--allow_template_mismatch",
+        dest="allow_template_mismatch",
+        action="store_true",
+        help="go on when the base's tokenizer or chat template differs from the one the adapter was trained with",
+    )
     args = p.parse_args(argv)
-    merge(args.base_model, args.lora_model, args.output_dir, args.tolerance, args.save_dtype, args.allow_template_mismatch)
+    merge(
+        args.base_model, args.lora_model, args.output_dir, args.tolerance, args.save_dtype, args.allow_template_mismatch
+    )
     return 0

@@ -85,14 +85,17 @@ def decide(
     rule = f"needed {need:.4g}: margin {margin * 100:g}% of the base"
     enough = gain > 0 and (gain >= need or math.isclose(gain, need, rel_tol=1e-9))  # 40.4 - 40.0 is 0.39999...
     if not enough:
-        return verdict(False, f"{metric} {cand:.4g} does not beat the base's {ref:.4g} by the margin "
-                              f"(improvement {gain:.4g}, {rule})")
+        return verdict(
+            False,
+            f"{metric} {cand:.4g} does not beat the base's {ref:.4g} by the margin (improvement {gain:.4g}, {rule})",
+        )
     beats_base = f"{metric} {cand:.4g} beats the base's {ref:.4g} by {gain:.4g} ({rule})"
     if champion is None:
         return verdict(True, beats_base, "there is no champion yet")
     if champ is None:  # never replace what cannot be compared with; a person can still move the alias
-        return verdict(False, beats_base, f"{champion_label} has no finite {metric} ({champion.get(metric)!r}) "
-                                          "to compare with")
+        return verdict(
+            False, beats_base, f"{champion_label} has no finite {metric} ({champion.get(metric)!r}) to compare with"
+        )
     if _better(cand, champ, higher):
         return verdict(True, beats_base, f"{metric} {cand:.4g} beats {champion_label}'s {champ:.4g}")
     return verdict(False, beats_base, f"{metric} {cand:.4g} does not beat {champion_label}'s {champ:.4g}")

@@ -60,7 +60,8 @@ def refuse_adapter(model_dir: Path, where: str) -> None:
             f"{where} is a LoRA adapter; register a merged model instead: `kftune merge --base_model <base> "
             f"--lora_model {where} --output_dir <merged>` and `kftune register --model <merged> ...` (a registered "
             "version must load and serve on its own with MLflow's loaders, which cannot fetch an adapter's base "
-            "from S3)")
+            "from S3)"
+        )
 
 
 def _dtype(model_dir: Path):
@@ -71,8 +72,9 @@ def _dtype(model_dir: Path):
     return getattr(torch, name, torch.float32)
 
 
-def save(model_dir: Path, path: Path, *, card: str, example: Mapping[str, Any], facts: Mapping[str, str],
-         mlflow_model=None) -> str:
+def save(
+    model_dir: Path, path: Path, *, card: str, example: Mapping[str, Any], facts: Mapping[str, str], mlflow_model=None
+) -> str:
     """Save the HF model in `model_dir` as an MLflow chat model at `path`; the sha256 of its manifest.
 
     `facts` go into the MLmodel's metadata (template fingerprint and lineage), `card` becomes the
@@ -89,26 +91,42 @@ def save(model_dir: Path, path: Path, *, card: str, example: Mapping[str, Any], 
     refuse_adapter(model_dir, str(model_dir))
     stored = model_dir / FINGERPRINT_FILENAME
     fingerprint = json.loads(stored.read_text(encoding="utf-8")) if stored.is_file() else {}
-    meta = {**{k: str(v) for k, v in facts.items()},
-            **{f"kftune.{k}": fingerprint[k] for k in ("fingerprint", "chat_template", "tokenizer") if k in fingerprint}}
+    meta = {
+        **{k: str(v) for k, v in facts.items()},
+        **{f"kftune.{k}": fingerprint[k] for k in ("fingerprint", "chat_template", "tokenizer") if k in fingerprint},
+    }
     # A components dict, not the folder's path: MLflow 3.17's local-checkpoint path fails on transformers 5
     # (it reads pipeline classes that are now lazy strings), so the model is loaded once here.
     dtype = _dtype(model_dir)
-    components = {"model": AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
-                  "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
+    components = {
+        "model": AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+        "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+    }
     # MLmodel names the source model: the candidate's URI, not this machine's cache folder
     components["model"].name_or_path = facts.get("candidate_uri") or str(model_dir)
     mlflow.transformers.save_model(
-        transformers_model=components, path=str(path), task=TASK, torch_dtype=dtype, model_card=ModelCard(card),
-        input_example=dict(example), pip_requirements=requirements(), metadata=meta, mlflow_model=mlflow_model,
-        model_config=dict(GREEDY))
+        transformers_model=components,
+        path=str(path),
+        task=TASK,
+        torch_dtype=dtype,
+        model_card=ModelCard(card),
+        input_example=dict(example),
+        pip_requirements=requirements(),
+        metadata=meta,
+        mlflow_model=mlflow_model,
+        model_config=dict(GREEDY),
+    )
     del components
     # model/ stays a complete HF folder (KServe's runtime and kftune's rescoring read it as one): the
     # candidate's tokenizer, chat template and kftune's files beside the weights MLflow wrote
     hf_files = path / HF_SUBDIR
     for source in sorted(model_dir.iterdir()):
-        if source.is_file() and source.name != MANIFEST and source.suffix not in _WEIGHTS \
-                and not (hf_files / source.name).exists():
+        if (
+            source.is_file()
+            and source.name != MANIFEST
+            and source.suffix not in _WEIGHTS
+            and not (hf_files / source.name).exists()
+        ):
             shutil.copy2(source, hf_files / source.name)
     (hf_files / README).write_text(card, encoding="utf-8")
     return write_manifest(path)
@@ -124,25 +142,44 @@ def write_manifest(path: Path) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def log(client, experiment_id: str, run_id: str, model_dir: Path, *, card: str, example: Mapping[str, Any],
-        facts: Mapping[str, str], params: Mapping[str, Any]) -> tuple[Any, str]:
+def log(
+    client,
+    experiment_id: str,
+    run_id: str,
+    model_dir: Path,
+    *,
+    card: str,
+    example: Mapping[str, Any],
+    facts: Mapping[str, str],
+    params: Mapping[str, Any],
+) -> tuple[Any, str]:
     """The MLflow Model logged as the LoggedModel of run `run_id` (its params, its metrics); (LoggedModel, sha256)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
     from mlflow.models import Model
 
-    logged = client.create_logged_model(experiment_id, name=LOGGED_NAME, source_run_id=run_id, model_type=TASK,
-                                        params={k: str(v) for k, v in params.items() if v is not None},
-                                        tags={k: str(v) for k, v in facts.items()})
+    logged = client.create_logged_model(
+        experiment_id,
+        name=LOGGED_NAME,
+        source_run_id=run_id,
+        model_type=TASK,
+        params={k: str(v) for k, v in params.items() if v is not None},
+        tags={k: str(v) for k, v in facts.items()},
+    )
     with tempfile.TemporaryDirectory(prefix="kftune-logged-") as tmp:
         path = Path(tmp, "model")
-        shell = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
-                      model_id=logged.model_id)
+        shell = Model(
+            artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id
+        )
         sha = save(model_dir, path, card=card, example=example, facts=facts, mlflow_model=shell)
         client.log_model_artifacts(logged.model_id, str(path))
     client.set_logged_model_tags(logged.model_id, {SHA_TAG: sha})
     now = int(time.time() * 1000)  # the run's metrics, linked to the model (as mlflow's log_model does)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=logged.model_id)
-                                      for k, v in client.get_run(run_id).data.metrics.items()])
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(k, v, now, 0, model_id=logged.model_id) for k, v in client.get_run(run_id).data.metrics.items()
+        ],
+    )
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     return logged, sha
@@ -161,8 +198,10 @@ def verify(folder: Path, sha256: str, where: str) -> None:
     for rel, entry in json.loads(body).items():
         path = folder / rel
         if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            raise KftuneError(f"{where}/{rel} does not match its {MANIFEST} entry (sha256 {entry['sha256'][:12]}): "
-                              "the stored object is corrupt; register the model again")
+            raise KftuneError(
+                f"{where}/{rel} does not match its {MANIFEST} entry (sha256 {entry['sha256'][:12]}): "
+                "the stored object is corrupt; register the model again"
+            )
 
 
 def download(version, dst: Path | None = None) -> Path:
@@ -170,8 +209,10 @@ def download(version, dst: Path | None = None) -> Path:
     import mlflow.artifacts
 
     if not version.source.startswith("models:/"):
-        raise KftuneError(f"version {version.version} of {version.name!r} has source {version.source}, not an MLflow "
-                          "Model (registered before kftune logged MLflow Models); register the model again")
+        raise KftuneError(
+            f"version {version.version} of {version.name!r} has source {version.source}, not an MLflow "
+            "Model (registered before kftune logged MLflow Models); register the model again"
+        )
     dst = Path(dst or tempfile.mkdtemp(prefix="kftune-registered-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst)))
     verify(local, version.tags.get(SHA_TAG, ""), f"{version.name} version {version.version} ({version.source})")
@@ -187,7 +228,11 @@ def load(version, allow_template_mismatch: bool = False):
     local = download(version)
     components = mlflow.transformers.load_model(str(local), return_type="components")
     model, tokenizer = components["model"], components["tokenizer"]
-    fingerprint.check(local / HF_SUBDIR, tokenizer, f"the registered tokenizer of {version.name} version {version.version}",
-                      allow_template_mismatch)
+    fingerprint.check(
+        local / HF_SUBDIR,
+        tokenizer,
+        f"the registered tokenizer of {version.name} version {version.version}",
+        allow_template_mismatch,
+    )
     model.eval()
     return model, tokenizer

@@ -11,28 +11,45 @@ from collections.abc import Mapping
 from typing import Any
 
 README = "README.md"
-_ROWS = (("eval_loss", "eval loss (assistant tokens)"), ("perplexity", "perplexity"), ("rougeL", "ROUGE-L (characters)"),
-         ("chrf", "chrF"), ("checks_pass_rate", "outputs passing every check"))
+_ROWS = (
+    ("eval_loss", "eval loss (assistant tokens)"),
+    ("perplexity", "perplexity"),
+    ("rougeL", "ROUGE-L (characters)"),
+    ("chrf", "chrF"),
+    ("checks_pass_rate", "outputs passing every check"),
+)
 
 
 def _value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render(*, name: str, base_model: str, lineage: Mapping[str, Any], evaluation: Mapping[str, Any],
-           data: Mapping[str, Any] | None = None) -> str:
+def render(
+    *,
+    name: str,
+    base_model: str,
+    lineage: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+) -> str:
     """The card of a full or merged model; `lineage`: the version's tags (method, rank, ...)."""
     method = lineage.get("method", "unknown")
     facts = [("base model", base_model), ("method", method)]
-    facts += [(k.replace("_", " "), lineage[k]) for k in ("lora_r", "quantization_bit", "dataset_sha256", "config_sha256",
-                                                           "git_commit", "pipeline_run") if lineage.get(k)]
+    facts += [
+        (k.replace("_", " "), lineage[k])
+        for k in ("lora_r", "quantization_bit", "dataset_sha256", "config_sha256", "git_commit", "pipeline_run")
+        if lineage.get(k)
+    ]
     data_lines = ""
     if data:
         data_lines = "\n".join(f"| {k.replace('_', ' ')} | {_value(v)} |" for k, v in data.items() if v is not None)
         data_lines = f"\n## Training data\n\n| | |\n|---|---|\n{data_lines}\n"
     base, tuned = evaluation.get("base", {}), evaluation.get("tuned", {})
-    metric_lines = "\n".join(f"| {label} | {_value(base[key])} | {_value(tuned[key])} |"
-                             for key, label in _ROWS if key in tuned and key in base)
+    metric_lines = "\n".join(
+        f"| {label} | {_value(base[key])} | {_value(tuned[key])} |"
+        for key, label in _ROWS
+        if key in tuned and key in base
+    )
     settings = evaluation.get("settings", {})
     return f"""# {name}
 
@@ -44,9 +61,9 @@ A causal language model fine-tuned with kftune ({method}) from `{base_model}`.
 {data_lines}
 ## Evaluation
 
-On {evaluation.get('eval_rows', '?')} held-out rows (eval data sha256 `{evaluation.get('eval_sha256', '?')}`), both
-models prompted with the chat template used in training; {settings.get('samples', 0)} greedy answers of up to
-{settings.get('max_new_tokens', '?')} tokens scored against the references.
+On {evaluation.get("eval_rows", "?")} held-out rows (eval data sha256 `{evaluation.get("eval_sha256", "?")}`), both
+models prompted with the chat template used in training; {settings.get("samples", 0)} greedy answers of up to
+{settings.get("max_new_tokens", "?")} tokens scored against the references.
 
 | metric | base | tuned |
 |---|---|---|
@@ -84,4 +101,3 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("path/to/model")
 model = AutoModelForCausalLM.from_pretrained("path/to/model", dtype="auto")
 ```"""
-

@@ -54,30 +54,58 @@ def config_sha256(model_dir: Path) -> str:
     return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()
 
 
-def lineage(model_dir: Path, *, dataset_sha256: str = "", git_commit: str = "", pipeline_run: str = "") -> dict[str, str]:
+def lineage(
+    model_dir: Path, *, dataset_sha256: str = "", git_commit: str = "", pipeline_run: str = ""
+) -> dict[str, str]:
     """The facts a version is tagged with, read from the model's own kftune_config.json."""
     cfg = TrainConfig.load(model_dir) if TrainConfig.saved_in(model_dir) else None
-    facts = {"method": cfg.method if cfg else "", "lora_r": cfg.lora_r if cfg and cfg.uses_adapter else "",
-             "quantization_bit": cfg.quantization_bit if cfg and cfg.use_qlora else "",
-             "base_model": cfg.base_model if cfg else "", "dataset_sha256": dataset_sha256,
-             "config_sha256": config_sha256(model_dir), "git_commit": git_commit, "pipeline_run": pipeline_run}
+    facts = {
+        "method": cfg.method if cfg else "",
+        "lora_r": cfg.lora_r if cfg and cfg.uses_adapter else "",
+        "quantization_bit": cfg.quantization_bit if cfg and cfg.use_qlora else "",
+        "base_model": cfg.base_model if cfg else "",
+        "dataset_sha256": dataset_sha256,
+        "config_sha256": config_sha256(model_dir),
+        "git_commit": git_commit,
+        "pipeline_run": pipeline_run,
+    }
     return {k: str(v) for k, v in facts.items() if v not in (None, "")}
 
 
 def _metrics_of(version) -> dict[str, float]:
-    return {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
+    return {k[len(METRIC_TAG) :]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
 
 
 def _existing(mlflow, name: str, version) -> Registration:
     champion = registry.version_by_alias(mlflow, name, CHAMPION)
     reasons = [r for r in version.tags.get("gate.reasons", "").split("\n") if r]
-    return Registration(name, str(version.version), version.run_id or "", "", version.source,
-                        promoted=champion is not None and str(champion.version) == str(version.version),
-                        reasons=reasons, champion=str(champion.version) if champion else "", existing=True)
+    return Registration(
+        name,
+        str(version.version),
+        version.run_id or "",
+        "",
+        version.source,
+        promoted=champion is not None and str(champion.version) == str(version.version),
+        reasons=reasons,
+        champion=str(champion.version) if champion else "",
+        existing=True,
+    )
 
 
-def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir, evaluation, lineage_tags, params,
-                 train_metrics, loss_history, data_stats):
+def _new_version(
+    mlflow,
+    name,
+    experiment,
+    model_uri,
+    model_sha256,
+    evaluation_dir,
+    evaluation,
+    lineage_tags,
+    params,
+    train_metrics,
+    loss_history,
+    data_stats,
+):
     """A run with the evaluation's files, the model logged to it as an MLflow Model, a version tagged with it all."""
     from kftune.core.storage import resolve_path
     from kftune.data.reading import load_conversations
@@ -86,29 +114,65 @@ def _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_d
     model_dir = Path(resolve_path(model_uri))
     mlflow_model.refuse_adapter(model_dir, model_uri)
     tuned, base = evaluation["tuned"], evaluation["base"]
-    tags = {**lineage_tags, "kind": "model", "artifact_sha256": model_sha256, "candidate_uri": model_uri,
-            "eval_key": evaluation["eval_key"], "eval_sha256": evaluation["eval_sha256"],
-            **{f"{METRIC_TAG}{k}": tuned[k] for k in TAGGED_METRICS if k in tuned},
-            **{f"base.{k}": base[k] for k in TAGGED_METRICS if k in base}}
-    card = render(name=name, base_model=lineage_tags.get("base_model", evaluation["base_model"]),
-                  lineage=lineage_tags, evaluation=evaluation, data=data_stats)
+    tags = {
+        **lineage_tags,
+        "kind": "model",
+        "artifact_sha256": model_sha256,
+        "candidate_uri": model_uri,
+        "eval_key": evaluation["eval_key"],
+        "eval_sha256": evaluation["eval_sha256"],
+        **{f"{METRIC_TAG}{k}": tuned[k] for k in TAGGED_METRICS if k in tuned},
+        **{f"base.{k}": base[k] for k in TAGGED_METRICS if k in base},
+    }
+    card = render(
+        name=name,
+        base_model=lineage_tags.get("base_model", evaluation["base_model"]),
+        lineage=lineage_tags,
+        evaluation=evaluation,
+        data=data_stats,
+    )
     first = load_conversations(resolve_path(evaluation["eval_data"]))[0]
     example = mlflow_model.input_example(first, evaluation.get("settings", {}).get("max_new_tokens", 64))
-    metrics = {**(train_metrics or {}), **{k: tuned[k] for k in TAGGED_METRICS if k in tuned},
-               **{f"base_{k}": base[k] for k in TAGGED_METRICS if k in base}}
-    files = [evaluation_dir / f for f in (artifacts.EVAL_METRICS, artifacts.SAMPLES, artifacts.REPORT)
-             if (evaluation_dir / f).is_file()]
+    metrics = {
+        **(train_metrics or {}),
+        **{k: tuned[k] for k in TAGGED_METRICS if k in tuned},
+        **{f"base_{k}": base[k] for k in TAGGED_METRICS if k in base},
+    }
+    files = [
+        evaluation_dir / f
+        for f in (artifacts.EVAL_METRICS, artifacts.SAMPLES, artifacts.REPORT)
+        if (evaluation_dir / f).is_file()
+    ]
     run_params = {**(params or {}), **lineage_tags}
-    run_id, url = registry.log_run(mlflow, experiment, f"{name}-{lineage_tags.get('method', 'model')}",
-                                   params=run_params, metrics=metrics, tags=tags,
-                                   loss_history=loss_history or [], artifacts=files)
+    run_id, url = registry.log_run(
+        mlflow,
+        experiment,
+        f"{name}-{lineage_tags.get('method', 'model')}",
+        params=run_params,
+        metrics=metrics,
+        tags=tags,
+        loss_history=loss_history or [],
+        artifacts=files,
+    )
     with registry.mlflow_errors(mlflow.tracking_uri, f"log the MLflow Model of {name!r}"):
         logged, registered_sha = mlflow_model.log(
-            mlflow, registry.experiment_id_for(mlflow, experiment), run_id, model_dir, card=card, example=example,
+            mlflow,
+            registry.experiment_id_for(mlflow, experiment),
+            run_id,
+            model_dir,
+            card=card,
+            example=example,
             facts={k: tags[k] for k in ("method", "base_model", "artifact_sha256", "candidate_uri") if k in tags},
-            params=run_params)
-    version = registry.create_version(mlflow, name, f"models:/{logged.model_id}", run_id,
-                                      {**tags, mlflow_model.SHA_TAG: registered_sha}, model_id=logged.model_id)
+            params=run_params,
+        )
+    version = registry.create_version(
+        mlflow,
+        name,
+        f"models:/{logged.model_id}",
+        run_id,
+        {**tags, mlflow_model.SHA_TAG: registered_sha},
+        model_id=logged.model_id,
+    )
     return version, run_id, url
 
 
@@ -122,8 +186,11 @@ def _champion_metrics(champion, eval_key: str, rescore: Rescore | None) -> tuple
     if rescore is None:  # nothing comparable: decide() refuses to promote over it
         return {}, label, (f"{label} was scored on other eval data or settings and could not be scored again",)
     log.info("the champion (version %s) was scored on other eval data or settings: scoring it again", champion.version)
-    return dict(rescore(champion)), label, (
-        f"{label} was scored again on this eval data (its stored metrics are for other data or settings)",)
+    return (
+        dict(rescore(champion)),
+        label,
+        (f"{label} was scored again on this eval data (its stored metrics are for other data or settings)",),
+    )
 
 
 JUDGEMENTS = 3  # a candidate is judged again when the champion moved meanwhile, at most this often
@@ -170,8 +237,20 @@ def register(
         return result
 
     if found is None:
-        version, run_id, url = _new_version(mlflow, name, experiment, model_uri, model_sha256, evaluation_dir,
-                                            evaluation, lineage_tags, params, train_metrics, loss_history, data_stats)
+        version, run_id, url = _new_version(
+            mlflow,
+            name,
+            experiment,
+            model_uri,
+            model_sha256,
+            evaluation_dir,
+            evaluation,
+            lineage_tags,
+            params,
+            train_metrics,
+            loss_history,
+            data_stats,
+        )
     else:  # registered before, but the gate never ran (the earlier registration was interrupted)
         version, run_id, url = found, found.run_id, ""
     number = str(version.version)
@@ -192,32 +271,61 @@ def register(
             break
         log.info("the champion moved while version %s was judged; judging it again", number)
     else:
-        decision = dataclasses.replace(decision, promote=False, reasons=decision.reasons + (
-            f"the champion moved {JUDGEMENTS} times while this candidate was judged; left as challenger",))
-    registry.tag_version(mlflow, name, number, {
-        "gate.decision": "champion" if decision.promote else "challenger", "gate.reasons": "\n".join(decision.reasons),
-        "gate.metric": metric, "gate.margin": margin,
-        "gate.compared_with": str(champion.version) if champion is not None else "none",
-    }, run_id=run_id)
+        decision = dataclasses.replace(
+            decision,
+            promote=False,
+            reasons=decision.reasons
+            + (f"the champion moved {JUDGEMENTS} times while this candidate was judged; left as challenger",),
+        )
+    registry.tag_version(
+        mlflow,
+        name,
+        number,
+        {
+            "gate.decision": "champion" if decision.promote else "challenger",
+            "gate.reasons": "\n".join(decision.reasons),
+            "gate.metric": metric,
+            "gate.margin": margin,
+            "gate.compared_with": str(champion.version) if champion is not None else "none",
+        },
+        run_id=run_id,
+    )
     now_champion = number if decision.promote else (str(champion.version) if champion is not None else "")
-    result = Registration(name, number, run_id or "", url, version.source, promoted=decision.promote,
-                          reasons=list(decision.reasons), champion=now_champion, existing=found is not None)
+    result = Registration(
+        name,
+        number,
+        run_id or "",
+        url,
+        version.source,
+        promoted=decision.promote,
+        reasons=list(decision.reasons),
+        champion=now_champion,
+        existing=found is not None,
+    )
     print(result.decision(), flush=True)
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kftune register", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="the candidate: merged/full model or adapter folder, or s3:// artifact URI")
-    p.add_argument("--evaluation", required=True, help="the `kftune evaluate` output folder (or its s3:// artifact URI)")
+    p.add_argument(
+        "--model", required=True, help="the candidate: merged/full model or adapter folder, or s3:// artifact URI"
+    )
+    p.add_argument(
+        "--evaluation", required=True, help="the `kftune evaluate` output folder (or its s3:// artifact URI)"
+    )
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--experiment", default="kftune", help="MLflow experiment of the registration run (default: kftune)")
     p.add_argument("--dataset_sha256", default="", help="sha256 of the training data file (tagged on the version)")
     p.add_argument("--pipeline_run", default="", help="the pipeline run that made the model (tagged on the version)")
     p.add_argument("--metric", default=gate.DEFAULT_METRIC, choices=list(gate.DIRECTIONS), help="the primary metric")
-    p.add_argument("--margin", type=float, default=gate.DEFAULT_MARGIN,
-                   help=f"how much better than the base the candidate must be, as a fraction of the base's value "
-                        f"(default: {gate.DEFAULT_MARGIN})")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=gate.DEFAULT_MARGIN,
+        help=f"how much better than the base the candidate must be, as a fraction of the base's value "
+        f"(default: {gate.DEFAULT_MARGIN})",
+    )
     return p
 
 
@@ -230,17 +338,30 @@ def main(argv: list[str]) -> int:
         model_uri, sha = f"s3://{bucket}/{base}", base.rsplit("/", 1)[-1]
     else:  # a local folder is logged as it is (its sha256 computed as an upload would): no copy in S3 first
         if not Path(args.model, "config.json").is_file() and not Path(args.model, "adapter_config.json").is_file():
-            raise KftuneError(f"--model {args.model}: not a model folder (no config.json); give a merged or fully "
-                              "fine-tuned model folder or its s3:// artifact URI")
+            raise KftuneError(
+                f"--model {args.model}: not a model folder (no config.json); give a merged or fully "
+                "fine-tuned model folder or its s3:// artifact URI"
+            )
         model_uri, sha = args.model, hashlib.sha256(canonical_json(tree_manifest(args.model))).hexdigest()
     evaluation_dir = Path(resolve_path(args.evaluation))
     model_dir = Path(resolve_path(model_uri))
     training = model_dir / artifacts.TRAIN_METRICS
     history = json.loads(training.read_text(encoding="utf-8")).get("loss_history", []) if training.is_file() else []
-    tags = lineage(model_dir, dataset_sha256=args.dataset_sha256, git_commit=head_commit(), pipeline_run=args.pipeline_run)
-    register(args.name, experiment=args.experiment, model_uri=model_uri, model_sha256=sha, evaluation_dir=evaluation_dir,
-             lineage_tags=tags, loss_history=[(int(s), float(v)) for s, v in history],
-             metric=args.metric, margin=args.margin, rescore=rescorer(evaluation_dir))
+    tags = lineage(
+        model_dir, dataset_sha256=args.dataset_sha256, git_commit=head_commit(), pipeline_run=args.pipeline_run
+    )
+    register(
+        args.name,
+        experiment=args.experiment,
+        model_uri=model_uri,
+        model_sha256=sha,
+        evaluation_dir=evaluation_dir,
+        lineage_tags=tags,
+        loss_history=[(int(s), float(v)) for s, v in history],
+        metric=args.metric,
+        margin=args.margin,
+        rescore=rescorer(evaluation_dir),
+    )
     return 0
 
 
@@ -252,6 +373,8 @@ def rescorer(evaluation_dir: Path) -> Rescore:
         evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
         from kftune.registry.mlflow_model import HF_SUBDIR, download
 
-        return rescore_model(str(download(champion) / HF_SUBDIR), evaluation, base_model=champion.tags.get("base_model"))
+        return rescore_model(
+            str(download(champion) / HF_SUBDIR), evaluation, base_model=champion.tags.get("base_model")
+        )
 
     return rescore

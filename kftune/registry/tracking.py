@@ -96,9 +96,18 @@ def client():
     return MlflowClient(check_reachable())
 
 
-def log_run(mlflow, experiment: str, run_name: str, *, params: Mapping[str, Any], metrics: Mapping[str, Any],
-            tags: Mapping[str, str], loss_history: Sequence[tuple[int, float]] = (),
-            artifacts: Sequence[Path] = (), artifact_path: str | None = None) -> tuple[str, str]:
+def log_run(
+    mlflow,
+    experiment: str,
+    run_name: str,
+    *,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    tags: Mapping[str, str],
+    loss_history: Sequence[tuple[int, float]] = (),
+    artifacts: Sequence[Path] = (),
+    artifact_path: str | None = None,
+) -> tuple[str, str]:
     """A finished run with params (None values left out), metrics (finite numbers only), the loss curve, tags
     (`mlflow.parentRunId` makes it a child run) and files under `artifact_path`; returns (run id, URL)."""
     from mlflow.entities import Metric, Param, RunTag
@@ -132,7 +141,9 @@ def ensure_model(mlflow, name: str) -> None:
         mlflow.create_registered_model(name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise KftuneError(f"MLflow at {mlflow.tracking_uri} refused to create model {name!r}: {exc.message}") from None
+            raise KftuneError(
+                f"MLflow at {mlflow.tracking_uri} refused to create model {name!r}: {exc.message}"
+            ) from None
 
 
 def find_version(mlflow, name: str, artifact_sha256: str):
@@ -151,7 +162,9 @@ def version_by_alias(mlflow, name: str, alias: str):
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
-        raise KftuneError(f"MLflow at {mlflow.tracking_uri} refused to read alias {alias!r} of {name!r}: {exc.message}") from None
+        raise KftuneError(
+            f"MLflow at {mlflow.tracking_uri} refused to read alias {alias!r} of {name!r}: {exc.message}"
+        ) from None
 
 
 def create_version(mlflow, name: str, source: str, run_id: str, tags: Mapping[str, Any], model_id: str | None = None):
@@ -162,11 +175,13 @@ def create_version(mlflow, name: str, source: str, run_id: str, tags: Mapping[st
 
     ensure_model(mlflow, name)
     with mlflow_errors(mlflow.tracking_uri, f"register a version of {name!r}"):
-        version = mlflow.create_model_version(name, source=source, run_id=run_id,
-                                              tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
+        version = mlflow.create_model_version(
+            name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, model_id=model_id
+        )
         if model_id:  # the LoggedModel lists its versions (as mlflow.register_model records it, for the UI)
-            mlflow.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
-                [{"name": name, "version": str(version.version)}])})
+            mlflow.set_logged_model_tags(
+                model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name, "version": str(version.version)}])}
+            )
     return version
 
 
@@ -233,17 +248,22 @@ def storage_uri(uri: str, artifacts_destination: str | None = None) -> str:
 
     version = resolve_registered(uri)
     if not version.source.startswith("models:/m-"):
-        raise KftuneError(f"{uri}: version {version.version} has source {version.source}, not a logged MLflow Model; "
-                          "register the model again")
+        raise KftuneError(
+            f"{uri}: version {version.version} has source {version.source}, not a logged MLflow Model; "
+            "register the model again"
+        )
     mlflow = client()
     with mlflow_errors(mlflow.tracking_uri, f"read the logged model of {uri}"):
         location = mlflow.get_logged_model(version.source.removeprefix("models:/")).artifact_location
     if location.startswith("mlflow-artifacts:"):
-        destination = artifacts_destination or (f"s3://{os.environ['KFTUNE_BUCKET']}/mlflow"
-                                                if os.environ.get("KFTUNE_BUCKET") else "")
+        destination = artifacts_destination or (
+            f"s3://{os.environ['KFTUNE_BUCKET']}/mlflow" if os.environ.get("KFTUNE_BUCKET") else ""
+        )
         if not destination:
-            raise KftuneError(f"{uri} is stored through the MLflow server ({location}); pass --artifacts-destination "
-                              "with the server's --artifacts-destination (e.g. s3://kftune/mlflow)")
+            raise KftuneError(
+                f"{uri} is stored through the MLflow server ({location}); pass --artifacts-destination "
+                "with the server's --artifacts-destination (e.g. s3://kftune/mlflow)"
+            )
         location = f"{destination.rstrip('/')}/{location.removeprefix('mlflow-artifacts:').lstrip('/')}"
     return f"{location.rstrip('/')}/{HF_SUBDIR}"
 
@@ -254,10 +274,16 @@ def main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="kftune registry", description="read facts of registered model versions")
     sub = p.add_subparsers(dest="action", required=True)
-    where = sub.add_parser("storage-uri", help="print the object-storage URI of a version's HF files (KServe storageUri)")
-    where.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION (NAME@ALIAS and NAME/VERSION work too)")
-    where.add_argument("--artifacts-destination", help="the MLflow server's --artifacts-destination "
-                                                       "(default: s3://$KFTUNE_BUCKET/mlflow)")
+    where = sub.add_parser(
+        "storage-uri", help="print the object-storage URI of a version's HF files (KServe storageUri)"
+    )
+    where.add_argument(
+        "model", help="models:/NAME@ALIAS or models:/NAME/VERSION (NAME@ALIAS and NAME/VERSION work too)"
+    )
+    where.add_argument(
+        "--artifacts-destination",
+        help="the MLflow server's --artifacts-destination (default: s3://$KFTUNE_BUCKET/mlflow)",
+    )
     args = p.parse_args(argv)
     model = args.model if args.model.startswith("models:/") else f"models:/{args.model}"
     print(storage_uri(model, args.artifacts_destination))

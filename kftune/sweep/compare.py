@@ -23,11 +23,18 @@ from kftune.registry.gate import (  # metric -> True when higher is better; the 
     finite,
 )
 
-QUALITY_COLUMNS: dict[str, str] = {"eval_loss": "eval loss", "perplexity": "perplexity", "rougeL": "ROUGE-L",
-                                   "chrf": "chrF", "checks_pass_rate": "checks passed"}
+QUALITY_COLUMNS: dict[str, str] = {
+    "eval_loss": "eval loss",
+    "perplexity": "perplexity",
+    "rougeL": "ROUGE-L",
+    "chrf": "chrF",
+    "checks_pass_rate": "checks passed",
+}
 NOT_MEASURED = "n/a"
-MEMORY_NOTE = ("peak memory: the training process's own peak, torch.cuda.max_memory_allocated on a GPU, "
-               "the RSS high-water mark on a CPU")
+MEMORY_NOTE = (
+    "peak memory: the training process's own peak, torch.cuda.max_memory_allocated on a GPU, "
+    "the RSS high-water mark on a CPU"
+)
 
 
 @dataclass(frozen=True)
@@ -75,17 +82,26 @@ def rank(candidates: Iterable[Candidate], metric: str = "eval_loss") -> Comparis
     """Best first on `metric`; ties go to the candidate needing less memory, then less time."""
     candidates = list(candidates)
     if metric not in DIRECTIONS:
-        raise KftuneError(f"primary_metric {metric!r}: not a metric the sweep ranks by; use one of {', '.join(DIRECTIONS)}")
+        raise KftuneError(
+            f"primary_metric {metric!r}: not a metric the sweep ranks by; use one of {', '.join(DIRECTIONS)}"
+        )
     if not candidates:
         raise KftuneError("the sweep has no candidates to compare")
     missing = [c.name for c in candidates if c.value(metric) is None]
     if missing:
-        raise KftuneError(f"primary_metric {metric}: not measured for {', '.join(missing)} (the evaluate step did not "
-                          f"score it); rank by one it measures, e.g. eval_loss")
+        raise KftuneError(
+            f"primary_metric {metric}: not measured for {', '.join(missing)} (the evaluate step did not "
+            f"score it); rank by one it measures, e.g. eval_loss"
+        )
     higher = DIRECTIONS[metric]
-    ordered = sorted(candidates, key=lambda c: ((-1 if higher else 1) * c.value(metric),
-                                                 c.peak_memory_bytes if c.peak_memory_bytes is not None else math.inf,
-                                                 c.train_seconds))
+    ordered = sorted(
+        candidates,
+        key=lambda c: (
+            (-1 if higher else 1) * c.value(metric),
+            c.peak_memory_bytes if c.peak_memory_bytes is not None else math.inf,
+            c.train_seconds,
+        ),
+    )
     best = ordered[0].value(metric)
     rows = tuple(Row(place, c, _relative(c.value(metric), best, higher)) for place, c in enumerate(ordered, 1))
     return Comparison(metric, higher, rows)
@@ -100,6 +116,7 @@ def _relative(value: float, best: float, higher: bool) -> float:
 
 
 # --- rendering -------------------------------------------------------------------------------
+
 
 def _count(n: float | None) -> str:
     return NOT_MEASURED if n is None else f"{n:,.0f}"
@@ -116,30 +133,57 @@ def _number(n: float | None) -> str:
 
 
 def columns(comparison: Comparison) -> list[str]:
-    return ["#", "candidate", "method", "rank", "targets", "trainable params", "share", "peak memory", "train wall time",
-            "tokens/s", *QUALITY_COLUMNS.values(), f"quality vs best ({QUALITY_COLUMNS[comparison.metric]})"]
+    return [
+        "#",
+        "candidate",
+        "method",
+        "rank",
+        "targets",
+        "trainable params",
+        "share",
+        "peak memory",
+        "train wall time",
+        "tokens/s",
+        *QUALITY_COLUMNS.values(),
+        f"quality vs best ({QUALITY_COLUMNS[comparison.metric]})",
+    ]
 
 
 def cells(row: Row) -> list[str]:
     """One table row as text; a value the run did not measure is n/a, never a blank or a guess."""
     c = row.candidate
-    return [str(row.place), c.name, c.method, "-" if c.rank is None else str(c.rank), c.targets or "-",
-            _count(c.trainable_params), f"{100 * c.trainable_share:.2f}%", _memory(c.peak_memory_bytes),
-            f"{c.train_seconds:.1f} s", _count(c.tokens_per_second),
-            *(_number(c.value(m)) for m in QUALITY_COLUMNS), f"{100 * row.relative_quality:.1f}%"]
+    return [
+        str(row.place),
+        c.name,
+        c.method,
+        "-" if c.rank is None else str(c.rank),
+        c.targets or "-",
+        _count(c.trainable_params),
+        f"{100 * c.trainable_share:.2f}%",
+        _memory(c.peak_memory_bytes),
+        f"{c.train_seconds:.1f} s",
+        _count(c.tokens_per_second),
+        *(_number(c.value(m)) for m in QUALITY_COLUMNS),
+        f"{100 * row.relative_quality:.1f}%",
+    ]
 
 
 def notes(comparison: Comparison) -> list[str]:
     direction = "higher" if comparison.higher_is_better else "lower"
-    return [f"ranked by {comparison.metric} ({direction} is better); winner: {comparison.winner.name}",
-            "quality vs best: value / best when higher is better, best / value when lower is better",
-            MEMORY_NOTE, f"{NOT_MEASURED}: not measured by this run's evaluate step"]
+    return [
+        f"ranked by {comparison.metric} ({direction} is better); winner: {comparison.winner.name}",
+        "quality vs best: value / best when higher is better, best / value when lower is better",
+        MEMORY_NOTE,
+        f"{NOT_MEASURED}: not measured by this run's evaluate step",
+    ]
 
 
 def to_markdown(comparison: Comparison) -> str:
     head = columns(comparison)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i in (0, *range(5, len(head))) else "---"
-                                                          for i in range(len(head))) + "|"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---:" if i in (0, *range(5, len(head))) else "---" for i in range(len(head))) + "|",
+    ]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in comparison.rows]
     return "\n".join(lines + [""] + [f"- {note}" for note in notes(comparison)]) + "\n"
 
@@ -149,10 +193,28 @@ def to_json(comparison: Comparison) -> str:
     rows = []
     for row in comparison.rows:
         c = row.candidate
-        rows.append({"place": row.place, **asdict(c), "quality": {m: c.value(m) for m in QUALITY_COLUMNS},
-                     "trainable_share": c.trainable_share, "relative_quality": row.relative_quality})
-    return json.dumps({"primary_metric": comparison.metric, "higher_is_better": comparison.higher_is_better,
-                       "winner": comparison.winner.name, "rows": rows}, indent=2, ensure_ascii=False) + "\n"
+        rows.append(
+            {
+                "place": row.place,
+                **asdict(c),
+                "quality": {m: c.value(m) for m in QUALITY_COLUMNS},
+                "trainable_share": c.trainable_share,
+                "relative_quality": row.relative_quality,
+            }
+        )
+    return (
+        json.dumps(
+            {
+                "primary_metric": comparison.metric,
+                "higher_is_better": comparison.higher_is_better,
+                "winner": comparison.winner.name,
+                "rows": rows,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
 
 
 def scatter_png(comparison: Comparison) -> bytes:
@@ -170,8 +232,14 @@ def scatter_png(comparison: Comparison) -> bytes:
                 continue
             x, y = c.peak_memory_bytes / 2**20, c.value(comparison.metric)
             winner = row.place == 1
-            ax.scatter([x], [y], s=90 if winner else 45, marker="*" if winner else "o",
-                       color="tab:red" if winner else "tab:blue", zorder=3)
+            ax.scatter(
+                [x],
+                [y],
+                s=90 if winner else 45,
+                marker="*" if winner else "o",
+                color="tab:red" if winner else "tab:blue",
+                zorder=3,
+            )
             ax.annotate(c.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.margins(x=0.2, y=0.1)  # room for the labels
         ax.set_xlabel("peak memory (MiB)")
@@ -202,8 +270,13 @@ SWEEP_PAGE = """{% extends "base.html" %}
 
 def to_html(comparison: Comparison, png: bytes) -> str:
     """One self-contained page: the table, the notes and the plot embedded as a data URI."""
-    return render_page(SWEEP_PAGE, columns=columns(comparison), rows=[(row.place, cells(row)) for row in comparison.rows],
-                       notes=notes(comparison), plot=png_img(png, "quality vs peak memory"))
+    return render_page(
+        SWEEP_PAGE,
+        columns=columns(comparison),
+        rows=[(row.place, cells(row)) for row in comparison.rows],
+        notes=notes(comparison),
+        plot=png_img(png, "quality vs peak memory"),
+    )
 
 
 def write_reports(comparison: Comparison, folder: str | Path) -> dict[str, str]:

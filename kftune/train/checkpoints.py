@@ -52,8 +52,15 @@ log = logging.getLogger("kftune")
 KEEP = 2  # complete checkpoints kept in the store, as the Trainer keeps locally (save_total_limit)
 # settings that say where things are or how memory is managed, not what is trained: they may change between
 # a run and its restart (the memory pre-flight turns checkpointing on where a retry lands on a smaller GPU)
-NOT_IN_RUN_KEY = ("data_path", "eval_data_path", "output_dir", "overwrite_output_dir", "checkpoint_uri",
-                  "force", "gradient_checkpointing")
+NOT_IN_RUN_KEY = (
+    "data_path",
+    "eval_data_path",
+    "output_dir",
+    "overwrite_output_dir",
+    "checkpoint_uri",
+    "force",
+    "gradient_checkpointing",
+)
 NOT_PUBLISHED = ("training_args.bin",)  # a pickled TrainingArguments object: never read on resume
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin")  # the Trainer's fallback when safetensors are absent
@@ -179,8 +186,10 @@ def check_safe_to_load(folder: Path) -> None:
 
     for path in sorted(folder.rglob("*")):
         if path.name in PICKLED_WEIGHTS:
-            raise KftuneError(f"{path}: the checkpoint's weights are a pickle; kftune resumes only from safetensors "
-                              "weights. Remove this checkpoint from checkpoint_uri or use another checkpoint_uri")
+            raise KftuneError(
+                f"{path}: the checkpoint's weights are a pickle; kftune resumes only from safetensors "
+                "weights. Remove this checkpoint from checkpoint_uri or use another checkpoint_uri"
+            )
         if path.suffix not in PICKLE_SUFFIXES or not path.is_file():
             continue
         try:

@@ -66,7 +66,8 @@ class TrainConfig:
     logging_steps: int = _f(10, "steps between loss log lines")
     save_steps: int = _f(200, "steps between checkpoints")
     checkpoint_uri: str | None = _f(
-        None, "s3:// prefix or local folder where each checkpoint is kept; a restart resumes from the newest complete one"
+        None,
+        "s3:// prefix or local folder where each checkpoint is kept; a restart resumes from the newest complete one",
     )
     eval_steps: int = _f(0, "steps between evaluations on eval_data_path; 0 evaluates only at the end")
     trust_remote_code: bool = _f(False, "allow custom model code from the model folder (off: safer)")
@@ -117,8 +118,11 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Tr
 METHODS = ("full", "lora", "qlora")
 # The guide's config for each method (configs/train_config_*.json): TrainConfig's defaults are the LoRA
 # config's, and this is where the others differ. The pipelines' defaults come from here (tests/test_settings.py).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"full": {"learning_rate": 2e-5}, "lora": {},
-                                              "qlora": {"learning_rate": 2e-4, "gradient_checkpointing": True}}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": {"learning_rate": 2e-5},
+    "lora": {},
+    "qlora": {"learning_rate": 2e-4, "gradient_checkpointing": True},
+}
 # A pipeline trains any method from one set of parameters; where the guide's value differs by method, the
 # parameter's default is this placeholder, and training uses the method's value.
 BY_METHOD = 0
@@ -130,7 +134,8 @@ def method_default(method: str, key: str) -> Any:
 
 
 BY_METHOD_KEYS = frozenset(k for k in FIELDS if len({method_default(m, k) for m in METHODS}) > 1) - {
-    "gradient_checkpointing"}  # not a pipeline parameter: the memory pre-flight turns it on when only that fits
+    "gradient_checkpointing"
+}  # not a pipeline parameter: the memory pre-flight turns it on when only that fits
 
 
 def with_method_defaults(method: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +154,14 @@ def _allowed_types(name: str) -> tuple[type, ...]:
 
 
 def _type_name(types_: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", type(None): "null"}
+    names = {
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        type(None): "null",
+    }
     return " or ".join(names.get(t, t.__name__) for t in types_)
 
 
@@ -157,9 +169,17 @@ def check_type(name: str, value: Any) -> tuple[Any, str | None]:
     """Return (coerced value, problem). Ints are accepted where floats are; bools never pass as numbers."""
     allowed = _allowed_types(name)
     if value is None:
-        return (None, None) if type(None) in allowed else (value, f"{name}: null is not allowed, expected {_type_name(allowed)}")
+        return (
+            (None, None)
+            if type(None) in allowed
+            else (value, f"{name}: null is not allowed, expected {_type_name(allowed)}")
+        )
     if isinstance(value, bool):
-        return (value, None) if bool in allowed else (value, f"{name}: got {json.dumps(value)}, expected {_type_name(allowed)}")
+        return (
+            (value, None)
+            if bool in allowed
+            else (value, f"{name}: got {json.dumps(value)}, expected {_type_name(allowed)}")
+        )
     if isinstance(value, int) and int not in allowed and float in allowed:
         return float(value), None
     if isinstance(value, list) and list in allowed:

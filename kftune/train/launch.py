@@ -37,14 +37,30 @@ def gpu_count() -> int:
 
 def command(train_argv: list[str], num_processes: int, fsdp: bool = False) -> list[str]:
     """The `accelerate launch` command line for `num_processes` processes on this node."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-           "--num_processes", str(num_processes), "--main_process_port", str(free_ports(1)[0])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(free_ports(1)[0]),
+    ]
     # accelerate's own --cpu launches one process (several need mpirun): its multi-GPU launcher (torchrun)
     # also starts N CPU processes, which the Trainer joins over gloo when it trains on the CPU
     cmd += ["--multi_gpu"]
     if fsdp:
-        cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
-                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+        cmd += [
+            "--use_fsdp",
+            "--fsdp_sharding_strategy",
+            "FULL_SHARD",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_state_dict_type",
+            "FULL_STATE_DICT",
+        ]
     return cmd + ["--module", "kftune.cli", "train", *train_argv]
 
 
@@ -75,14 +91,21 @@ def train_on_node(cfg: TrainConfig, num_processes: int = 0, fsdp: bool = False) 
     finally:
         config_file.unlink(missing_ok=True)
     if code:
-        raise KftuneError(f"training with {n} processes under accelerate launch failed (exit code {code}); see the log above")
+        raise KftuneError(
+            f"training with {n} processes under accelerate launch failed (exit code {code}); see the log above"
+        )
     return TrainResult(out, json.loads((out / artifacts.TRAIN_METRICS).read_text(encoding="utf-8")))
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kftune launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--num-processes", "--num_processes", type=int, default=None,
-                        help="processes on this node (default: one per GPU, else 1)")
+    parser.add_argument(
+        "--num-processes",
+        "--num_processes",
+        type=int,
+        default=None,
+        help="processes on this node (default: one per GPU, else 1)",
+    )
     parser.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP)")
     args, train_argv = parser.parse_known_args(argv)
     gpus = gpu_count()

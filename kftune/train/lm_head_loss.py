@@ -144,8 +144,13 @@ def install(model) -> bool:
         # masked_scatter keeps the outputs connected to the graph even when no position is labelled
         per_token = [x.new_zeros(mask.shape).masked_scatter(mask, x) for x in (logp, entropy, top1)]
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-per_token[0].sum() / count, log_probs=per_token[0], entropy=per_token[1],
-                                   is_top1=per_token[2], label_mask=mask)
+        return FusedCausalLMOutput(
+            loss=-per_token[0].sum() / count,
+            log_probs=per_token[0],
+            entropy=per_token[1],
+            is_top1=per_token[2],
+            label_mask=mask,
+        )
 
     model.forward = types.MethodType(forward, model)
     return True

@@ -41,8 +41,12 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Activation bytes saved per token per decoder layer: a*hidden + b*intermediate + c*kv_width
 # (kv_width = head_dim * kv_heads), by method and compute dtype. LoRA adds its dropout copies.
 _ACTIVATIONS = {
-    ("full", 4): (32, 16, 8), ("lora", 4): (62, 21, 8), ("qlora", 4): (39, 17, 8),
-    ("full", 2): (34, 14, 8), ("lora", 2): (50, 12.5, 4), ("qlora", 2): (37, 16, 4),
+    ("full", 4): (32, 16, 8),
+    ("lora", 4): (62, 21, 8),
+    ("qlora", 4): (39, 17, 8),
+    ("full", 2): (34, 14, 8),
+    ("lora", 2): (50, 12.5, 4),
+    ("qlora", 2): (37, 16, 4),
 }
 
 
@@ -69,8 +73,15 @@ class ModelShape:
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one layer."""
         h, f, kv = self.hidden, self.intermediate, self.kv_width
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, f),
+            "up_proj": (h, f),
+            "down_proj": (f, h),
+        }
 
     @property
     def linear_params(self) -> int:
@@ -99,10 +110,13 @@ class ModelShape:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         return cls(
-            hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
+            hidden=text.hidden_size,
+            layers=text.num_hidden_layers,
+            heads=heads,
             kv_heads=getattr(text, "num_key_value_heads", None) or heads,
             intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
-            vocab=text.vocab_size, tied=bool(getattr(text, "tie_word_embeddings", True)),
+            vocab=text.vocab_size,
+            tied=bool(getattr(text, "tie_word_embeddings", True)),
         )
 
 
@@ -138,7 +152,9 @@ def estimate(
     if method == "full":
         weights = 4 * shape.params  # fp32 master weights; bf16 runs as autocast
         if compute == 2:
-            weights += 2 * (shape.linear_params + shape.vocab * shape.hidden)  # autocast's bf16 copies, kept for backward
+            weights += 2 * (
+                shape.linear_params + shape.vocab * shape.hidden
+            )  # autocast's bf16 copies, kept for backward
         optimizer, gradients = 8 * shape.params, 4 * shape.params  # AdamW's two moments and the gradients, fp32
     elif method == "lora":
         weights = compute * shape.params + 4 * lora  # peft keeps adapters in fp32
@@ -162,9 +178,14 @@ def estimate(
     head = 3 * min(tokens, max(1, LM_HEAD_CHUNK_ELEMENTS // shape.vocab)) * shape.vocab * 4
     # backward frees activations as it fills the gradients (set to None after each step): the peak holds
     # the larger of the two, so gradients count only beyond the activations
-    parts = {"weights": int(weights), "optimizer": int(optimizer), "activations": int(activations), "lm head": head,
-             "gradients": int(max(0, gradients - activations - head)),
-             "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0}
+    parts = {
+        "weights": int(weights),
+        "optimizer": int(optimizer),
+        "activations": int(activations),
+        "lm head": head,
+        "gradients": int(max(0, gradients - activations - head)),
+        "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
+    }
     return Estimate(parts)
 
 
@@ -173,10 +194,16 @@ def estimate_for(cfg: TrainConfig, location: str, device: str = "cpu", precision
     from kftune.models.loading import pick_runtime  # heavy: imports torch; loaded when used
 
     return estimate(
-        model_shape(location, cfg.trust_remote_code), method=cfg.method, batch=cfg.per_device_train_batch_size,
-        seq=cfg.max_seq_length, precision=precision or pick_runtime(cfg.precision).precision,
-        bits=cfg.quantization_bit if cfg.use_qlora else None, lora_r=cfg.lora_r, targets=cfg.target_modules(),
-        checkpointing=cfg.gradient_checkpointing, device=device,
+        model_shape(location, cfg.trust_remote_code),
+        method=cfg.method,
+        batch=cfg.per_device_train_batch_size,
+        seq=cfg.max_seq_length,
+        precision=precision or pick_runtime(cfg.precision).precision,
+        bits=cfg.quantization_bit if cfg.use_qlora else None,
+        lora_r=cfg.lora_r,
+        targets=cfg.target_modules(),
+        checkpointing=cfg.gradient_checkpointing,
+        device=device,
     )
 
 
@@ -195,7 +222,9 @@ def device_memory(device: str) -> tuple[int, str]:
     if device == "cuda":
         import torch
 
-        gpu = int(os.environ.get("LOCAL_RANK", "0"))  # this process's GPU under `kftune launch`, as load_model places it
+        gpu = int(
+            os.environ.get("LOCAL_RANK", "0")
+        )  # this process's GPU under `kftune launch`, as load_model places it
         free, total = torch.cuda.mem_get_info(gpu)
         return free - CUDA_RESERVE_BYTES, f"free memory of GPU {gpu} ({total / GiB:.1f} GiB in all)"
     import psutil
@@ -233,15 +262,29 @@ def alternatives(cfg: TrainConfig, fits) -> list[str]:
         batch //= 2
         accum *= 2
         flags = f"--per_device_train_batch_size {batch} --gradient_accumulation_steps {accum}"
-        options.append((flags, replace(cfg, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-                                       gradient_checkpointing=True)))
+        options.append(
+            (
+                flags,
+                replace(
+                    cfg,
+                    per_device_train_batch_size=batch,
+                    gradient_accumulation_steps=accum,
+                    gradient_checkpointing=True,
+                ),
+            )
+        )
         if not cfg.gradient_checkpointing:
             options[-1] = (f"{flags} --gradient_checkpointing true", options[-1][1])
     if cfg.method != "qlora":
-        options.append(("--use_qlora true --quantization_bit 4", replace(cfg, use_lora=False, use_qlora=True,
-                                                                        quantization_bit=4)))
-        options.append(("--use_qlora true --quantization_bit 4 --gradient_checkpointing true",
-                        replace(cfg, use_lora=False, use_qlora=True, quantization_bit=4, gradient_checkpointing=True)))
+        options.append(
+            ("--use_qlora true --quantization_bit 4", replace(cfg, use_lora=False, use_qlora=True, quantization_bit=4))
+        )
+        options.append(
+            (
+                "--use_qlora true --quantization_bit 4 --gradient_checkpointing true",
+                replace(cfg, use_lora=False, use_qlora=True, quantization_bit=4, gradient_checkpointing=True),
+            )
+        )
     found = []
     for flags, candidate in options:
         result = fits(candidate)
@@ -263,33 +306,51 @@ def check(cfg: TrainConfig, location: str, runtime: Runtime) -> TrainConfig:
 
     def estimate_of(candidate: TrainConfig) -> Estimate:
         return estimate(
-            shape, method=candidate.method, batch=candidate.per_device_train_batch_size, seq=candidate.max_seq_length,
-            precision=runtime.precision, bits=candidate.quantization_bit if candidate.use_qlora else None,
-            lora_r=candidate.lora_r, targets=candidate.target_modules(),
-            checkpointing=candidate.gradient_checkpointing, device=runtime.device,
+            shape,
+            method=candidate.method,
+            batch=candidate.per_device_train_batch_size,
+            seq=candidate.max_seq_length,
+            precision=runtime.precision,
+            bits=candidate.quantization_bit if candidate.use_qlora else None,
+            lora_r=candidate.lora_r,
+            targets=candidate.target_modules(),
+            checkpointing=candidate.gradient_checkpointing,
+            device=runtime.device,
         )
 
     need = estimate_of(cfg)
     room, where = device_memory(runtime.device)
-    log.info("memory pre-flight: estimated peak %s for %s, batch %d x %d tokens; %s: %.2f GiB",
-             need.render(), cfg.method, cfg.per_device_train_batch_size, cfg.max_seq_length, where, room / GiB)
+    log.info(
+        "memory pre-flight: estimated peak %s for %s, batch %d x %d tokens; %s: %.2f GiB",
+        need.render(),
+        cfg.method,
+        cfg.per_device_train_batch_size,
+        cfg.max_seq_length,
+        where,
+        room / GiB,
+    )
     if need.total <= room:
         return cfg
     if not cfg.gradient_checkpointing:
         with_checkpoints = replace(cfg, gradient_checkpointing=True)
         if estimate_of(with_checkpoints).total <= room:
-            log.info("memory pre-flight: turning on gradient_checkpointing, which brings the estimate to %s",
-                     estimate_of(with_checkpoints).render())
+            log.info(
+                "memory pre-flight: turning on gradient_checkpointing, which brings the estimate to %s",
+                estimate_of(with_checkpoints).render(),
+            )
             return with_checkpoints
     if cfg.force:
         log.warning("memory pre-flight: the estimate exceeds %s; training anyway (force)", where)
         return cfg
+
     def fits(candidate: TrainConfig) -> Estimate | None:
         result = estimate_of(candidate)
         return result if result.total <= room else None
 
     fitting = alternatives(cfg, fits)
-    hint = ("; settings that would fit: " + "; ".join(fitting)) if fitting else "; no smaller setting of this method fits"
+    hint = (
+        ("; settings that would fit: " + "; ".join(fitting)) if fitting else "; no smaller setting of this method fits"
+    )
     raise KftuneError(
         f"memory pre-flight: this run needs about {need.total / GiB:.1f} GiB ({cfg.method}, batch "
         f"{cfg.per_device_train_batch_size} x {cfg.max_seq_length} tokens) but {where} is {room / GiB:.1f} GiB"

@@ -28,6 +28,7 @@ from kftune.train.preflight import check as memory_preflight
 
 log = logging.getLogger("kftune")
 
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -145,11 +146,18 @@ def check_rows_kept(cfg: TrainConfig, flag: str, rows: int, kept: int) -> None:
         return
     where = f"{getattr(cfg, flag)} (--{flag})"
     if kept == 0:
-        raise KftuneError(f"{where}: none of its {rows} rows has an answer token left within max_seq_length="
-                          f"{cfg.max_seq_length} (the prompts alone are longer); raise --max_seq_length "
-                          "(`kftune validate-data DATA --base_model M` prints the token lengths)")
-    log.warning("%s: %d of %d rows had no answer token left within max_seq_length=%d and were dropped",
-                where, rows - kept, rows, cfg.max_seq_length)
+        raise KftuneError(
+            f"{where}: none of its {rows} rows has an answer token left within max_seq_length="
+            f"{cfg.max_seq_length} (the prompts alone are longer); raise --max_seq_length "
+            "(`kftune validate-data DATA --base_model M` prints the token lengths)"
+        )
+    log.warning(
+        "%s: %d of %d rows had no answer token left within max_seq_length=%d and were dropped",
+        where,
+        rows - kept,
+        rows,
+        cfg.max_seq_length,
+    )
 
 
 def loss_history(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
@@ -197,13 +205,20 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     set_seed(cfg.seed)  # LoRA's initial weights are random: seeded, a run is reproducible (and a restart matches it)
     model, targets = build_model(cfg, runtime, location)
     trainable, total = count_parameters(model)
-    log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info(
+        "trainable params: %s || all params: %s || trainable%%: %.4f",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
 
     # under `kftune launch` (accelerate/torchrun) every process trains, only the world's process zero writes
     main = int(os.environ.get("RANK", "0")) == 0
     store = Store.for_run(cfg) if cfg.checkpoint_uri else None
-    with (building(out) if main else contextlib.nullcontext(staging_dir(out)) as staging,
-          tempfile.TemporaryDirectory(prefix="kftune-resume-") as downloads):
+    with (
+        building(out) if main else contextlib.nullcontext(staging_dir(out)) as staging,
+        tempfile.TemporaryDirectory(prefix="kftune-resume-") as downloads,
+    ):
         resume = store.latest(Path(downloads)) if store else None  # refuses a checkpoint that is unsafe to load
         trainer = SFTTrainer(
             model=model,
@@ -265,11 +280,19 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     if main and store:
         store.clear()  # the output is in place: the run's checkpoints have served their purpose
     if main:
-        log.info("saved %s run to %s (loss %.4f -> %.4f)", cfg.method, out, metrics["first_loss"] or 0, metrics["last_loss"] or 0)
+        log.info(
+            "saved %s run to %s (loss %.4f -> %.4f)",
+            cfg.method,
+            out,
+            metrics["first_loss"] or 0,
+            metrics["last_loss"] or 0,
+        )
     return TrainResult(out, metrics)
 
 
 def main(argv: list[str]) -> int:
-    cfg = parse_args(argv, prog="fine_tune_qwen.py", description="Fine-tune a causal LM with full, LoRA or QLoRA training.")
+    cfg = parse_args(
+        argv, prog="fine_tune_qwen.py", description="Fine-tune a causal LM with full, LoRA or QLoRA training."
+    )
     run(cfg)
     return 0

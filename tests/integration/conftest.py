@@ -49,9 +49,11 @@ def s3(stack: StackInfo) -> S3:
 def inputs(stack: StackInfo, s3: S3, tiny_model: Path, small_data: Path) -> dict[str, str]:
     """The tiny model and the small data set in the stack's bucket: what a pipeline run reads."""
     bucket = f"s3://{stack.bucket}"
-    return {"base_model": upload_dir(tiny_model, f"{bucket}/inputs/models", s3).uri,
-            "data_uri": upload_file(small_data, f"{bucket}/inputs/data", s3).uri,
-            "artifact_root": f"{bucket}/pipeline"}
+    return {
+        "base_model": upload_dir(tiny_model, f"{bucket}/inputs/models", s3).uri,
+        "data_uri": upload_file(small_data, f"{bucket}/inputs/data", s3).uri,
+        "artifact_root": f"{bucket}/pipeline",
+    }
 
 
 @pytest.fixture(scope="module")

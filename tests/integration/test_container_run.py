@@ -18,8 +18,13 @@ from ..containers import require_images
 from .test_pipeline_run import QUICK
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
-IMAGE_OF = {"validate-data": CPU_IMAGE, "train": TRAINER_IMAGE, "evaluate": CPU_IMAGE, "merge-adapter": CPU_IMAGE,
-            "register-model": CPU_IMAGE}
+IMAGE_OF = {
+    "validate-data": CPU_IMAGE,
+    "train": TRAINER_IMAGE,
+    "evaluate": CPU_IMAGE,
+    "merge-adapter": CPU_IMAGE,
+    "register-model": CPU_IMAGE,
+}
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,18 @@ from ..conftest import run_cli
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAME = "mlflow-models-test"
 # Enough LoRA steps on the tiny model to beat its base by the gate's margin, so the version becomes champion.
-SETTINGS = {"max_steps": 12, "learning_rate": 2e-2, "lora_r": 8, "lora_alpha": 16, "per_device_train_batch_size": 4,
-            "gradient_accumulation_steps": 1, "max_seq_length": 256, "eval_fraction": 0.25, "sample_tokens": 8,
-            "eval_samples": 2}
+SETTINGS = {
+    "max_steps": 12,
+    "learning_rate": 2e-2,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_seq_length": 256,
+    "eval_fraction": 0.25,
+    "sample_tokens": 8,
+    "eval_samples": 2,
+}
 MESSAGES = [{"role": "user", "content": "为这家咖啡店写一篇小红书探店笔记"}]
 TOKENS = 12
 SERVE_START_S = 180  # `mlflow models serve` downloads the model and starts uvicorn: bounded, not open-ended
@@ -73,9 +82,24 @@ def kftune_answer(registered, env) -> str:
 
     candidate = (registered.merged or registered.trained).uri
     dtype = json.loads(Path(resolve_path(candidate), "config.json").read_text(encoding="utf-8")).get("dtype")
-    out = run_cli("-m", "kftune.cli", "infer", "--base_model", candidate, "--prompt", MESSAGES[0]["content"],
-                  "--do_sample", "false", "--repetition_penalty", "1.0", "--max_new_tokens", str(TOKENS),
-                  "--precision", "bf16" if dtype == "bfloat16" else "fp32", env=env)
+    out = run_cli(
+        "-m",
+        "kftune.cli",
+        "infer",
+        "--base_model",
+        candidate,
+        "--prompt",
+        MESSAGES[0]["content"],
+        "--do_sample",
+        "false",
+        "--repetition_penalty",
+        "1.0",
+        "--max_new_tokens",
+        str(TOKENS),
+        "--precision",
+        "bf16" if dtype == "bfloat16" else "fp32",
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     answer = out.stdout.strip().splitlines()[-1].strip()
     assert answer
@@ -156,11 +180,27 @@ def test_mlflow_models_serve_answers_a_chat_request_over_http(registered, env, k
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}/{registered.registration.version}",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        [
+            str(mlflow_cli),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}/{registered.registration.version}",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
         # as in an activated venv: the server execs `uvicorn` from PATH
         env={**os.environ, **env, "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + SERVE_START_S
         while _get(f"http://127.0.0.1:{port}/ping") != 200:
@@ -168,8 +208,9 @@ def test_mlflow_models_serve_answers_a_chat_request_over_http(registered, env, k
             assert time.monotonic() < deadline, f"no answer on /ping in {SERVE_START_S} s"
             time.sleep(1)
         body = json.dumps({"messages": MESSAGES, "max_tokens": TOKENS, "temperature": 0.0}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
     finally:
@@ -187,13 +228,19 @@ def test_the_bucket_holds_one_registered_copy_of_the_weights(registered, env, s3
     assert printed.returncode == 0 and printed.stdout.strip() == where, printed.stderr[-2000:]
     bucket, prefix = where.removeprefix("s3://").split("/", 1)
     assert bucket == stack.bucket
-    keys = [item["Key"] for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for item in page.get("Contents", [])]
+    keys = [
+        item["Key"]
+        for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for item in page.get("Contents", [])
+    ]
     weights = s3.client.get_object(Bucket=bucket, Key=f"{prefix}/model.safetensors")["Body"].read()
     digest = hashlib.sha256(weights).hexdigest()
     logged = [k for k in keys if k.startswith("mlflow/") and k.endswith(".safetensors")]
-    copies = [k for k in logged if hashlib.sha256(s3.client.get_object(Bucket=bucket, Key=k)["Body"].read()).hexdigest()
-              == digest]
+    copies = [
+        k
+        for k in logged
+        if hashlib.sha256(s3.client.get_object(Bucket=bucket, Key=k)["Body"].read()).hexdigest() == digest
+    ]
     assert copies == [f"{prefix}/model.safetensors"]
     assert not [k for k in keys if "/registered/" in k]  # the old carded copy is gone
 

@@ -16,9 +16,18 @@ from ..conftest import EXTERNAL_ALPACA, assert_generates, run_cli
 
 pytestmark = pytest.mark.integration
 # A few steps on the tiny model: enough to move the weights, small enough for ~1 minute a method.
-QUICK = {"max_steps": 3, "learning_rate": 1e-2, "lora_r": 8, "lora_alpha": 16, "per_device_train_batch_size": 4,
-         "gradient_accumulation_steps": 1, "max_seq_length": 256, "eval_fraction": 0.25, "sample_tokens": 8,
-         "eval_samples": 2}
+QUICK = {
+    "max_steps": 3,
+    "learning_rate": 1e-2,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_seq_length": 256,
+    "eval_fraction": 0.25,
+    "sample_tokens": 8,
+    "eval_samples": 2,
+}
 
 
 # LoRA trains in two processes (train_processes=2 on a CPU machine stands in for two GPUs: two gloo
@@ -29,14 +38,22 @@ PROCESSES = {"full": 1, "lora": 2, "qlora": 1}
 @pytest.fixture(scope="module", params=list(PROCESSES))
 def finished(request, inputs, task_env, tmp_path_factory) -> tuple[str, RunSummary]:
     method = request.param
-    arguments = {**inputs, **QUICK, "method": method, "quantization_bit": 4, "registered_model_name": f"test-{method}",
-                 "train_processes": PROCESSES[method]}
+    arguments = {
+        **inputs,
+        **QUICK,
+        "method": method,
+        "quantization_bit": 4,
+        "registered_model_name": f"test-{method}",
+        "train_processes": PROCESSES[method],
+    }
     return method, run(arguments, task_env, tmp_path_factory.mktemp(f"root-{method}"), progress=None)
 
 
 def test_every_step_ran_and_the_adapter_methods_merged(finished):
     method, summary = finished
-    expected = ["validate-data", "train", "evaluate"] + (["merge-adapter"] if method != "full" else []) + ["register-model"]
+    expected = (
+        ["validate-data", "train", "evaluate"] + (["merge-adapter"] if method != "full" else []) + ["register-model"]
+    )
     assert list(summary.seconds) == expected
     assert all(s > 0 for s in summary.seconds.values())
     assert summary.trained.method == method and (summary.merged is None) == (method == "full")
@@ -49,8 +66,12 @@ def test_every_step_ran_and_the_adapter_methods_merged(finished):
 def test_artifacts_are_in_the_bucket_and_verify(finished, s3, small_data, tmp_path):
     _, summary = finished
     assert summary.data.dataset_sha256 == sha256_file(small_data)
-    for name, result in {"data": summary.data, "trained": summary.trained, "evaluation": summary.evaluation,
-                         "merged": summary.merged}.items():
+    for name, result in {
+        "data": summary.data,
+        "trained": summary.trained,
+        "evaluation": summary.evaluation,
+        "merged": summary.merged,
+    }.items():
         if result is None:
             continue
         folder = result.uri
@@ -92,8 +113,9 @@ def test_the_mlflow_run_holds_params_and_metrics(finished, stack):
     assert reg.run_url.startswith(stack.mlflow_url) and reg.run_id in reg.run_url
 
 
-def test_the_registered_version_is_an_mlflow_model_which_loads_and_generates(finished, stack, s3, tiny_model, tmp_path,
-                                                                           monkeypatch):
+def test_the_registered_version_is_an_mlflow_model_which_loads_and_generates(
+    finished, stack, s3, tiny_model, tmp_path, monkeypatch
+):
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,7 +128,10 @@ def test_the_registered_version_is_an_mlflow_model_which_loads_and_generates(fin
     assert version.source == reg.source and version.source.startswith("models:/m-")
     assert version.tags["candidate_uri"] == expected.uri and version.run_id == reg.run_id
     assert version.tags["method"] == method and version.tags["artifact_sha256"] == expected.sha256
-    assert version.tags["pipeline_run"].startswith("kftune-finetune") and len(version.tags.get("git_commit", "")) in (0, 40)
+    assert version.tags["pipeline_run"].startswith("kftune-finetune") and len(version.tags.get("git_commit", "")) in (
+        0,
+        40,
+    )
     assert version.tags["gate.decision"] == ("champion" if reg.promoted else "challenger")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
@@ -145,7 +170,9 @@ def test_a_stopped_mlflow_server_fails_early_naming_mlflow(inputs, task_env, tmp
     assert not list(tmp_path.glob("run-*/*/train"))  # it stopped before training
 
 
-def test_a_failing_data_gate_stops_the_run_before_training_with_the_report_in_s3(inputs, task_env, stack, s3, small_data, tmp_path):
+def test_a_failing_data_gate_stops_the_run_before_training_with_the_report_in_s3(
+    inputs, task_env, stack, s3, small_data, tmp_path
+):
     lines = small_data.read_text(encoding="utf-8").splitlines()
     bad = tmp_path / "bad.jsonl"  # every third row broken: far above the 5% reject limit
     bad.write_text("\n".join(line if i % 3 else line[:-5] for i, line in enumerate(lines)) + "\n", encoding="utf-8")
@@ -165,9 +192,22 @@ def test_a_failing_data_gate_stops_the_run_before_training_with_the_report_in_s3
 def test_a_gate_stop_through_the_cli_is_one_line_naming_the_rule_and_the_fix(stack, tiny_model, tmp_path):
     """The external alpaca file (LLaMA-Factory's demo data) at 96 tokens: the run stops at the gate, and the
     user reads why and what to do in one line, not a traceback."""
-    proc = run_cli("-m", "kftune.cli", "pipeline", "run", "--state-dir", str(stack.state_dir), "--base-model",
-                   str(tiny_model), "--data-uri", str(EXTERNAL_ALPACA), "--max-seq-length", "96", "--pipeline-root",
-                   str(tmp_path))
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "pipeline",
+        "run",
+        "--state-dir",
+        str(stack.state_dir),
+        "--base-model",
+        str(tiny_model),
+        "--data-uri",
+        str(EXTERNAL_ALPACA),
+        "--max-seq-length",
+        "96",
+        "--pipeline-root",
+        str(tmp_path),
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -180,8 +220,20 @@ def test_a_gate_stop_through_the_cli_is_one_line_naming_the_rule_and_the_fix(sta
 
 
 def test_the_cli_reports_bad_settings_in_one_line_before_starting_anything(stack, tmp_path):
-    proc = run_cli("-m", "kftune.cli", "pipeline", "run", "--state-dir", str(stack.state_dir), "--lora-r", "0",
-                   "--learning-rate", "2", "--pipeline-root", str(tmp_path))
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "pipeline",
+        "run",
+        "--state-dir",
+        str(stack.state_dir),
+        "--lora-r",
+        "0",
+        "--learning-rate",
+        "2",
+        "--pipeline-root",
+        str(tmp_path),
+    )
     assert proc.returncode == 2
     assert "lora_r: must be >= 1" in proc.stderr and "learning_rate: must be in (0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())

@@ -25,8 +25,16 @@ from ..conftest import assert_generates, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAME = "promotion-test"
-SETTINGS = {"max_steps": 12, "learning_rate": 2e-2, "lora_r": 8, "lora_alpha": 16, "per_device_train_batch_size": 4,
-            "gradient_accumulation_steps": 1, "max_seq_length": 256, "logging_steps": 2}
+SETTINGS = {
+    "max_steps": 12,
+    "learning_rate": 2e-2,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_seq_length": 256,
+    "logging_steps": 2,
+}
 # LoRA at 45x the good learning rate overshoots (0.3 was measured too close to the good model); the
 # test asserts it is clearly worse
 WORSE_LR = 0.9
@@ -60,7 +68,9 @@ def split(root, base_uri, small_data: Path) -> steps.DataSplit:
 
 def _candidate(split, root, base_uri, learning_rate: float):
     trained = steps.train(split, base_uri, "lora", root, {**SETTINGS, "learning_rate": learning_rate})
-    evaluation = steps.evaluate(trained.uri, split.eval_uri, root, sample_tokens=16, samples=2, validation_uri=split.uri)
+    evaluation = steps.evaluate(
+        trained.uri, split.eval_uri, root, sample_tokens=16, samples=2, validation_uri=split.uri
+    )
     return trained, evaluation
 
 
@@ -68,8 +78,17 @@ def _candidate(split, root, base_uri, learning_rate: float):
 def good(split, root, base_uri):
     trained, evaluation = _candidate(split, root, base_uri, SETTINGS["learning_rate"])
     merged = steps.merge(trained.uri, root)
-    registration = steps.register(NAME, "promotion-test", split, trained, evaluation, merged, artifact_root=root,
-                                  git_commit="0" * 40, pipeline_run="test-run-1")
+    registration = steps.register(
+        NAME,
+        "promotion-test",
+        split,
+        trained,
+        evaluation,
+        merged,
+        artifact_root=root,
+        git_commit="0" * 40,
+        pipeline_run="test-run-1",
+    )
     return trained, evaluation, merged, registration
 
 
@@ -77,8 +96,9 @@ def good(split, root, base_uri):
 def worse(good, split, root, base_uri):
     trained, evaluation = _candidate(split, root, base_uri, WORSE_LR)
     merged = steps.merge(trained.uri, root)
-    registration = steps.register(NAME, "promotion-test", split, trained, evaluation, merged, artifact_root=root,
-                                  pipeline_run="test-run-2")
+    registration = steps.register(
+        NAME, "promotion-test", split, trained, evaluation, merged, artifact_root=root, pipeline_run="test-run-2"
+    )
     return trained, evaluation, merged, registration
 
 
@@ -111,7 +131,12 @@ def test_a_model_that_beats_its_base_becomes_champion(good, client, split):
 def test_registering_the_same_artifact_again_returns_the_existing_version(good, split, root, client):
     trained, evaluation, merged, first = good
     again = steps.register(NAME, "promotion-test", split, trained, evaluation, merged, artifact_root=root)
-    assert (again.version, again.source, again.run_id, again.promoted) == (first.version, first.source, first.run_id, True)
+    assert (again.version, again.source, again.run_id, again.promoted) == (
+        first.version,
+        first.source,
+        first.run_id,
+        True,
+    )
     assert again.existing
     found = client.search_model_versions(f"name = '{NAME}' and tags.artifact_sha256 = '{merged.sha256}'")
     assert len(found) == 1
@@ -136,13 +161,23 @@ def test_the_registered_model_carries_a_model_card_and_the_run_the_report(good, 
 
     *_, reg = good
     folder = download(client.get_model_version(NAME, reg.version), tmp_path / "registered")
-    for card in ((folder / HF_SUBDIR / "README.md").read_text(encoding="utf-8"),
-                 (folder / "model_card.md").read_text(encoding="utf-8")):  # the HF card and MLflow's
-        for expected in ("# promotion-test", "| eval loss (assistant tokens) |", 'mlflow.pyfunc.load_model("models:/promotion-test@champion")',
-                         "mlflow models serve", "AutoModelForCausalLM.from_pretrained", "train rows", "lora"):
+    for card in (
+        (folder / HF_SUBDIR / "README.md").read_text(encoding="utf-8"),
+        (folder / "model_card.md").read_text(encoding="utf-8"),
+    ):  # the HF card and MLflow's
+        for expected in (
+            "# promotion-test",
+            "| eval loss (assistant tokens) |",
+            'mlflow.pyfunc.load_model("models:/promotion-test@champion")',
+            "mlflow models serve",
+            "AutoModelForCausalLM.from_pretrained",
+            "train rows",
+            "lora",
+        ):
             assert expected in card, expected
     assert {"model.safetensors", "config.json", "kftune_fingerprint.json", "chat_template.jinja", "tokenizer.json"} <= {
-        p.name for p in (folder / HF_SUBDIR).iterdir()}
+        p.name for p in (folder / HF_SUBDIR).iterdir()
+    }
     assert {"MLmodel", "MANIFEST.json", "requirements.txt", "input_example.json"} <= {p.name for p in folder.iterdir()}
     logged = {a.path for a in client.list_artifacts(reg.run_id)}
     assert {"metrics.json", "samples.jsonl", "report.html"} <= logged
@@ -159,8 +194,15 @@ def test_a_champion_scored_on_other_settings_is_scored_again(good, worse, split,
     evaluation = steps.evaluate(trained.uri, split.eval_uri, root, sample_tokens=16, samples=1)
     assert evaluation.eval_key != good[1].eval_key
     folder = steps.fetch(evaluation.uri)
-    reg = promote.register(NAME, experiment="promotion-test", model_uri=merged.uri, model_sha256=uuid.uuid4().hex * 2,
-                           evaluation_dir=folder, lineage_tags={"method": "lora"}, rescore=promote.rescorer(folder))
+    reg = promote.register(
+        NAME,
+        experiment="promotion-test",
+        model_uri=merged.uri,
+        model_sha256=uuid.uuid4().hex * 2,
+        evaluation_dir=folder,
+        lineage_tags={"method": "lora"},
+        rescore=promote.rescorer(folder),
+    )
     assert reg.reasons[-1].startswith(f"champion version {champion.version} was scored again on this eval data")
     # the champion (the merged model, read back from the registry) was scored on this candidate's settings:
     # its loss is the adapter's up to merge parity, which under bf16 (precision auto on a bf16 CPU) is
@@ -190,8 +232,21 @@ def test_an_adapter_on_its_own_is_refused_with_what_to_do(good, split, root, cli
 
 def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
     _, evaluation, merged, _ = worse
-    args = ["-m", "kftune.cli", "register", "--model", merged.uri, "--evaluation", evaluation.uri,
-            "--name", "promotion-cli", "--experiment", "promotion-test", "--dataset_sha256", "f" * 64]
+    args = [
+        "-m",
+        "kftune.cli",
+        "register",
+        "--model",
+        merged.uri,
+        "--evaluation",
+        evaluation.uri,
+        "--name",
+        "promotion-cli",
+        "--experiment",
+        "promotion-test",
+        "--dataset_sha256",
+        "f" * 64,
+    ]
     first = run_cli(*args, env=env.env())
     assert first.returncode == 0, first.stderr[-3000:]
     # its last line is the decision (MLflow prints the run's link before it)
@@ -199,8 +254,18 @@ def test_the_register_command_gates_and_is_idempotent(worse, env, tmp_path):
     again = run_cli(*args, env=env.env())
     assert again.returncode == 0
     assert again.stdout.splitlines()[-1].startswith("promotion-cli version 1 (already registered): champion")
-    local = run_cli("-m", "kftune.cli", "register", "--model", str(tmp_path), "--evaluation", str(tmp_path),
-                    "--name", "x", env=env.env())
+    local = run_cli(
+        "-m",
+        "kftune.cli",
+        "register",
+        "--model",
+        str(tmp_path),
+        "--evaluation",
+        str(tmp_path),
+        "--name",
+        "x",
+        env=env.env(),
+    )
     assert local.returncode == 2 and "not a model folder" in local.stderr and "Traceback" not in local.stderr
 
 
@@ -226,9 +291,15 @@ def test_a_champion_that_moves_while_a_candidate_is_judged_is_judged_again(good,
         return {"eval_loss": loss - 1.0}  # the new one: it does not
 
     try:
-        reg = promote.register(NAME, experiment="promotion-test", model_uri=good[2].uri,
-                               model_sha256=uuid.uuid4().hex * 2, evaluation_dir=folder, lineage_tags={},
-                               rescore=rescore)
+        reg = promote.register(
+            NAME,
+            experiment="promotion-test",
+            model_uri=good[2].uri,
+            model_sha256=uuid.uuid4().hex * 2,
+            evaluation_dir=folder,
+            lineage_tags={},
+            rescore=rescore,
+        )
         now = str(client.get_model_version_by_alias(NAME, "champion").version)
     finally:
         client.set_registered_model_alias(NAME, "champion", old)

@@ -21,8 +21,14 @@ def _register(name: str, candidate: int, stack: StackInfo) -> Registration:
     """The MLflow calls of a registration (kftune.promote.register makes these): a run, then a version."""
     source = f"s3://{stack.bucket}/candidates/{uuid.uuid4().hex}{uuid.uuid4().hex}"  # 64 hex: an artifact URI
     mlflow = registry.client()
-    run_id, url = registry.log_run(mlflow, name, f"{name}-{candidate}", params={"method": "lora", "candidate": candidate},
-                                   metrics={"eval_loss": 1.0 + candidate}, tags={"candidate": str(candidate)})
+    run_id, url = registry.log_run(
+        mlflow,
+        name,
+        f"{name}-{candidate}",
+        params={"method": "lora", "candidate": candidate},
+        metrics={"eval_loss": 1.0 + candidate},
+        tags={"candidate": str(candidate)},
+    )
     version = registry.create_version(mlflow, name, source, run_id, {"candidate": str(candidate)})
     return Registration(name, str(version.version), run_id, url, source)
 
@@ -49,7 +55,9 @@ def test_concurrent_registrations_of_distinct_candidates_get_distinct_versions(s
 
     assert sorted(int(r.version) for r in registrations) == list(range(1, PARALLEL + 1))
     client = MlflowClient(stack_env.mlflow_url)
-    stored = {v.version: (v.source, v.run_id, v.tags["candidate"]) for v in client.search_model_versions(f"name='{name}'")}
+    stored = {
+        v.version: (v.source, v.run_id, v.tags["candidate"]) for v in client.search_model_versions(f"name='{name}'")
+    }
     assert stored == {r.version: (r.source, r.run_id, str(i)) for i, r in enumerate(registrations)}
     runs = [client.get_run(r.run_id) for r in registrations]
     assert len({run.info.experiment_id for run in runs}) == 1  # one experiment, not one per winner of a race

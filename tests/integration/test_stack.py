@@ -72,20 +72,23 @@ def test_only_the_private_files_hold_the_secret(stack: StackInfo) -> None:
 
 def test_every_listener_is_on_loopback(stack: StackInfo) -> None:
     for service in status(stack.state_dir).services:
-        listening = [c.laddr for p in _family(service.pid) for c in p.net_connections("inet")
-                     if c.status == psutil.CONN_LISTEN]
+        listening = [
+            c.laddr for p in _family(service.pid) for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN
+        ]
         assert listening, service.label
         assert {addr.ip for addr in listening} == {"127.0.0.1"}, service.label
     weed = status(stack.state_dir).services[0]
-    weed_ports = {c.laddr.port for c in psutil.Process(weed.pid).net_connections("inet")
-                  if c.status == psutil.CONN_LISTEN}
+    weed_ports = {
+        c.laddr.port for c in psutil.Process(weed.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN
+    }
     assert int(stack.s3_endpoint.rsplit(":", 1)[1]) in weed_ports
     assert len(weed_ports) == 10  # S3, master, volume, filer, admin, each with its gRPC twin
 
 
 @pytest.mark.parametrize("busy_flag", ["--s3-port", "--mlflow-port"])
-def test_busy_port_is_refused_before_anything_starts(busy_flag: str, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_busy_port_is_refused_before_anything_starts(
+    busy_flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -95,12 +98,14 @@ def test_busy_port_is_refused_before_anything_starts(busy_flag: str, tmp_path: P
         assert cli_main(argv) == 2
     service = "SeaweedFS S3" if busy_flag == "--s3-port" else "MLflow"
     assert capsys.readouterr().err == (
-        f"error: port {busy} on 127.0.0.1 is in use (needed for {service}); stop what holds it or pass {busy_flag}\n")
+        f"error: port {busy} on 127.0.0.1 is in use (needed for {service}); stop what holds it or pass {busy_flag}\n"
+    )
     assert not list(tmp_path.glob("*.pid"))
 
 
-def test_down_stops_exactly_the_recorded_processes(stack: StackInfo, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_down_stops_exactly_the_recorded_processes(
+    stack: StackInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key, secret = "KFTUNETESTKEY0000001", secrets.token_hex(20)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
@@ -160,8 +165,9 @@ def test_mlflow_server_keeps_runs_and_puts_artifacts_in_s3(stack_env: StackInfo,
     client.set_terminated(run_id)
 
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.25)]
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report.txt",
-                                                dst_path=str(tmp_path / "back"))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="report.txt", dst_path=str(tmp_path / "back")
+    )
     assert Path(local).read_text() == "eval report"
     listed = connect_s3().client.list_objects_v2(Bucket=stack_env.bucket, Prefix="mlflow/")
     assert any(o["Key"].endswith(f"{run_id}/artifacts/report.txt") for o in listed.get("Contents", []))

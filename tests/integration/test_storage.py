@@ -166,8 +166,9 @@ def test_resolve_path_downloads_once_into_the_cache(s3: S3, dest: str, tmp_path:
 
 
 @pytest.mark.parametrize("variable", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
-def test_wrong_credentials_are_one_clear_error_without_retries(variable: str, stack_env: StackInfo, dest: str,
-                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_credentials_are_one_clear_error_without_retries(
+    variable: str, stack_env: StackInfo, dest: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "x.txt"
     data.write_text("x")
     uploaded = upload_file(data, dest)
@@ -176,8 +177,10 @@ def test_wrong_credentials_are_one_clear_error_without_retries(variable: str, st
     s3 = connect_s3()
     sent = _calls(s3, "before-send.s3")
 
-    attempts = (lambda: upload_file(data, f"{dest}-other", s3),
-                lambda: download_dir(uploaded.uri, tmp_path / "out", s3))
+    attempts = (
+        lambda: upload_file(data, f"{dest}-other", s3),
+        lambda: download_dir(uploaded.uri, tmp_path / "out", s3),
+    )
     for attempt in attempts:
         message, seconds, requests = _failure(attempt, sent)
         assert seconds < 3 and requests == 1  # not retried
@@ -187,8 +190,9 @@ def test_wrong_credentials_are_one_clear_error_without_retries(variable: str, st
     assert not (tmp_path / "out").exists()
 
 
-def test_a_stopped_s3_server_gives_bounded_retries_then_one_clear_error(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stopped_s3_server_gives_bounded_retries_then_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A throwaway stack, since the session's must stay up: upload, stop it for real, then read and write."""
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
@@ -202,13 +206,17 @@ def test_a_stopped_s3_server_gives_bounded_retries_then_one_clear_error(tmp_path
         sent = _calls(s3, "before-send.s3")
 
         (src / "config.json").write_text('{"r": 4}')  # new content: the upload has to reach the server
-        attempts = (lambda: download_dir(art.uri, tmp_path / "out", s3),
-                    lambda: upload_dir(src, f"s3://{info.bucket}/models", s3))
+        attempts = (
+            lambda: download_dir(art.uri, tmp_path / "out", s3),
+            lambda: upload_dir(src, f"s3://{info.bucket}/models", s3),
+        )
         for attempt in attempts:
             message, seconds, requests = _failure(attempt, sent)
             assert seconds < 30 and requests == 4  # the first try and three retries, with backoff between them
-            assert message.startswith(f"cannot reach S3 at {info.s3_endpoint} after 4 attempts "
-                                      "(EndpointConnectionError); check that the service runs")
+            assert message.startswith(
+                f"cannot reach S3 at {info.s3_endpoint} after 4 attempts "
+                "(EndpointConnectionError); check that the service runs"
+            )
             assert info.secret_key not in message and info.access_key not in message
         assert not (tmp_path / "out").exists()
     finally:
@@ -229,7 +237,8 @@ upload_dir(sys.argv[1], sys.argv[2], s3)
 
 
 def test_an_upload_killed_midway_is_invisible_to_readers_and_the_next_run_uploads_again(
-        s3: S3, dest: str, tmp_path: Path) -> None:
+    s3: S3, dest: str, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for name, size in (("a.bin", 64 * 1024), ("big.bin", 20 * MiB), ("c.bin", 64 * 1024)):  # uploaded in this order

@@ -17,10 +17,22 @@ from pipelines.local import SweepSummary, run_sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
-SWEEP = {"methods": ["qlora4", "full"], "ranks": [4, 8], "target_presets": ["attention"], "max_steps": 3,
-         "learning_rate": 1e-2, "lora_alpha": 16, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-         "max_seq_length": 256, "eval_fraction": 0.25, "sample_tokens": 16, "eval_samples": 2, "registered_model_name": "test-sweep",
-         "experiment_name": "test-sweep"}
+SWEEP = {
+    "methods": ["qlora4", "full"],
+    "ranks": [4, 8],
+    "target_presets": ["attention"],
+    "max_steps": 3,
+    "learning_rate": 1e-2,
+    "lora_alpha": 16,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_seq_length": 256,
+    "eval_fraction": 0.25,
+    "sample_tokens": 16,
+    "eval_samples": 2,
+    "registered_model_name": "test-sweep",
+    "experiment_name": "test-sweep",
+}
 NAMES = {"qlora4-r4-attention", "qlora4-r8-attention", "full"}
 
 
@@ -32,7 +44,12 @@ def swept(inputs, task_env, tmp_path_factory) -> SweepSummary:
 @pytest.fixture(scope="module")
 def report(swept, s3, tmp_path_factory) -> dict:
     folder = download_dir(swept.sweep.uri, tmp_path_factory.mktemp("report") / "comparison", s3)
-    assert {p.name for p in folder.iterdir()} >= {"comparison.md", "comparison.json", "comparison.html", "comparison.png"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "comparison.md",
+        "comparison.json",
+        "comparison.html",
+        "comparison.png",
+    }
     return json.loads((folder / "comparison.json").read_text())
 
 
@@ -49,7 +66,9 @@ def test_every_column_of_the_table_is_filled_from_measurements(report, swept):
         assert row["trainable_params"] > 0 and 0 < row["trainable_share"] <= 1
         assert row["peak_memory_bytes"] > 100 * 2**20  # a training process's resident size, in bytes
         assert row["train_seconds"] > 0 and row["tokens_per_second"] > 0
-        assert all(math.isfinite(row["quality"][m]) for m in ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate"))
+        assert all(
+            math.isfinite(row["quality"][m]) for m in ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate")
+        )
     assert rows["full"]["trainable_share"] == 1.0 and rows["full"]["rank"] is None
     assert rows["qlora4-r8-attention"]["trainable_params"] == 2 * rows["qlora4-r4-attention"]["trainable_params"]
     places = sorted(rows.values(), key=lambda r: r["place"])
@@ -66,13 +85,17 @@ def test_mlflow_holds_a_parent_run_with_a_child_per_candidate(swept, stack):
     parent = client.get_run(swept.sweep.parent_run_id)
     assert parent.data.params["winner"] == swept.sweep.winner and parent.data.metrics["candidates"] == 3
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} == {
-        f"comparison/comparison.{ext}" for ext in ("md", "json", "html", "png")}
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        f"comparison/comparison.{ext}" for ext in ("md", "json", "html", "png")
+    }
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     by_name = {run.info.run_name: run.data for run in children}
     assert set(by_name) == NAMES
     for name in NAMES - {"full"}:
-        assert by_name[name].params["lora_target_modules"] == ATTENTION and by_name[name].params["quantization_bit"] == "4"
+        assert (
+            by_name[name].params["lora_target_modules"] == ATTENTION and by_name[name].params["quantization_bit"] == "4"
+        )
     assert "lora_target_modules" not in by_name["full"].params
     assert {run.data.tags["winner"] for run in children} == {"true", "false"}
     assert swept.sweep.parent_run_url.startswith(stack.mlflow_url)
