@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kftune.core import artifacts
-from kftune.core.errors import KftuneError
+from kftune.core.errors import KftuneError, one_line
 from kftune.core.storage import resolve_path, upload_dir
 from kftune.data.gate_stop import stop_message
 from kftune.data.validate import Options, validate
@@ -142,13 +142,6 @@ def write_pointer(path: str, result: Any) -> dict[str, Any]:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(metadata, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return metadata
-
-
-def one_line(exc: KftuneError) -> str:
-    """The error on one line: a ConfigError's list of problems joined by '; '."""
-    first, *rest = str(exc).splitlines()
-    problems = "; ".join(line.strip().removeprefix("- ") for line in rest if line.strip())
-    return f"{first} {problems}" if problems else first
 
 
 def reports_errors(step: F) -> F:

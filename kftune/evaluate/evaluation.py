@@ -32,7 +32,7 @@ from kftune.core.errors import KftuneError
 from kftune.core.storage import resolve_path, sha256_file
 from kftune.data.formats import Message
 from kftune.data.reading import load_conversations
-from kftune.evaluate.report import write_report
+from kftune.evaluate.report import format_table, write_report
 from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
 from kftune.models import fingerprint
 from kftune.models.fingerprint import ALLOW_FLAG
@@ -394,12 +394,3 @@ def main(argv: list[str]) -> int:
     )
     print(format_table(metrics))
     return 0
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """base vs tuned, one metric a row."""
-    rows = [f"{'metric':<18}{'base':>12}{'tuned':>12}"]
-    for name in ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate"):
-        if name in metrics["tuned"]:
-            rows.append(f"{name:<18}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}")
-    return "\n".join(rows)

@@ -192,3 +192,12 @@ def write_report(
     path = Path(path)
     path.write_text(render(metrics, samples, training, validation), encoding="utf-8")
     return path
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """base vs tuned, one metric a row: what `kftune evaluate` prints."""
+    rows = [f"{'metric':<18}{'base':>12}{'tuned':>12}"]
+    for name in ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate"):
+        if name in metrics["tuned"]:
+            rows.append(f"{name:<18}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}")
+    return "\n".join(rows)

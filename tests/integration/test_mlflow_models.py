@@ -121,7 +121,7 @@ def test_the_version_is_a_chat_model_logged_with_its_run(registered, env):
     assert version.tags["artifact_sha256"] == registered.merged.sha256 and len(version.tags["registered_sha256"]) == 64
     info = get_model_info(f"models:/{NAME}@champion")
     assert {"transformers", "python_function"} <= set(info.flavors)
-    assert info.metadata["task"] == "llm/v1/chat" and len(info.metadata["kftune.models.fingerprint"]) == 64
+    assert info.metadata["task"] == "llm/v1/chat" and len(info.metadata["kftune.fingerprint"]) == 64
     assert [i["name"] for i in info.signature.inputs.to_dict()][:1] == ["messages"]
     assert info.saved_input_example_info is not None  # an eval row's chat request
     run_artifacts = {a.path for a in client.list_artifacts(reg.run_id)}

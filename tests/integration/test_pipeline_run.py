@@ -90,7 +90,8 @@ def test_artifacts_are_in_the_bucket_and_verify(finished, s3, small_data, tmp_pa
 def test_the_evaluate_task_emits_the_report_as_its_html_output(finished):
     _, summary = finished
     page = summary.report.read_text(encoding="utf-8")
-    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") == 3
+    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") == 2  # loss curve, scores
+    assert 'aria-label="token-length histogram"' in page  # inline SVG, drawn once for both reports
     assert str(summary.report) in summary.render()
 
 
