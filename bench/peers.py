@@ -94,6 +94,23 @@ def configs(tool: str, method: str, args, model: str, work: Path) -> Path:
     """The tool's own config file for this run (bench/peers/ documents each tool's keys)."""
     bf16 = args.precision == "bf16"
     out = work / f"{tool}-{method}"
+    # the transformers TrainingArguments both peers take, set alike
+    trainer_args = {
+        "max_steps": args.steps,
+        "per_device_train_batch_size": args.batch,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": args.lr,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "bf16": bf16,
+        "use_cpu": not args.cuda,
+        "seed": args.seed,
+        "output_dir": str(out),
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+    }
     if tool == "kftune":
         cfg = {
             "base_model": model,
@@ -138,21 +155,8 @@ def configs(tool: str, method: str, args, model: str, work: Path) -> Path:
             "default_system": SYSTEM,
             "cutoff_len": args.cutoff,
             "overwrite_cache": True,
-            "max_steps": args.steps,
-            "per_device_train_batch_size": args.batch,
-            "gradient_accumulation_steps": 1,
-            "learning_rate": args.lr,
-            "lr_scheduler_type": "constant",
-            "warmup_steps": 0,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "bf16": bf16,
-            "use_cpu": not args.cuda,
-            "seed": args.seed,
-            "output_dir": str(out),
             "overwrite_output_dir": True,
-            "report_to": "none",
-            "dataloader_num_workers": 0,
+            **trainer_args,
         }
         if method != "lora":
             cfg |= {"quantization_bit": 4, "quantization_method": "bnb", "double_quantization": True}
@@ -170,20 +174,7 @@ def configs(tool: str, method: str, args, model: str, work: Path) -> Path:
             "lora_alpha": 16,
             "lora_dropout": 0.1,
             "lora_target_modules": TARGETS,
-            "max_steps": args.steps,
-            "per_device_train_batch_size": args.batch,
-            "gradient_accumulation_steps": 1,
-            "learning_rate": args.lr,
-            "lr_scheduler_type": "constant",
-            "warmup_steps": 0,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "bf16": bf16,
-            "use_cpu": not args.cuda,
-            "seed": args.seed,
-            "output_dir": str(out),
-            "report_to": "none",
-            "dataloader_num_workers": 0,
+            **trainer_args,
         }
         if method != "lora":
             cfg |= {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True}
