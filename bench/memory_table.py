@@ -27,13 +27,14 @@ from measure import QWEN2_5_0_5B, Spec, build_model, measure, write_rows
 
 GiB = 2**30
 # the user's guide's figures for Qwen2.5-0.5B, GB
-GUIDE = {"full-fp32": 8, "full-bf16": 8, "lora": 6, "lora-ckpt": 6, "qlora4": 3, "qlora8": 4}
+GUIDE = {"full-fp32": 8, "full-bf16": 8, "lora": 6, "lora-ckpt": 6, "qlora4": 3, "qlora4-ckpt": 3, "qlora8": 4}
 METHODS = {  # label -> (method, bits, precision, checkpointing)
     "full-fp32": ("full", 4, "fp32", False),
     "full-bf16": ("full", 4, "bf16", False),
     "lora": ("lora", 4, None, False),
     "lora-ckpt": ("lora", 4, None, True),
     "qlora4": ("qlora", 4, None, False),
+    "qlora4-ckpt": ("qlora", 4, None, True),  # the QLoRA recipe's default (peft's prepare_model_for_kbit_training)
     "qlora8": ("qlora", 8, None, False),
 }
 QUICK_SHAPE = {
@@ -111,6 +112,23 @@ def render(rows: list[dict], quick: bool) -> str:
     return "\n".join(lines)
 
 
+def guide_ratios(rows: list[dict]) -> list[str]:
+    """Each method's peak against full fp32 fine-tuning's, beside the guide's ratio (QLoRA-4 3/8, LoRA 6/8)."""
+    full = next((r for r in rows if r["label"] == "full-fp32" and "error" not in r), None)
+    if full is None:
+        return []
+    lines = []
+    for r in rows:
+        if r["label"] == "full-fp32" or "error" in r:
+            continue
+        ratio, target = r["peak_bytes"] / full["peak_bytes"], GUIDE[r["label"]] / GUIDE["full-fp32"]
+        verdict = "met" if ratio <= target else "NOT met"
+        lines.append(
+            f"{r['label']}: peak {ratio:.2f}x full-fp32's (guide {GUIDE[r['label']]}/8 = {target:.3f}: {verdict})"
+        )
+    return lines
+
+
 def chart(rows: list[dict], path: Path, title: str, guide: bool) -> Path:
     """Measured vs estimated bars, and the guide's figures beside them for the 0.5B shape."""
     import matplotlib
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         quick = report["shape"] == QUICK_SHAPE
         print(report["title"])
         print(render(report["rows"], quick))
+        print("\n".join(guide_ratios(report["rows"])))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / args.from_json.name).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         chart(report["rows"], args.out / args.from_json.with_suffix(".png").name, report["title"], guide=not quick)
@@ -205,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows, args.quick)
     print(title)
     print(table)
+    ratios = guide_ratios(rows)
+    print("\n".join(ratios))
     print(
         "peak: "
         + (
@@ -224,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": shape,
         "guide_gb": GUIDE,
         "rows": rows,
+        "ratios": ratios,
     }
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     png = chart(rows, args.out / f"{stem}.png", title, guide=not args.quick)

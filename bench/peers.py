@@ -7,8 +7,9 @@ training step and counts its real (non-padding) tokens from the batch the tool b
 takes the process's peak RSS from the kernel (`wait4`'s ru_maxrss, what `/usr/bin/time -v`
 prints). Same for all: the model (built here: `measure.build_model`), the alpaca file, LoRA r / alpha
 / dropout on every linear layer, batch, cutoff, learning rate (constant, no warmup), steps, seed,
-precision (bf16 where the CPU has it), and each tool's own defaults beyond that (LLaMA-Factory turns
-gradient checkpointing on by default; kftune only when its memory pre-flight asks for it).
+precision (bf16 where the CPU has it), gradient checkpointing (both peers turn it on by default, so
+kftune runs with it on too; `--kftune-checkpointing preflight` leaves it to kftune's memory pre-flight),
+and each tool's own defaults beyond that.
 
     python bench/peers.py [--shape qwen2.5-0.5b|demo|quick] [--steps 6] [--methods lora,qlora4] [--quick] [--out DIR]
 """
@@ -28,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import QWEN2_5_0_5B, build_model
+
+from kftune.core.levers import LEVERS
 
 BENCH = Path(__file__).resolve().parent
 PEERS = BENCH / "peers"
@@ -136,7 +139,7 @@ def configs(tool: str, method: str, args, model: str, work: Path) -> Path:
             "seed": args.seed,
             "precision": args.precision,
             "force": True,
-            **({"gradient_checkpointing": True} if args.kftune_checkpointing else {}),
+            **({"gradient_checkpointing": True} if args.kftune_checkpointing == "on" else {}),
         }
     elif tool == "llamafactory":
         (work / "dataset_info.json").write_text(json.dumps({"alpaca": {"file_name": str(args.data)}}))
@@ -311,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument(
         "--kftune-checkpointing",
-        action="store_true",
-        help="kftune with gradient_checkpointing on (by default only its memory pre-flight turns it on)",
+        choices=("on", "preflight"),
+        default="on",
+        help="on (as both peers run by default) or left to kftune's memory pre-flight",
     )
     parser.add_argument(
-        "--levers-off", default="", help="kftune levers to turn off (lm_head,bf16_base): to measure each"
+        "--levers-off", default="", help=f"kftune levers to turn off ({','.join(LEVERS)}): to measure each"
     )
     parser.add_argument("--keep", type=Path, help="keep each run's config, log and outputs in this folder")
     args = parser.parse_args(argv)
@@ -372,6 +376,7 @@ def make_report(args, rows: list[dict], loads: list[tuple[float, float, float]],
         "seed": args.seed,
         "data": args.data.name,
         "levers_off": args.levers_off,
+        "kftune_checkpointing": args.kftune_checkpointing,
         "complete": complete,
         "rows": rows,
         "ratios": ratios(rows),

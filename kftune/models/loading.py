@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kftune.core.errors import KftuneError
+from kftune.core.levers import lever_on
 from kftune.core.storage import resolve_path
 
 log = logging.getLogger("kftune")
@@ -155,7 +156,41 @@ def load_model(
         model.to(runtime.device)
     if quantization_bit == 4:
         disable_cpu_bf16_repack(model)
+    if quantization_bit:
+        own_mapped_weights(model)
     return model
+
+
+def _mapped_checkpoints() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped .safetensors files (Linux; none elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 5 and fields[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def own_mapped_weights(model) -> int:
+    """Copy the tensors that still point into the memory-mapped checkpoint, so the mapping closes.
+
+    After a quantized load the parts left unquantized (embedding, norms, biases) are zero-copy views of
+    the safetensors file, and one view keeps the whole file resident: for Qwen2.5-0.5B 0.94 GB of
+    mapped pages, of which 0.27 GB is still used. Returns the bytes copied.
+    """
+    ranges = _mapped_checkpoints()
+    copied = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        address = tensor.data_ptr()
+        if any(start <= address < end for start, end in ranges):
+            tensor.data = tensor.data.clone()
+            copied += tensor.numel() * tensor.element_size()
+    return copied
 
 
 def prepare_quantized(model, precision: str, gradient_checkpointing: bool = False):
@@ -170,8 +205,6 @@ def prepare_quantized(model, precision: str, gradient_checkpointing: bool = Fals
     `KFTUNE_LEVERS_OFF=bf16_base` keeps peft's upcast (the benchmarks measure each lever on its own).
     """
     from peft import prepare_model_for_kbit_training
-
-    from kftune.train.lm_head_loss import lever_on
 
     if precision != "bf16" or not lever_on("bf16_base"):
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

@@ -8,24 +8,20 @@ full-size temporaries: on a CPU that made kftune's step slower than LLaMA-Factor
 This head gives the same outputs trl's `compute_loss` reads (per-token log-probabilities, entropy,
 top-1, label mask) from a pure-torch autograd Function: per chunk of labelled tokens one matmul in
 the compute precision, log-sum-exp in fp32; backward recomputes the chunk's logits instead of
-keeping them. Peak extra memory: a few chunk x vocabulary fp32 buffers (~256 MiB each).
+keeping them. Peak extra memory: two chunk x vocabulary fp32 buffers (128 MiB each) and a bf16 one.
 
 `KFTUNE_LEVERS_OFF=lm_head` keeps trl's head (the benchmarks measure each lever on its own).
 """
 
 from __future__ import annotations
 
-import os
 import types
 
 import torch
 
-CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M fp32 = 256 MiB
+from kftune.core.levers import lever_on
 
-
-def lever_on(name: str) -> bool:
-    """False when `name` is listed in KFTUNE_LEVERS_OFF (a benchmark switch, not a user setting)."""
-    return name not in os.environ.get("KFTUNE_LEVERS_OFF", "").split(",")
+CHUNK_ELEMENTS = 2**25  # logits per chunk: 32M fp32 = 128 MiB
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -50,13 +46,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             e = min(s + chunk, n)
             logits = (hidden[s:e].to(dtype) @ w.t()).float()
             t = targets[s:e]
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
             target_logit[s:e] = logits.gather(1, t.unsqueeze(1)).squeeze(1)
             top1[s:e] = logits.argmax(dim=-1) == t
-            # entropy = lse - sum(p * z): the logits become p * z in place, no second buffer
-            p = torch.exp(logits - lse[s:e].unsqueeze(1))
-            entropy[s:e] = lse[s:e] - p.mul_(logits).sum(dim=-1)
-            del logits, p
+            # log-sum-exp as torch computes it, with one more buffer than the logits: shifted = z - max in
+            # place, x = exp(shifted); entropy = log sum x - sum(x * shifted) / sum x
+            peak = logits.amax(dim=-1, keepdim=True)
+            shifted = logits.sub_(peak)
+            x = torch.exp(shifted)
+            total = x.sum(dim=-1)
+            lse[s:e] = peak.squeeze(1) + total.log()
+            entropy[s:e] = total.log() - x.mul_(shifted).sum(dim=-1) / total
+            del logits, shifted, x
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         ctx.mark_non_differentiable(entropy, top1)

@@ -35,7 +35,7 @@ GiB = 2**30
 CPU_RUNTIME_BYTES = int(0.55 * GiB)
 # the CUDA context and allocator slack outside torch.cuda.max_memory_allocated
 CUDA_RESERVE_BYTES = int(0.6 * GiB)
-LM_HEAD_CHUNK_ELEMENTS = 2**26  # kftune.train.lm_head_loss.CHUNK_ELEMENTS: logits held per chunk of tokens
+LM_HEAD_CHUNK_ELEMENTS = 2**25  # kftune.train.lm_head_loss.CHUNK_ELEMENTS: logits held per chunk of tokens
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Activation bytes saved per token per decoder layer: a*hidden + b*intermediate + c*kv_width

@@ -60,6 +60,8 @@ def build_model(cfg: TrainConfig, runtime, location: str):
         return load_model(location, runtime, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code), []
     from peft import LoraConfig, get_peft_model
 
+    from kftune.train.lora_dropout import install as install_dropout
+
     bits = cfg.quantization_bit if cfg.use_qlora else None
     model = load_model(location, runtime, quantization_bit=bits, trust_remote_code=cfg.trust_remote_code)
     if bits:
@@ -81,7 +83,9 @@ def build_model(cfg: TrainConfig, runtime, location: str):
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), targets
+    model = get_peft_model(model, lora)
+    install_dropout(model)  # the same dropout from a cheaper mask (CPU)
+    return model, targets
 
 
 def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
@@ -107,6 +111,9 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
         seed=cfg.seed,
         data_seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
+        # reentrant, as prepare_quantized does for QLoRA: on the 0.5B shape's LoRA step it peaked 0.5 GB
+        # lower than the non-reentrant default (bench/README.md)
+        gradient_checkpointing_kwargs={"use_reentrant": True},
         bf16=runtime.precision == "bf16",
         fp16=runtime.precision == "fp16",
         use_cpu=runtime.device == "cpu",
@@ -189,6 +196,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         check_bitsandbytes()
     from trl import SFTTrainer
 
+    from kftune.train import packed_attention
     from kftune.train.checkpoints import PublishCheckpoints, Store, step_of  # imports transformers' Trainer: seconds
     from kftune.train.lm_head_loss import (
         install as install_lm_head,  # chunked head on labelled positions (trl's is patched first)
@@ -229,12 +237,17 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             data_collator=data_collator(cfg, tokenizer),
             callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
         )
-        install_lm_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model)
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        install_lm_head(base)
+        packed_attention.install(base)  # one conversation at a time in padding-free batches
         check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
         if eval_rows:
             check_rows_kept(cfg, "eval_data_path", len(eval_rows), len(trainer.eval_dataset))
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        finally:
+            packed_attention.uninstall(base)
         elapsed = time.perf_counter() - started
         peak, tokens = peak_memory(runtime.device), trainer.state.num_input_tokens_seen
         eval_metrics = trainer.evaluate() if eval_rows else {}

@@ -1,0 +1,237 @@
+"""Each speed or memory lever computes what the plain path computes (the chunked LM head has its own file).
+
+LoRA dropout: the same Bernoulli dropout from a cheaper mask; packed attention: the same attention as
+sdpa's block-causal mask over a padding-free row; mapped weights: the same values, without keeping the
+checkpoint's file mapped. Precision is a dimension where rounding can differ: fp32 and bf16 both run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from kftune.core.levers import LEVERS, lever_on
+from kftune.train import lora_dropout, packed_attention
+from kftune.train.lora_dropout import LANE_BITS, LANES, LaneDropout, keep_mask
+
+PRECISIONS = [torch.float32, torch.bfloat16]
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def test_levers_are_named_and_switch_off_one_at_a_time(monkeypatch):
+    monkeypatch.setenv("KFTUNE_LEVERS_OFF", "dropout,lm_head")
+    assert [name for name in LEVERS if not lever_on(name)] == ["lm_head", "dropout"]
+    with pytest.raises(KeyError, match="unknown lever"):
+        lever_on("dropuot")
+
+
+# -- LoRA dropout ---------------------------------------------------------------------------------
+
+
+def test_keep_mask_drops_each_lane_with_probability_p():
+    n, p = 4_000_000, 0.1
+    dropped = ~keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    exact = round(p * 2**LANE_BITS) / 2**LANE_BITS  # the lane threshold's probability: 0.100006
+    assert abs(exact - p) < 2**-16
+    for lane in range(LANES):  # every 15-bit lane of the 64-bit draw, the sign-bit one included
+        share = dropped[lane::LANES].float().mean().item()
+        sigma = math.sqrt(exact * (1 - exact) / (n / LANES))
+        assert abs(share - exact) < 6 * sigma, (lane, share)
+    # neighbours in a lane pair are independent: P(both dropped) = p^2
+    both = (dropped[0::2] & dropped[1::2]).float().mean().item()
+    assert abs(both - exact**2) < 6 * math.sqrt(exact**2 / (n / 2))
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+def test_lane_dropout_is_dropout_with_its_mask(dtype):
+    """Given the mask it drew, the output and the gradient are exactly nn.Dropout's formula."""
+    torch.manual_seed(3)
+    x = (torch.rand(64, 96) + 0.5).to(dtype).requires_grad_()  # no zeros: the mask shows in the output
+    layer = LaneDropout(0.1)
+    out = layer(x)
+    kept = out != 0
+    assert 0.8 < kept.float().mean().item() < 0.97
+    scale = 1.0 / (1.0 - 0.1)
+    assert torch.equal(out, torch.where(kept, x * scale, 0).to(dtype))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert torch.equal(x.grad, torch.where(kept, grad * scale, 0).to(dtype))
+    layer.eval()
+    assert torch.equal(layer(x), x)  # eval mode is the identity, as nn.Dropout's
+
+
+def test_lane_dropout_replays_under_a_seed_and_under_checkpointing():
+    """checkpointing's saved RNG state redraws the same masks: the gradients match without it, bit for bit."""
+    layer = LaneDropout(0.1)
+    torch.manual_seed(5)
+    first = layer(torch.ones(1000))
+    torch.manual_seed(5)
+    assert torch.equal(first, layer(torch.ones(1000)))
+
+    weight = torch.randn(32, 32, requires_grad=True)
+    x = torch.randn(16, 32)
+
+    def block(inputs):
+        return layer(inputs @ weight).square().sum()
+
+    grads = []
+    for checkpointed in (False, True):
+        weight.grad = None
+        torch.manual_seed(11)
+        loss = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        loss.backward()
+        grads.append(weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def lora_model(dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    return get_peft_model(tiny_qwen2(), config)
+
+
+def test_install_swaps_every_lora_dropout_and_only_those(monkeypatch):
+    model = lora_model(0.1)
+    adapted = sum(1 for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict))
+    assert adapted == 2 * 7  # two layers, seven linear layers each
+    assert lora_dropout.install(model) == adapted
+    swapped = [d for m in model.modules() for d in getattr(m, "lora_dropout", {}).values()]
+    assert all(type(d) is LaneDropout and d.p == 0.1 and d.training for d in swapped)
+    assert lora_dropout.install(lora_model(0.0)) == 0  # p = 0 is peft's Identity: nothing to swap
+    monkeypatch.setenv("KFTUNE_LEVERS_OFF", "dropout")
+    assert lora_dropout.install(lora_model(0.1)) == 0
+
+
+# -- packed attention -----------------------------------------------------------------------------
+
+LENGTHS = [37, 50, 1, 29]  # a one-token conversation too
+
+
+def packed_row(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(7)
+    ids = torch.randint(0, vocab, (1, sum(LENGTHS)))
+    positions = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
+    return ids, positions
+
+
+def test_segments_follow_the_restarting_positions():
+    _, positions = packed_row(10)
+    assert packed_attention.segments(positions) == [(0, 37), (37, 87), (87, 88), (88, 117)]
+    assert packed_attention.segments(torch.arange(5).unsqueeze(0)) == [(0, 5)]
+
+
+def forward_backward(model, ids, positions, dtype, use_cache=False):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = model(input_ids=ids, position_ids=positions, use_cache=use_cache).logits
+    logits.float().square().mean().backward()
+    return logits.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+
+def bound(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """fp32: 1e-5 of the largest logit; bf16: 4 ulps of it (the two paths accumulate in different orders)."""
+    top = reference.abs().max().item()
+    return 1e-5 * top if dtype == torch.float32 else 4 * 2.0 ** (math.floor(math.log2(top)) - 7)
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+def test_packed_attention_equals_sdpa_block_mask(dtype):
+    model = tiny_qwen2().train()  # no dropout in the model: train mode is deterministic
+    ids, positions = packed_row(model.config.vocab_size)
+    plain_logits, plain_grad = forward_backward(model, ids, positions, dtype)
+    assert packed_attention.install(model)
+    assert model.config._attn_implementation == packed_attention.NAME
+    packed_logits, packed_grad = forward_backward(model, ids, positions, dtype)
+    packed_attention.uninstall(model)
+    assert model.config._attn_implementation == "sdpa"
+    tolerance = bound(plain_logits, dtype)
+    assert (packed_logits - plain_logits).abs().max().item() <= tolerance
+    assert torch.allclose(packed_grad, plain_grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-7)
+    # the test can fail: attention across conversations (what a cache's missing block mask gives) is far off
+    leaked, _ = forward_backward(model, ids, positions, dtype, use_cache=True)
+    assert (leaked - plain_logits).abs().max().item() > 10 * tolerance
+
+
+def test_packed_attention_equals_each_conversation_alone():
+    model = tiny_qwen2()
+    ids, positions = packed_row(model.config.vocab_size)
+    with torch.no_grad():
+        alone = torch.cat(
+            [model.eval()(input_ids=ids[:, s:e]).logits for s, e in packed_attention.segments(positions)], 1
+        )
+        packed_attention.install(model)
+        packed = model.train()(input_ids=ids, position_ids=positions, use_cache=False).logits
+    assert (packed - alone).abs().max().item() <= bound(alone, torch.float32)
+
+
+def test_packed_attention_hands_other_batches_to_sdpa():
+    """Eval mode and padded batches of several rows: exactly sdpa's result (the same call)."""
+    model = tiny_qwen2()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    outputs = []
+    for install in (False, True):
+        if install:
+            packed_attention.install(model)
+        with torch.no_grad():
+            outputs += [model.train()(input_ids=ids, attention_mask=mask).logits, model.eval()(input_ids=ids).logits]
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
+    assert "kftune" not in model.config.to_json_string()  # a saved config never names it
+
+
+def test_packed_attention_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("KFTUNE_LEVERS_OFF", "packed_attention")
+    model = tiny_qwen2()
+    assert not packed_attention.install(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# -- the checkpoint's file mapping ----------------------------------------------------------------
+
+
+def mapped_files() -> set[str]:
+    return {line.split()[5] for line in Path("/proc/self/maps").read_text().splitlines() if len(line.split()) > 5}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_a_quantized_load_keeps_no_view_of_the_mapped_checkpoint(tmp_path):
+    """The unquantized parts are copied out of the safetensors mapping, with the same values, and it closes."""
+    from safetensors.torch import load_file
+
+    from kftune.models.loading import check_bitsandbytes, load_model, pick_runtime
+
+    try:
+        check_bitsandbytes()
+    except Exception as exc:
+        pytest.skip(f"bitsandbytes cannot run here: {exc}")
+    folder = tmp_path / "bf16"
+    tiny_qwen2().to(torch.bfloat16).save_pretrained(folder)  # bf16 on disk, as Qwen ships: views are possible
+    weights = folder / "model.safetensors"
+    model = load_model(str(folder), pick_runtime("bf16"), quantization_bit=4)
+    import gc
+
+    gc.collect()
+    assert str(weights) not in mapped_files()
+    on_disk = load_file(weights)
+    embedding = model.get_input_embeddings().weight
+    assert torch.equal(embedding, on_disk["model.embed_tokens.weight"])
+    assert torch.equal(model.model.norm.weight, on_disk["model.norm.weight"])
