@@ -119,7 +119,7 @@ def guide_ratios(rows: list[dict]) -> list[str]:
         return []
     lines = []
     for r in rows:
-        if r["label"] == "full-fp32" or "error" in r:
+        if r["label"].startswith("full") or "error" in r:
             continue
         ratio, target = r["peak_bytes"] / full["peak_bytes"], GUIDE[r["label"]] / GUIDE["full-fp32"]
         verdict = "met" if ratio <= target else "NOT met"
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         quick = report["shape"] == QUICK_SHAPE
         print(report["title"])
         print(render(report["rows"], quick))
-        print("\n".join(guide_ratios(report["rows"])))
+        report["ratios"] = guide_ratios(report["rows"])
+        print("\n".join(report["ratios"]))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / args.from_json.name).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         chart(report["rows"], args.out / args.from_json.with_suffix(".png").name, report["title"], guide=not quick)

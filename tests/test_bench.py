@@ -17,8 +17,12 @@ def bench(script: str, out, *args: str, timeout: int = 600) -> subprocess.Comple
 @pytest.mark.slow
 def test_memory_table_quick(tmp_path):
     proc = bench("memory_table.py", tmp_path)
-    rows = proc.stdout.split("method", 1)[1].splitlines()[1:7]
-    assert [row.split()[0] for row in rows] == ["full-fp32", "full-bf16", "lora", "lora-ckpt", "qlora4", "qlora8"]
+    rows = proc.stdout.split("method", 1)[1].splitlines()[1:8]
+    labels = ["full-fp32", "full-bf16", "lora", "lora-ckpt", "qlora4", "qlora4-ckpt", "qlora8"]
+    assert [row.split()[0] for row in rows] == labels
+    # each method's peak against full fp32's, beside the guide's ratio
+    ratios = [line for line in proc.stdout.splitlines() if "x full-fp32's (guide" in line]
+    assert [line.split(":")[0] for line in ratios] == labels[2:]
     report = json.loads((tmp_path / "memory_table-quick-cpu.json").read_text())
     by_label = {r["label"]: r for r in report["rows"]}
     assert by_label["lora"]["trainable_params"] < by_label["full-fp32"]["trainable_params"]

@@ -14,6 +14,7 @@ LEVERS = {
     "bf16_base": "kftune.models.loading.prepare_quantized: QLoRA's frozen parts kept in bf16, not fp32",
     "dropout": "kftune.train.lora_dropout: LoRA dropout's mask from 15-bit lanes of one 64-bit draw",
     "packed_attention": "kftune.train.packed_attention: a padding-free row's attention per conversation",
+    "mapped_checkpoint": "kftune.models.loading.own_mapped_weights: a quantized load lets the checkpoint's mapping go",
 }
 
 

@@ -156,7 +156,7 @@ def load_model(
         model.to(runtime.device)
     if quantization_bit == 4:
         disable_cpu_bf16_repack(model)
-    if quantization_bit:
+    if quantization_bit and lever_on("mapped_checkpoint"):
         own_mapped_weights(model)
     return model
 
