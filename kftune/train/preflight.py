@@ -170,12 +170,14 @@ def estimate(
         per_layer += 4 * len(targets or PROJECTIONS) * lora_r  # each adapter's rank-r intermediate
     tokens = batch * seq
     activations = tokens * (shape.layers + 1) * per_layer  # plus about one layer's gradients in flight in backward
-    if checkpointing:  # each layer keeps its input and one layer is rebuilt at a time; measured on the 0.5B
-        # shape, about a quarter of the activations stays all the same (what checkpointing does not wrap)
-        activations = tokens * (shape.layers * compute * shape.hidden + 2 * per_layer) + activations // 4
+    if checkpointing:  # each layer keeps its input and one layer is rebuilt at a time (kftune checkpoints
+        # reentrantly; transformers' non-reentrant default kept about a quarter more on the 0.5B shape)
+        activations = tokens * (shape.layers * compute * shape.hidden + 2 * per_layer)
     activations += tokens * 24 * shape.hidden  # embeddings, final norm, hidden states into the LM head
-    # kftune.train.lm_head_loss: a chunk of tokens' logits, their exponent and gradient at a time, fp32
-    head = 3 * min(tokens, max(1, LM_HEAD_CHUNK_ELEMENTS // shape.vocab)) * shape.vocab * 4
+    # kftune.train.lm_head_loss: a chunk of tokens' fp32 logits and their exponent at a time, plus the
+    # matmul's own output when it computes in bf16 (half an fp32 buffer)
+    copies = 2.0 if compute == 4 else 2.5
+    head = int(copies * min(tokens, max(1, LM_HEAD_CHUNK_ELEMENTS // shape.vocab)) * shape.vocab * 4)
     # backward frees activations as it fills the gradients (set to None after each step): the peak holds
     # the larger of the two, so gradients count only beyond the activations
     parts = {
