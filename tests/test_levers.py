@@ -57,6 +57,7 @@ def test_keep_mask_drops_each_lane_with_probability_p():
     # neighbours in a lane pair are independent: P(both dropped) = p^2
     both = (dropped[0::2] & dropped[1::2]).float().mean().item()
     assert abs(both - exact**2) < 6 * math.sqrt(exact**2 / (n / 2))
+    assert keep_mask(torch.Size([3, 5]), p, torch.device("cpu")).shape == (3, 5)  # not a multiple of the lanes
 
 
 @pytest.mark.parametrize("dtype", PRECISIONS)
