@@ -48,10 +48,18 @@ def run_as_a_task(image: str, script: str) -> str:
         volume = client.volumes.create(f"kftune-cache-test-{uuid.uuid4().hex[:8]}")
         try:
             settings = security_settings({}, volume.name)
-            out = client.containers.run(image, ["sh", "-c", script], remove=True, stdout=True, stderr=True, **settings)
+            # detached, logs read before removal: `remove=True` let podman drop the last lines (seen here)
+            container = client.containers.run(image, ["sh", "-c", script], detach=True, **settings)
+            try:
+                status = container.wait()["StatusCode"]
+                out = container.logs(stdout=True, stderr=True).decode(errors="replace")
+            finally:
+                container.remove(force=True)
         finally:
             volume.remove(force=True)
-    return out.decode(errors="replace")
+    if status != 0:
+        raise docker.errors.ContainerError(container, status, script, image, out)
+    return out
 
 
 def test_the_trainer_image_trains_every_method_on_cpu():

@@ -45,7 +45,7 @@ def test_every_task_ran_in_its_image_and_a_version_was_registered(finished, stac
     reg = finished.registration
     client = mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
     version = client.get_model_version(reg.name, reg.version)
-    assert version.source == reg.source and reg.source.startswith("s3://")
+    assert version.source == reg.source and reg.source.startswith("models:/m-")  # the MLflow LoggedModel
     assert finished.trained.metrics["global_steps"] == 2
 
 
