@@ -14,9 +14,7 @@ from components.images import CPU_IMAGE, TRAINER_IMAGE
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_ENV = "KFTUNE_BUILD_IMAGES"  # =1: a container test builds missing images (`make images`, ~15 min cold)
-OPT_IN_ENV = (
-    "KFTUNE_CONTAINER_TESTS"  # =1 (`make test-containers`): run them; ~7 min on 2 cores, past make test's budget
-)
+OPT_IN_ENV = "KFTUNE_CONTAINER_TESTS"  # =1 (`make test-containers`): run them; ~2 min on 2 cores with the images built
 
 
 def engine() -> str | None:
@@ -31,7 +29,7 @@ def require_images(*images: str) -> str:
     """The engine, once `images` (default: both) exist (built here when KFTUNE_BUILD_IMAGES=1); else the test
     skips, saying why."""
     if os.environ.get(OPT_IN_ENV) != "1" and os.environ.get(BUILD_ENV) != "1":
-        pytest.skip(f"container tests are opt-in ({OPT_IN_ENV}=1, or `make test-containers`): ~7 min on 2 cores")
+        pytest.skip(f"container tests are opt-in ({OPT_IN_ENV}=1, or `make test-containers`): ~2 min on 2 cores")
     name = engine()
     if not name:
         pytest.skip("no container engine (docker with a running daemon, or podman): the images cannot run here")
