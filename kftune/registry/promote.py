@@ -94,17 +94,18 @@ def _existing(mlflow, name: str, version) -> Registration:
 
 def _new_version(
     mlflow,
-    name,
-    experiment,
-    model_uri,
-    model_sha256,
-    evaluation_dir,
-    evaluation,
-    lineage_tags,
-    params,
-    train_metrics,
-    loss_history,
-    data_stats,
+    name: str,
+    *,
+    experiment: str,
+    model_uri: str,
+    model_sha256: str,
+    evaluation_dir: Path,
+    evaluation: Mapping[str, Any],
+    lineage_tags: Mapping[str, str],
+    params: Mapping[str, Any] | None,
+    train_metrics: Mapping[str, float] | None,
+    loss_history: list[tuple[int, float]] | None,
+    data_stats: Mapping[str, Any] | None,
 ):
     """A run with the evaluation's files, the model logged to it as an MLflow Model, a version tagged with it all."""
     from kftune.core.storage import resolve_path
@@ -240,16 +241,16 @@ def register(
         version, run_id, url = _new_version(
             mlflow,
             name,
-            experiment,
-            model_uri,
-            model_sha256,
-            evaluation_dir,
-            evaluation,
-            lineage_tags,
-            params,
-            train_metrics,
-            loss_history,
-            data_stats,
+            experiment=experiment,
+            model_uri=model_uri,
+            model_sha256=model_sha256,
+            evaluation_dir=evaluation_dir,
+            evaluation=evaluation,
+            lineage_tags=lineage_tags,
+            params=params,
+            train_metrics=train_metrics,
+            loss_history=loss_history,
+            data_stats=data_stats,
         )
     else:  # registered before, but the gate never ran (the earlier registration was interrupted)
         version, run_id, url = found, found.run_id, ""
