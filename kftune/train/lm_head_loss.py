@@ -54,8 +54,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             shifted = logits.sub_(peak)
             x = torch.exp(shifted)
             total = x.sum(dim=-1)
-            lse[s:e] = peak.squeeze(1) + total.log()
-            entropy[s:e] = total.log() - x.mul_(shifted).sum(dim=-1) / total
+            log_total = total.log()
+            lse[s:e] = peak.squeeze(1) + log_total
+            entropy[s:e] = log_total - x.mul_(shifted).sum(dim=-1) / total
             del logits, shifted, x
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.dtype = chunk, dtype

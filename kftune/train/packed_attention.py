@@ -14,6 +14,7 @@ several rows, a cache, a sliding window, attention dropout) goes to transformers
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kftune.core.levers import lever_on
 
@@ -30,8 +31,6 @@ def segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function signature: query [1, heads, tokens, dim] -> [1, tokens, heads, dim]."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     position_ids = kwargs.get("position_ids")
     plain = (
         not module.training
