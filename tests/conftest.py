@@ -10,7 +10,33 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# LLaMA-Factory's alpaca_zh_demo.json sits beside the checkout on the project's build machines only, never in
+# a user's clone. KFTUNE_TESTS_HIDE_EXTERNAL=1 runs the suite as a plain clone sees it (CI does, see .ci/run).
+EXTERNAL_HIDDEN = os.environ.get("KFTUNE_TESTS_HIDE_EXTERNAL") == "1"
 EXTERNAL_ALPACA = REPO.parent / "shared" / "external" / "alpaca_zh_demo.json"
+EXTERNAL_MISSING = (
+    "KFTUNE_TESTS_HIDE_EXTERNAL=1"
+    if EXTERNAL_HIDDEN
+    else f"{EXTERNAL_ALPACA} not present (it sits beside the checkout on the project's build machines only)"
+)
+
+
+def _refuse_files_beside_the_checkout(event: str, args: tuple) -> None:
+    """With the external folder hidden, a test that opens a file of it fails instead of passing by luck."""
+    if event == "open" and isinstance(args[0], str) and args[0].startswith(str(REPO.parent / "shared") + os.sep):
+        raise FileNotFoundError(f"{args[0]}: a test read a file outside the repository (KFTUNE_TESTS_HIDE_EXTERNAL=1)")
+
+
+if EXTERNAL_HIDDEN:
+    sys.addaudithook(_refuse_files_beside_the_checkout)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that can read the external data is marked, so CI reruns them with the folder hidden."""
+    for item in items:
+        if "alpaca_array" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.external_data)
+
 
 # Small enough to train in seconds on 2 cores, big enough for 4-bit blocks and 4 attention heads.
 TINY = {
@@ -36,6 +62,29 @@ def small_data(tmp_path_factory) -> Path:
     from kftune.dev.sample_data import write_samples
 
     return write_samples(tmp_path_factory.mktemp("data") / "train.jsonl", rows=24, seed=1)
+
+
+def external_alpaca() -> Path | None:
+    """The real external file, or None where it is absent or hidden."""
+    return None if EXTERNAL_HIDDEN or not EXTERNAL_ALPACA.is_file() else EXTERNAL_ALPACA
+
+
+@pytest.fixture(scope="session")
+def generated_alpaca(tmp_path_factory):
+    """The tests' own stand-in for the external alpaca file (tests/alpaca_array.py): every clone has it."""
+    from .alpaca_array import write_alpaca_array
+
+    return write_alpaca_array(tmp_path_factory.mktemp("alpaca") / "alpaca_zh_like.json")
+
+
+@pytest.fixture(params=["generated", "external"])
+def alpaca_array(request, generated_alpaca) -> Path:
+    """An alpaca file as LLaMA-Factory ships one: the generated stand-in always, the real one where present."""
+    if request.param == "generated":
+        return generated_alpaca.path
+    if external_alpaca() is None:
+        pytest.skip(EXTERNAL_MISSING)
+    return EXTERNAL_ALPACA
 
 
 def run_cli(

@@ -7,7 +7,7 @@ import pytest
 from kftune.core.errors import KftuneError
 from kftune.data.reading import load_conversations
 
-from .conftest import EXTERNAL_ALPACA, REPO
+from .conftest import REPO
 
 
 def write_lines(path, lines):
@@ -36,11 +36,15 @@ def test_committed_sample_data_loads():
     assert len(rows) >= 500 and all(r[-1]["role"] == "assistant" for r in rows)
 
 
-@pytest.mark.skipif(not EXTERNAL_ALPACA.is_file(), reason="shared/external data not present")
-def test_llama_factory_json_array_loads():
-    rows = load_conversations(EXTERNAL_ALPACA)
-    assert len(rows) == 1000
-    assert rows[1][0]["content"].endswith("输入：俄克拉荷马城雷霆队，芝加哥公牛队，布鲁克林网队。")
+def test_llama_factory_json_array_loads(alpaca_array):
+    items = json.loads(alpaca_array.read_text(encoding="utf-8"))
+    rows = load_conversations(alpaca_array)
+    assert len(rows) == len(items) > 100  # exact copies too: the gate, not the reader, rejects them
+    with_input = [i for i, item in enumerate(items) if item["input"]]
+    assert 0 < len(with_input) < len(items)
+    for i in with_input:  # the input goes on its own line after the instruction
+        assert rows[i][0]["content"] == items[i]["instruction"] + "\n" + items[i]["input"]
+    assert all(rows[i][-1] == {"role": "assistant", "content": items[i]["output"]} for i in range(len(items)))
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from kfp import dsl
 from kftune.core.errors import KftuneError, one_line
 from kftune.steps import ERROR_MARK, DataSplit, Evaluation, TrainedModel
 
-from .conftest import EXTERNAL_ALPACA, REPO
+from .conftest import REPO
 
 
 def artifact(cls, metadata: dict) -> dsl.Artifact:
@@ -172,13 +172,13 @@ def test_a_failing_step_prints_its_error_as_one_marked_line(name, tmp_path, smal
     assert message == one_line(caught.value) and expected in message and "\n" not in message, message
 
 
-def test_the_gate_stop_line_names_data_share_rules_fix_and_files(tiny_model, tmp_path):
-    """The external alpaca file under the tiny model's tokenizer at 96 tokens: most rows too long."""
+def test_the_gate_stop_line_names_data_share_rules_fix_and_files(tiny_model, tmp_path, alpaca_array):
+    """An alpaca file as LLaMA-Factory ships one, under the tiny model's tokenizer at 96 tokens: many rows too long."""
     from kftune.data.gate_stop import stop_message
     from kftune.data.validate import Options, validate
 
-    data = tmp_path / EXTERNAL_ALPACA.name
-    shutil.copy(EXTERNAL_ALPACA, data)
+    data = tmp_path / alpaca_array.name
+    shutil.copy(alpaca_array, data)
     report = validate(
         str(data), tmp_path / "validation", Options(tokenizer=str(tiny_model), max_seq_length=96, progress=False)
     )

@@ -16,7 +16,6 @@ from kftune import cli
 from kftune.dev.sample_data import generate_samples, messages_row
 from kftune.dev.tiny_model import DEFAULT_VOCAB_SIZE, build_tiny_model, corpus_texts, train_tokenizer
 
-ALPACA_ZH = Path(__file__).parents[2] / "shared/external/alpaca_zh_demo.json"
 OTHER_TEXT = [
     "Hello, world!  Mixed 中英文 text with    spaces\n\n\tand tabs.",
     'def f(x: int) -> str:\n    return f"{x!r:>8}"  # 注释\r\n',
@@ -74,9 +73,8 @@ def test_ids_match_on_english_code_and_other_scripts(tokenizer, trained):
     assert set(ByteLevel.alphabet()) <= set(tokenizer.get_vocab())
 
 
-@pytest.mark.skipif(not ALPACA_ZH.is_file(), reason=f"{ALPACA_ZH} not present")
-def test_ids_match_on_real_chinese_alpaca_rows(tokenizer, trained):
-    rows = json.loads(ALPACA_ZH.read_text(encoding="utf-8"))
+def test_ids_match_on_real_chinese_alpaca_rows(tokenizer, trained, alpaca_array):
+    rows = json.loads(alpaca_array.read_text(encoding="utf-8"))
     _assert_same_ids(tokenizer, trained, [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in rows])
 
 

@@ -23,7 +23,8 @@ from kftune.data.token_counting import TokenCounter, load_counter
 from kftune.data.validate import validate
 from kftune.data.validation_report import Report
 
-from .conftest import EXTERNAL_ALPACA, REPO, run_cli
+from .alpaca_array import write_alpaca_array
+from .conftest import REPO, external_alpaca, run_cli
 
 GOOD = [
     {"instruction": f"介绍一下第{i}家咖啡店", "input": "", "output": f"第{i}家店的拿铁很香，环境安静，适合看书。"}
@@ -244,18 +245,21 @@ def test_token_counts_match_the_chat_template(counter):
 
 
 def real_conversations() -> list[list[dict]]:
-    """The committed sample data, the external alpaca data (when present) and benchmark-style rows."""
+    """The committed sample data, alpaca-style arrays (the generated one, the external one when present) and
+    benchmark-style rows."""
     sys.path.insert(0, str(REPO / "bench"))
     from validate_throughput import write_rows
 
     with tempfile.TemporaryDirectory(prefix="kftune-test-tokens-") as tmp:
         write_rows(Path(tmp) / "short.jsonl", 500)
         rows = read_jsonl(Path(tmp) / "short.jsonl") + read_jsonl(REPO / "data" / "store_xhs_sft_samples.jsonl")
-    if EXTERNAL_ALPACA.is_file():
-        rows += json.loads(EXTERNAL_ALPACA.read_text(encoding="utf-8"))
+        arrays = [write_alpaca_array(Path(tmp) / "alpaca.json").path, external_alpaca()]
+        for array in filter(None, arrays):
+            rows += json.loads(array.read_text(encoding="utf-8"))
     return [m for m in map(to_messages, rows) if all(t["content"].strip() for t in m)]
 
 
+@pytest.mark.external_data
 def test_fast_token_counts_equal_apply_chat_template_on_real_data(counter):
     conversations = real_conversations()
     fast = TokenCounter(counter.tokenizer, limit=10_000, check_rows=0)
@@ -646,21 +650,19 @@ def test_no_valid_row_is_lost_and_every_bad_row_is_caught(mix):
 # --- real data, big files, the CLI and the benchmark ---------------------------------------------------
 
 
-@pytest.mark.skipif(not EXTERNAL_ALPACA.is_file(), reason="shared/external data not present")
-def test_real_alpaca_data_mostly_passes(tmp_path, tiny_model):
-    report = validate(EXTERNAL_ALPACA, tmp_path / "out", Options(tokenizer=str(tiny_model), length_policy="keep"))
+def test_real_alpaca_data_mostly_passes(tmp_path, tiny_model, alpaca_array):
+    report = validate(alpaca_array, tmp_path / "out", Options(tokenizer=str(tiny_model), length_policy="keep"))
     rejected = {rule: v["rows"] for rule, v in report.rules.items() if v["rows"] and v["action"] == "reject"}
     print(
         f"\nalpaca_zh_demo: {report.rows_in} rows, {report.rejected} rejected {rejected}, "
         f"warnings { {r: v['rows'] for r, v in report.rules.items() if v['rows'] and v['action'] != 'reject'} }"
     )
-    rows = json.loads(EXTERNAL_ALPACA.read_text(encoding="utf-8"))
+    rows = json.loads(alpaca_array.read_text(encoding="utf-8"))
     exact_copies = len(rows) - len({json.dumps(r, sort_keys=True) for r in rows})
     assert report.passed and report.rejected / report.rows_in < 0.05
     assert rejected == {"duplicate.exact": exact_copies}  # the only rejections are true copies
 
 
-@pytest.mark.skipif(not EXTERNAL_ALPACA.is_file(), reason="shared/external data not present")
 def test_committed_sample_data_passes(tmp_path, tiny_model):
     report = validate(
         REPO / "data" / "store_xhs_sft_samples.jsonl", tmp_path / "out", Options(tokenizer=str(tiny_model))

@@ -56,7 +56,9 @@ def test_workflows_are_well_formed(name):
 def test_ci_runs_make_test_on_push_and_pull_request():
     doc = load("ci.yml")
     assert {"push", "pull_request"} <= set(doc["on"])
-    assert [s["run"] for s in run_steps(doc) if "run" in s] == ["make test"]
+    ci_run = (Path(__file__).parents[1] / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert [s["run"] for s in run_steps(doc) if "run" in s] == [line for line in ci_run if line.startswith("make ")]
+    assert ci_run[-2:] == ["make test", "make test-plain-clone"]
     setup = next(s for s in run_steps(doc) if s.get("uses", "").startswith("actions/setup-python"))
     assert setup["with"]["python-version"] == "3.11"
 

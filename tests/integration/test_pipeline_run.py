@@ -12,7 +12,7 @@ from kftune.core.storage import MANIFEST, download_dir, sha256_file, upload_file
 from kftune.dev.stack import free_ports
 from pipelines.local import RunSummary, run
 
-from ..conftest import EXTERNAL_ALPACA, assert_generates, run_cli
+from ..conftest import assert_generates, run_cli
 
 pytestmark = pytest.mark.integration
 # A few steps on the tiny model: enough to move the weights, small enough for ~1 minute a method.
@@ -190,9 +190,9 @@ def test_a_failing_data_gate_stops_the_run_before_training_with_the_report_in_s3
     assert len(rejected) == len(lines[::3]) and json.loads((report / "report.json").read_text())["passed"] is False
 
 
-def test_a_gate_stop_through_the_cli_is_one_line_naming_the_rule_and_the_fix(stack, tiny_model, tmp_path):
-    """The external alpaca file (LLaMA-Factory's demo data) at 96 tokens: the run stops at the gate, and the
-    user reads why and what to do in one line, not a traceback."""
+def test_a_gate_stop_through_the_cli_is_one_line_naming_the_rule_and_the_fix(stack, tiny_model, tmp_path, alpaca_array):
+    """An alpaca file as LLaMA-Factory ships one (its demo data where present) at 96 tokens: the run stops at the
+    gate, and the user reads why and what to do in one line, not a traceback."""
     proc = run_cli(
         "-m",
         "kftune.cli",
@@ -203,7 +203,7 @@ def test_a_gate_stop_through_the_cli_is_one_line_naming_the_rule_and_the_fix(sta
         "--base-model",
         str(tiny_model),
         "--data-uri",
-        str(EXTERNAL_ALPACA),
+        str(alpaca_array),
         "--max-seq-length",
         "96",
         "--pipeline-root",
@@ -213,7 +213,10 @@ def test_a_gate_stop_through_the_cli_is_one_line_naming_the_rule_and_the_fix(sta
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "pipeline step validate-data failed: data validation gate failed for s3://" in line
-    assert "% of rows rejected (" in line and "of 1000, above max_reject_fraction 0.05)" in line
+    assert (
+        "% of rows rejected (" in line
+        and f"of {len(json.loads(alpaca_array.read_text(encoding='utf-8')))}, above max_reject_fraction 0.05)" in line
+    )
     assert "top rules: length.too_long " in line
     assert "to fix: length.too_long: raise --max-seq-length (now 96) or shorten the rows" in line
     assert "/rejected.jsonl, report: s3://" in line and "/report.html" in line

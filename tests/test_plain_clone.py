@@ -1,0 +1,39 @@
+"""The suite passes from a plain clone: no test reaches outside the repository except through conftest's
+external-data fixture, which skips, saying why, where that data is absent or hidden."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from .conftest import EXTERNAL_ALPACA, REPO
+
+OUTSIDE = re.compile(r"REPO\.parent|parents\[[2-9]\]|[\"'/]shared/external|\.\./shared")
+
+
+def test_only_conftest_names_files_beside_the_checkout():
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted((REPO / "tests").rglob("*.py"))
+        if path.name not in {"conftest.py", "test_plain_clone.py"} or path.parent != REPO / "tests"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if OUTSIDE.search(line)
+    ]
+    assert not offenders, "use the alpaca_array fixture (tests/conftest.py) instead:\n" + "\n".join(offenders)
+
+
+def test_with_the_external_folder_hidden_reading_it_fails_the_test():
+    probe = (
+        "import tests.conftest as c\n"
+        "try:\n    open(c.EXTERNAL_ALPACA, 'rb')\n"
+        "except FileNotFoundError as e:\n    print(e)\n"
+        "print(c.external_alpaca())\n"
+    )
+    env = {**os.environ, "KFTUNE_TESTS_HIDE_EXTERNAL": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        f"{EXTERNAL_ALPACA}: a test read a file outside the repository (KFTUNE_TESTS_HIDE_EXTERNAL=1)",
+        "None",
+    ]
