@@ -50,6 +50,7 @@ TRAIN_PARAMS = (
     "gradient_accumulation_steps",
     "max_seq_length",
     "seed",
+    "data_mix",
 )
 # the training settings a pipeline passes to its train component, each a TrainConfig key
 TRAIN_SETTINGS = tuple(k for k in TRAIN_PARAMS if k != "base_model")
@@ -111,6 +112,7 @@ class Evaluation:
     sample_prompt: str
     base_sample: str
     tuned_sample: str
+    benchmarks: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics.json's: task -> base, tuned, ...
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,7 @@ def train(
         params.update({k: None for k in params if k.startswith("lora_")})
     if not cfg.use_qlora:
         params["quantization_bit"] = None
+    params["data_mix"] = json.dumps(result.metrics.get("data_mix")) if cfg.data_mix else None  # sha256s, rows drawn
     metrics = {k: result.metrics[k] for k in TRAIN_METRICS if result.metrics.get(k) is not None}
     metrics["loss_history"] = result.metrics["loss_history"]
     return TrainedModel(artifact.uri, artifact.sha256, cfg.method, params, metrics)
@@ -277,16 +280,27 @@ def evaluate(
     sample_tokens: int = 256,
     samples: int = 8,
     validation_uri: str | None = None,
+    benchmarks: str = "",
+    benchmark_limit: int = 0,
+    guard_max_drop: float = -1.0,
 ) -> Evaluation:
     """Score the base and the tuned model on the eval split (kftune.evaluate.evaluation) and upload metrics.json,
     samples.jsonl and report.html; `validation_uri`: the validation artifact, for the report's histogram.
 
     A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
-    difference is the adapter's alone.
+    difference is the adapter's alone. `benchmarks`: lm-eval tasks run on both (`benchmark_limit` examples
+    each, 0: all); `guard_max_drop` (negative: none) marks the report's drops beyond the guard.
     """
     settings = Settings(samples=samples, max_new_tokens=max(sample_tokens, 1), batch_size=batch_size)
+    extra = {
+        "benchmarks": benchmarks,
+        "benchmark_limit": benchmark_limit or None,
+        "guard_max_drop": guard(guard_max_drop),
+    }
     with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
-        metrics = score_both(model_uri, eval_uri, f"{tmp}/evaluation", settings=settings, validation=validation_uri)
+        metrics = score_both(
+            model_uri, eval_uri, f"{tmp}/evaluation", settings=settings, validation=validation_uri, **extra
+        )
         first = json.loads(
             (Path(tmp, "evaluation", "samples.jsonl").read_text(encoding="utf-8").splitlines() or ["{}"])[0]
         )
@@ -311,6 +325,7 @@ def evaluate(
         (first.get("prompt") or [{"content": ""}])[-1]["content"],
         first.get("base_output", ""),
         first.get("tuned_output", ""),
+        metrics.get("benchmarks", {}),
     )
 
 
@@ -348,6 +363,7 @@ def register(
     margin: float = DEFAULT_MARGIN,
     git_commit: str = "",
     pipeline_run: str = "",
+    guard_max_drop: float = -1.0,
 ) -> Registration:
     """Register the merged model (LoRA, QLoRA) or the trained one (full) as an MLflow chat model with its
     lineage, model card and evaluation (`artifact_root` is unused: the MLflow server stores the model), and move `champion` to it only when it beats its base by `margin` and the current champion
@@ -378,7 +394,13 @@ def register(
         metric=metric,
         margin=margin,
         rescore=rescorer(evaluation_dir),
+        max_drop=guard(guard_max_drop),
     )
+
+
+def guard(max_drop: float) -> float | None:
+    """A pipeline's `guard_max_drop` (a KFP float has no None): negative means no guard."""
+    return None if max_drop < 0 else max_drop
 
 
 def data_statistics(data: DataSplit) -> dict[str, Any]:
