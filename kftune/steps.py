@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kftune.core import artifacts
 from kftune.core.errors import KftuneError, one_line
 from kftune.core.storage import resolve_path, upload_dir
 from kftune.data.gate_stop import stop_message
@@ -28,6 +27,7 @@ from kftune.data.validate import Options, validate
 from kftune.evaluate.evaluation import Settings
 from kftune.evaluate.evaluation import evaluate as score_both
 from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
+from kftune.registry.modelcard import data_statistics
 from kftune.registry.promote import lineage, rescorer
 from kftune.registry.promote import register as register_candidate
 from kftune.registry.tracking import Registration, check_reachable
@@ -288,14 +288,13 @@ def evaluate(
     samples.jsonl and report.html; `validation_uri`: the validation artifact, for the report's histogram.
 
     A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
-    difference is the adapter's alone. `benchmarks`: lm-eval tasks run on both (`benchmark_limit` examples
-    each, 0: all); `guard_max_drop` (negative: none) marks the report's drops beyond the guard.
+    difference is the adapter's alone. `benchmarks`: lm-eval tasks on both (`benchmark_limit` each, 0: all).
     """
     settings = Settings(samples=samples, max_new_tokens=max(sample_tokens, 1), batch_size=batch_size)
     extra = {
         "benchmarks": benchmarks,
         "benchmark_limit": benchmark_limit or None,
-        "guard_max_drop": guard(guard_max_drop),
+        "guard_max_drop": guard_max_drop,
     }
     with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
         metrics = score_both(
@@ -390,28 +389,11 @@ def register(
         params=params,
         train_metrics=metrics,
         loss_history=[(int(s), float(v)) for s, v in trained.metrics.get("loss_history", [])],
-        data_stats=data_statistics(data),
+        data_stats=data_statistics(
+            data.uri, data.train_rows, data.eval_rows, data.dataset_sha256, trained.params.get("data_mix")
+        ),
         metric=metric,
         margin=margin,
         rescore=rescorer(evaluation_dir),
-        max_drop=guard(guard_max_drop),
+        max_drop=guard_max_drop,
     )
-
-
-def guard(max_drop: float) -> float | None:
-    """A pipeline's `guard_max_drop` (a KFP float has no None): negative means no guard."""
-    return None if max_drop < 0 else max_drop
-
-
-def data_statistics(data: DataSplit) -> dict[str, Any]:
-    """Rows, sha256 and token lengths of the training data, from the validation report, for the model card."""
-    stats: dict[str, Any] = {
-        "train_rows": data.train_rows,
-        "eval_rows": data.eval_rows,
-        "dataset_sha256": data.dataset_sha256,
-    }
-    report = fetch(data.uri) / artifacts.VALIDATION_REPORT
-    lengths = json.loads(report.read_text(encoding="utf-8")).get("token_lengths") if report.is_file() else None
-    if lengths:
-        stats |= {f"tokens_{k}": lengths[k] for k in ("mean", "p50", "p90", "max") if k in lengths}
-    return stats

@@ -36,6 +36,7 @@ from kftune.evaluate.report import write_report
 from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
 from kftune.models import fingerprint
 from kftune.models.infer import generate_reply, has_tokenizer_files, load_for_inference
+from kftune.registry.gate import guard_setting
 from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
@@ -309,7 +310,7 @@ def evaluate(
     }
     if tasks is not None:
         metrics["benchmarks"] = benchmark.compare(base.pop("benchmarks"), tuned.pop("benchmarks"))
-        metrics["benchmark_settings"] = tasks.settings() | {"guard_max_drop": guard_max_drop}
+        metrics["benchmark_settings"] = tasks.settings() | {"guard_max_drop": guard_setting(guard_max_drop)}
     training = candidate.folder / artifacts.TRAIN_METRICS
     with building(out) as staging:
         (staging / artifacts.EVAL_METRICS).write_text(

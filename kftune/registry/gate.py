@@ -90,6 +90,11 @@ def guard(task: str, row: Mapping[str, object], max_drop: float) -> Guard:
     return Guard(task, metric, higher, base, tuned, allowed, False, reason)
 
 
+def guard_setting(max_drop: float | None) -> float | None:
+    """The guard's max drop, or None for no guard: a negative value (a KFP float parameter has no None) is none."""
+    return None if max_drop is None or max_drop < 0 else max_drop
+
+
 def guards(benchmarks: Mapping[str, Mapping[str, object]] | None, max_drop: float | None) -> tuple[Guard, ...]:
     """Every benchmark metric held to its base; none when no guard is set or no benchmark ran."""
     if max_drop is None:
@@ -166,6 +171,7 @@ def decide(
     "benchmarks") within `max_drop` of its base, direction-aware; a guarded metric that is missing or not
     finite never promotes. No guard, or no benchmark: the primary rule alone. One reason per comparison.
     """
+    max_drop = guard_setting(max_drop)
     checked = guards(benchmarks, max_drop)
     decision = _primary(candidate, base, champion, metric=metric, margin=margin, champion_label=champion_label)
     notes = tuple(g.reason for g in checked)

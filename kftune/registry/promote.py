@@ -231,9 +231,10 @@ def register(
     other eval data or settings; without it such a champion is not replaced. `max_drop`: the guard on
     the evaluation's benchmarks (kftune.registry.gate); None: none.
     """
-    evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
-    rules = {"metric": metric, "margin": margin, "max_drop": max_drop, "benchmarks": evaluation.get("benchmarks")}
+    rules: dict[str, Any] = {"metric": metric, "margin": margin, "max_drop": max_drop}
     gate.decide({metric: 1.0}, {metric: 2.0}, None, **rules)  # a bad metric, margin or guard fails first
+    evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
+    rules["benchmarks"] = evaluation.get("benchmarks")
     mlflow = registry.client()
     found = registry.find_version(mlflow, name, model_sha256)
     if found is not None and "gate.decision" in found.tags:
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guard_max_drop",
         type=float,
         help="guard against forgetting: every benchmark metric in the evaluation must stay within this fraction "
-        "of its base's value (0.05: 5%%), direction-aware; default: no guard",
+        "of its base's value (0.05: 5%%), direction-aware; default (or negative): no guard",
     )
     return p
 

@@ -20,12 +20,12 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.atomic import building, staging_dir
 from kftune.core.errors import KftuneError
-from kftune.data.mixing import mixed_training_rows
 from kftune.data.reading import load_conversations, to_dataset
 from kftune.data.rules import Options
 from kftune.models import fingerprint
 from kftune.train.config import TrainConfig, parse_args
 from kftune.train.measure import peak_memory, reset_peak_memory
+from kftune.train.mixed_rows import mixed_training_rows
 from kftune.train.preflight import check as memory_preflight
 
 log = logging.getLogger("kftune")
