@@ -14,13 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-set# `make run` plus the guard against forgetting (README "Guarding against forgetting"): the smoke benchmark
-# on base and tuned, a 10% guard in the gate, and 10% of the training rows from a general source
-run-guarded: $(STAMP)
-	$(BIN)/python -m pipelines.demo --benchmarks kftune_smoke --guard-max-drop 0.1 \
-		--data-mix '[{"uri": "data/smoke_facts.jsonl", "weight": 0.1}]'
-
-up: $(STAMP)
+setup: $(STAMP)
 
 include mk/cluster.mk
 

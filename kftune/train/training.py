@@ -294,9 +294,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         }
         if main:
             tokenizer.save_pretrained(str(staging))
-            fingerprint.write(
-                staging, tokenizer, cfg.base_model, data_mix=mix_record
-            )  # infer/merge/evaluate refuse another template
+            # infer/merge/evaluate refuse another template; the mix drawn is recorded beside it
+            fingerprint.write(staging, tokenizer, cfg.base_model, data_mix=mix_record)
             for report in mix_reports.glob("source-*/report.*"):  # each source's own gate report
                 (staging / "data_mix" / report.parent.name).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(report, staging / "data_mix" / report.parent.name / report.name)
