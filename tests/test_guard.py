@@ -90,3 +90,31 @@ def test_benchmark_values_are_flat_metric_names():
         "base_bench_kftune_smoke_acc": 0.9,
         "bench_arc_easy_acc": 0.5,
     }
+
+
+@pytest.mark.parametrize("pipeline", ["finetune", "sweep"])
+def test_both_pipelines_compile_with_the_guard_parameters_and_refuse_a_bad_mix(pipeline, tmp_path):
+    import yaml
+
+    from kftune.core.errors import ConfigError
+    from pipelines.compile import compile_pipeline
+    from pipelines.parameters import resolve_parameters
+
+    out = compile_pipeline(tmp_path / f"{pipeline}.yaml", pipeline)
+    spec = next(yaml.safe_load_all(out.read_text()))
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    for name, kind, default in (
+        ("data_mix", "STRING", ""),
+        ("benchmarks", "STRING", ""),
+        ("benchmark_limit", "NUMBER_INTEGER", 0),
+        ("guard_max_drop", "NUMBER_DOUBLE", -1.0),
+    ):
+        assert inputs[name]["parameterType"] == kind and inputs[name]["defaultValue"] == default, name
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    (train,) = [d["tasks"]["train"] for d in dags if "train" in d["tasks"]]
+    assert train["inputs"]["parameters"]["data_mix"]["componentInputParameter"].endswith("data_mix")
+    (evaluate,) = [d["tasks"]["evaluate"] for d in dags if "evaluate" in d["tasks"]]
+    assert {"benchmarks", "benchmark_limit", "guard_max_drop"} <= set(evaluate["inputs"]["parameters"])
+    bad = {"data_uri": "d.jsonl", "data_mix": '[{"uri": "g.jsonl", "weight": 0.7}, {"uri": "h.jsonl", "weight": 0.4}]'}
+    with pytest.raises(ConfigError, match="data_mix: the weights sum to 1.1"):  # before anything runs
+        resolve_parameters(bad, pipeline)
