@@ -16,6 +16,7 @@ smoke check, not a benchmark.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import logging
 import math
@@ -139,7 +140,8 @@ def run(benchmarks: Plan, model, tokenizer, batch_size: int = 8) -> dict[str, di
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # a copy: lm-eval may set a pad token or padding side, and the other model is scored with this tokenizer
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     out = simple_evaluate(
         model=lm,
         tasks=list(benchmarks.tasks.values()),
