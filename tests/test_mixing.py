@@ -164,3 +164,23 @@ def test_a_mixed_run_records_the_mix_and_the_split_holds_no_mixed_row(tiny_model
     assert json.loads((out / "train_metrics.json").read_text())["data_mix"] == drawn
     assert json.loads((out / "data_mix" / "source-0" / "report.json").read_text())["accepted"] == 30
     assert json.loads(json.loads((out / "kftune_config.json").read_text())["data_mix"]) == mix_value
+
+
+def test_the_model_card_shows_the_mix_and_the_benchmarks():
+    from kftune.registry.modelcard import render
+
+    mix = [
+        {"uri": "data_path", "weight": 0.9, "drawn": 540},
+        {"uri": "s3://b/general.jsonl", "sha256": "ab" * 32, "weight": 0.1, "drawn": 54, "accepted": 24},
+    ]
+    evaluation = {
+        "base": {"eval_loss": 8.6},
+        "tuned": {"eval_loss": 5.5},
+        "benchmarks": {"kftune_smoke": {"metric": "acc", "base": 0.25, "tuned": 0.5, "examples": 24}},
+    }
+    card = render(
+        name="m", base_model="b", lineage={}, evaluation=evaluation, data={"train_rows": 594, "data_mix": mix}
+    )
+    assert "| data_path | 0.9 | 540 | `` |" in card and f"| s3://b/general.jsonl | 0.1 | 54 | `{'ab' * 8}` |" in card
+    assert "| kftune_smoke acc | 0.25 | 0.5 | 24 |" in card
+    assert "data mix" not in card  # the mix is its own table, not a row of the statistics
