@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-plain-clone lint setup up down clean
+.PHONY: run run-guarded test test-plain-clone lint setup up down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ include mk/cluster.mk
 
 run: $(STAMP)
 	$(BIN)/python -m pipelines.demo
+
+# `make run` plus the guard against forgetting (README "Guarding against forgetting"): the smoke benchmark
+# on base and tuned, a 10% guard in the gate, and 10% of the training rows from a general source
+run-guarded: $(STAMP)
+	$(BIN)/python -m pipelines.demo --benchmarks kftune_smoke --guard-max-drop 0.1 \
+		--data-mix '[{"uri": "data/smoke_facts.jsonl", "weight": 0.1}]'
 
 up: $(STAMP)
 	$(BIN)/kftune stack up

@@ -15,6 +15,9 @@ def evaluate(
     eval_samples: int,
     metrics: Output[Metrics],
     report: Output[HTML],
+    benchmarks: str = "",
+    benchmark_limit: int = 0,
+    guard_max_drop: float = -1.0,
 ):
     """Score both models; the numbers become KFP metrics, metrics.json/samples.jsonl/report.html an S3 artifact."""
     from kftune import steps
@@ -28,6 +31,9 @@ def evaluate(
         sample_tokens=sample_tokens,
         samples=eval_samples,
         validation_uri=split.uri,
+        benchmarks=benchmarks,
+        benchmark_limit=benchmark_limit,
+        guard_max_drop=guard_max_drop,
     )
     metrics.metadata.update(steps.write_pointer(metrics.path, result))
     steps.copy_report(result, report.path)

@@ -20,6 +20,7 @@ def register_model(
     pipeline_run: str,
     registered: Output[Model],
     merged: Input[Model] = None,
+    guard_max_drop: float = -1.0,
 ):
     """Register `merged` when given (LoRA, QLoRA), else `trained` (full fine-tuning); the decision is in the metadata."""
     from kftune import steps
@@ -36,5 +37,6 @@ def register_model(
         margin=promotion_margin,
         git_commit=git_commit,
         pipeline_run=pipeline_run,
+        guard_max_drop=guard_max_drop,
     )
     registered.metadata.update(steps.write_pointer(registered.path, result))

@@ -26,11 +26,13 @@ def train(
     processes: int,
     model: Output[Model],
     lora_target_modules: str = "",
+    data_mix: str = "",
 ):
     """Train on the train split; `model` carries the S3 URI of the adapter or full model.
 
     lora_target_modules: comma-separated module names; empty: every linear layer but the LM head.
-    learning_rate: 0 trains with the guide's rate for the method (full 2e-5, lora 1e-4, qlora 2e-4)."""
+    learning_rate: 0 trains with the guide's rate for the method (full 2e-5, lora 1e-4, qlora 2e-4).
+    data_mix: JSON list of {"uri", "weight"} sources mixed into the train split; "" for none."""
     from kftune import steps
 
     settings = steps.train_settings(locals())  # the TrainConfig keys above (tests/test_settings.py checks them)

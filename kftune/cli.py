@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("kftune.models.infer", "generate with a base model and optional adapter; same as inference_lora.py"),
     "merge": ("kftune.models.merge", "merge a LoRA adapter into its full-precision base, with a parity check"),
     "evaluate": (
-        "kftune.evaluate.evaluation",
+        "kftune.evaluate.command",
         "score a base and a tuned model on held-out data: loss, ROUGE-L/chrF, checks, report",
     ),
     "register": ("kftune.registry.promote", "register a candidate in MLflow; move `champion` to it only when it wins"),

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kftune.core import artifacts
 from kftune.core.errors import KftuneError, one_line
 from kftune.core.storage import resolve_path, upload_dir
 from kftune.data.gate_stop import stop_message
@@ -28,6 +27,7 @@ from kftune.data.validate import Options, validate
 from kftune.evaluate.evaluation import Settings
 from kftune.evaluate.evaluation import evaluate as score_both
 from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
+from kftune.registry.modelcard import data_statistics
 from kftune.registry.promote import lineage, rescorer
 from kftune.registry.promote import register as register_candidate
 from kftune.registry.tracking import Registration, check_reachable
@@ -50,6 +50,7 @@ TRAIN_PARAMS = (
     "gradient_accumulation_steps",
     "max_seq_length",
     "seed",
+    "data_mix",
 )
 # the training settings a pipeline passes to its train component, each a TrainConfig key
 TRAIN_SETTINGS = tuple(k for k in TRAIN_PARAMS if k != "base_model")
@@ -111,6 +112,7 @@ class Evaluation:
     sample_prompt: str
     base_sample: str
     tuned_sample: str
+    benchmarks: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics.json's: task -> base, tuned, ...
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,7 @@ def train(
         params.update({k: None for k in params if k.startswith("lora_")})
     if not cfg.use_qlora:
         params["quantization_bit"] = None
+    params["data_mix"] = json.dumps(result.metrics.get("data_mix")) if cfg.data_mix else None  # sha256s, rows drawn
     metrics = {k: result.metrics[k] for k in TRAIN_METRICS if result.metrics.get(k) is not None}
     metrics["loss_history"] = result.metrics["loss_history"]
     return TrainedModel(artifact.uri, artifact.sha256, cfg.method, params, metrics)
@@ -277,16 +280,26 @@ def evaluate(
     sample_tokens: int = 256,
     samples: int = 8,
     validation_uri: str | None = None,
+    benchmarks: str = "",
+    benchmark_limit: int = 0,
+    guard_max_drop: float = -1.0,
 ) -> Evaluation:
     """Score the base and the tuned model on the eval split (kftune.evaluate.evaluation) and upload metrics.json,
     samples.jsonl and report.html; `validation_uri`: the validation artifact, for the report's histogram.
 
     A QLoRA adapter is scored on its base quantized as in training, and so is that base, so the
-    difference is the adapter's alone.
+    difference is the adapter's alone. `benchmarks`: lm-eval tasks on both (`benchmark_limit` each, 0: all).
     """
     settings = Settings(samples=samples, max_new_tokens=max(sample_tokens, 1), batch_size=batch_size)
+    extra = {
+        "benchmarks": benchmarks,
+        "benchmark_limit": benchmark_limit or None,
+        "guard_max_drop": guard_max_drop,
+    }
     with tempfile.TemporaryDirectory(prefix="kftune-eval-") as tmp:
-        metrics = score_both(model_uri, eval_uri, f"{tmp}/evaluation", settings=settings, validation=validation_uri)
+        metrics = score_both(
+            model_uri, eval_uri, f"{tmp}/evaluation", settings=settings, validation=validation_uri, **extra
+        )
         first = json.loads(
             (Path(tmp, "evaluation", "samples.jsonl").read_text(encoding="utf-8").splitlines() or ["{}"])[0]
         )
@@ -311,6 +324,7 @@ def evaluate(
         (first.get("prompt") or [{"content": ""}])[-1]["content"],
         first.get("base_output", ""),
         first.get("tuned_output", ""),
+        metrics.get("benchmarks", {}),
     )
 
 
@@ -348,6 +362,7 @@ def register(
     margin: float = DEFAULT_MARGIN,
     git_commit: str = "",
     pipeline_run: str = "",
+    guard_max_drop: float = -1.0,
 ) -> Registration:
     """Register the merged model (LoRA, QLoRA) or the trained one (full) as an MLflow chat model with its
     lineage, model card and evaluation (`artifact_root` is unused: the MLflow server stores the model), and move `champion` to it only when it beats its base by `margin` and the current champion
@@ -374,22 +389,11 @@ def register(
         params=params,
         train_metrics=metrics,
         loss_history=[(int(s), float(v)) for s, v in trained.metrics.get("loss_history", [])],
-        data_stats=data_statistics(data),
+        data_stats=data_statistics(
+            data.uri, data.train_rows, data.eval_rows, data.dataset_sha256, trained.params.get("data_mix")
+        ),
         metric=metric,
         margin=margin,
         rescore=rescorer(evaluation_dir),
+        max_drop=guard_max_drop,
     )
-
-
-def data_statistics(data: DataSplit) -> dict[str, Any]:
-    """Rows, sha256 and token lengths of the training data, from the validation report, for the model card."""
-    stats: dict[str, Any] = {
-        "train_rows": data.train_rows,
-        "eval_rows": data.eval_rows,
-        "dataset_sha256": data.dataset_sha256,
-    }
-    report = fetch(data.uri) / artifacts.VALIDATION_REPORT
-    lengths = json.loads(report.read_text(encoding="utf-8")).get("token_lengths") if report.is_file() else None
-    if lengths:
-        stats |= {f"tokens_{k}": lengths[k] for k in ("mean", "p50", "p90", "max") if k in lengths}
-    return stats

@@ -10,6 +10,7 @@ model (built once from the committed sample data) and that data are used, so the
 
 import argparse
 import inspect
+import json
 import sys
 import typing
 from pathlib import Path
@@ -19,6 +20,7 @@ from kftune import steps
 from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
 from kftune.core.storage import S3, connect_s3, upload_dir, upload_file
+from kftune.data.mixing import parse
 from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
 from kftune.dev.tiny_model import build_tiny_model
 from kftune.sweep.compare import DIRECTIONS
@@ -49,6 +51,12 @@ HELP = {
     "methods": "the sweep's methods, space-separated: full, lora, qlora4, qlora8 (full trains once, whatever the ranks)",
     "ranks": "LoRA ranks, space-separated, e.g. 8 16",
     "target_presets": "LoRA target modules, space-separated presets: all, attention, mlp, auto (every linear layer)",
+    "data_mix": 'JSON list of {"uri", "weight"} sources mixed into the training rows (local files uploaded), '
+    "each weight its share; the held-out split stays the task data's",
+    "benchmarks": "lm-evaluation-harness task names and/or task folders run on base and tuned (kftune_smoke: "
+    "the shipped smoke check)",
+    "benchmark_limit": "examples per benchmark task (0: all)",
+    "guard_max_drop": "every benchmark metric must stay within this fraction of its base to promote (negative: no guard)",
 }
 DEFAULTS_NOTE = (
     "Training defaults are the guide's config for the method (configs/train_config_*.json), with two "
@@ -281,6 +289,12 @@ def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tup
     info = ensure_stack(args)
     s3 = connect_s3(info.s3_endpoint, access_key=info.access_key, secret_key=info.secret_key)
     arguments["data_uri"] = stage(data, s3, f"s3://{info.bucket}/inputs/data")
+    if arguments.get("data_mix"):  # each local mix source uploaded like data_uri
+        mix = [
+            {"uri": stage(s.uri, s3, f"s3://{info.bucket}/inputs/data"), "weight": s.weight}
+            for s in parse(arguments["data_mix"])
+        ]
+        arguments["data_mix"] = json.dumps(mix)
     base = base or str(demo_model(args.state_dir.parent / "demo-model"))
     arguments["base_model"] = stage(base, s3, f"s3://{info.bucket}/inputs/models")
     arguments.setdefault("artifact_root", f"s3://{info.bucket}/pipeline")

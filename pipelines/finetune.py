@@ -109,6 +109,10 @@ def finetune_pipeline(
     experiment_name: str = "kftune",
     artifact_root: str = "s3://kftune/pipeline",
     git_commit: str = "",
+    data_mix: str = "",
+    benchmarks: str = "",
+    benchmark_limit: int = 0,
+    guard_max_drop: float = -1.0,
 ) -> None:
     """method: full | lora | qlora (quantization_bit 4 or 8); lora_* and quantization_bit apply where the method uses them.
     Training defaults are the guide's config for the method (configs/train_config_*.json); learning_rate 0 means
@@ -117,7 +121,10 @@ def finetune_pipeline(
     train_processes: 0 trains with one process per GPU of the training node (DDP); set TRAIN_GPUS for more GPUs.
     eval_samples: prompts answered greedily by base and tuned model and scored (ROUGE-L, chrF, checks).
     primary_metric, promotion_margin: `champion` moves to the new version only when it beats its base by the
-    margin (a fraction of the base's value) and the current champion on this metric."""
+    margin (a fraction of the base's value) and the current champion on this metric.
+    data_mix: JSON list of {"uri", "weight"} sources mixed into the training rows (each weight its share).
+    benchmarks: lm-eval task names / task folders run on base and tuned (benchmark_limit examples each, 0: all);
+    guard_max_drop: every benchmark metric must stay within this fraction of its base to promote (negative: no guard)."""
     data = _cpu_task(
         validate_data(
             data_uri=data_uri,
@@ -145,6 +152,7 @@ def finetune_pipeline(
             max_seq_length=max_seq_length,
             seed=seed,
             processes=train_processes,
+            data_mix=data_mix,
         )
     )
     scored = _cpu_task(
@@ -154,6 +162,9 @@ def finetune_pipeline(
             artifact_root=artifact_root,
             sample_tokens=sample_tokens,
             eval_samples=eval_samples,
+            benchmarks=benchmarks,
+            benchmark_limit=benchmark_limit,
+            guard_max_drop=guard_max_drop,
         )
     )
     merge_and_register(
@@ -167,4 +178,5 @@ def finetune_pipeline(
         primary_metric=primary_metric,
         promotion_margin=promotion_margin,
         git_commit=git_commit,
+        guard_max_drop=guard_max_drop,
     )

@@ -80,6 +80,11 @@ class RunSummary:
                 f", ROUGE-L {evaluation.base_rougeL:.3f} -> {evaluation.rougeL:.3f}"
                 if evaluation.rougeL is not None
                 else ""
+            )
+            + "".join(
+                f", {t} {r['metric']} "
+                + " -> ".join(str(v if v is None else round(v, 3)) for v in (r["base"], r["tuned"]))
+                for t, r in evaluation.benchmarks.items()
             ),
             "merge-adapter": merged and f"parity: max |logit diff| {merged.max_abs_logit_diff:.2g}",
             "register-model": f"{reg.name} version {reg.version}: {'champion' if reg.promoted else 'challenger'}",

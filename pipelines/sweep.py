@@ -55,11 +55,16 @@ def build(parallelism: int = PARALLELISM):
         experiment_name: str = "kftune",
         artifact_root: str = "s3://kftune/pipeline",
         git_commit: str = "",
+        data_mix: str = "",
+        benchmarks: str = "",
+        benchmark_limit: int = 0,
+        guard_max_drop: float = -1.0,
     ) -> None:
         """methods: full, lora, qlora4, qlora8. ranks: LoRA ranks (full trains once). target_presets: all,
         attention, mlp or auto (every linear layer). primary_metric: what the winner is chosen by and the
         promotion gate compares (eval_loss, perplexity, rougeL, chrf, checks_pass_rate). The rest is shared by every candidate; training defaults are the guide's
-        config for each candidate's method, learning_rate 0 meaning the method's rate (full 2e-5, lora 1e-4, qlora 2e-4)."""
+        config for each candidate's method, learning_rate 0 meaning the method's rate (full 2e-5, lora 1e-4, qlora 2e-4).
+        data_mix, benchmarks, benchmark_limit, guard_max_drop: as in the fine-tuning pipeline, for every candidate."""
         data = _cpu_task(
             validate_data(
                 data_uri=data_uri,
@@ -90,6 +95,7 @@ def build(parallelism: int = PARALLELISM):
                     max_seq_length=max_seq_length,
                     seed=seed,
                     processes=train_processes,
+                    data_mix=data_mix,
                 )
             )
             scored = _cpu_task(
@@ -99,6 +105,9 @@ def build(parallelism: int = PARALLELISM):
                     artifact_root=artifact_root,
                     sample_tokens=sample_tokens,
                     eval_samples=eval_samples,
+                    benchmarks=benchmarks,
+                    benchmark_limit=benchmark_limit,
+                    guard_max_drop=guard_max_drop,
                 )
             )
         best = _cpu_task(
@@ -123,6 +132,7 @@ def build(parallelism: int = PARALLELISM):
             primary_metric=primary_metric,
             promotion_margin=promotion_margin,
             git_commit=git_commit,
+            guard_max_drop=guard_max_drop,
         )
 
     return sweep_pipeline

@@ -14,7 +14,6 @@ against its stored fingerprint. Writes metrics.json, samples.jsonl and report.ht
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import hashlib
@@ -32,11 +31,12 @@ from kftune.core.errors import KftuneError
 from kftune.core.storage import resolve_path, sha256_file
 from kftune.data.formats import Message
 from kftune.data.reading import load_conversations
-from kftune.evaluate.report import format_table, write_report
+from kftune.evaluate import benchmarks as benchmark
+from kftune.evaluate.report import write_report
 from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
 from kftune.models import fingerprint
-from kftune.models.fingerprint import ALLOW_FLAG
 from kftune.models.infer import generate_reply, has_tokenizer_files, load_for_inference
+from kftune.registry.gate import guard_setting
 from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
@@ -216,14 +216,23 @@ def score(
 
 
 def score_candidate(
-    candidate: TunedModel, tokenizer, conversations: Sequence[list[Message]], settings: Settings, as_base: bool = False
+    candidate: TunedModel,
+    tokenizer,
+    conversations: Sequence[list[Message]],
+    settings: Settings,
+    as_base: bool = False,
+    benchmarks: benchmark.Plan | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Load the candidate (or, with `as_base`, its base alone, quantized the same way), score it, free it."""
+    """Load the candidate (or, with `as_base`, its base alone, quantized the same way), score it (and run the
+    `benchmarks` on the same loaded model: no second load), free it."""
     adapter = str(candidate.folder) if candidate.adapter else None
     location = candidate.base_model if (as_base or adapter) else str(candidate.folder)
     model, _ = load_for_inference(location, None if as_base else adapter, candidate.bits, settings.precision)
     try:
-        return score(model, tokenizer, conversations, settings)
+        metrics, outputs = score(model, tokenizer, conversations, settings)
+        if benchmarks is not None:
+            metrics["benchmarks"] = benchmark.run(benchmarks, model, tokenizer, settings.batch_size)
+        return metrics, outputs
     finally:
         del model
         gc.collect()
@@ -238,10 +247,15 @@ def evaluate(
     settings: Settings | None = None,
     validation: str | None = None,
     allow_template_mismatch: bool = False,
+    benchmarks: str = "",
+    benchmark_limit: int | None = None,
+    guard_max_drop: float | None = None,
 ) -> dict[str, Any]:
     """Score the base and the tuned model; write metrics.json, samples.jsonl and report.html into `output_dir`.
 
     `validation`: the validation step's report.json (or its folder), for the report's token-length histogram.
+    `benchmarks`: lm-eval task names and task folders run on both models (`benchmark_limit` examples each);
+    `guard_max_drop` only marks the report's drops beyond the guard (the gate applies it at registration).
     """
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -257,13 +271,14 @@ def evaluate(
         raise KftuneError("--samples must be >= 0, --max_new_tokens and --max_seq_length >= 1")
     eval_path = resolve_path(eval_data)
     conversations = load_conversations(eval_path)
+    tasks = benchmark.plan(benchmarks, benchmark_limit)  # names and data checked before any model loads
     tokenizer = training_tokenizer(candidate, allow_template_mismatch)
     eval_sha256 = sha256_file(eval_path)
 
     log.info("scoring the base model %s on %d eval rows", candidate.base_model, len(conversations))
-    base, base_outputs = score_candidate(candidate, tokenizer, conversations, settings, as_base=True)
+    base, base_outputs = score_candidate(candidate, tokenizer, conversations, settings, as_base=True, benchmarks=tasks)
     log.info("scoring the tuned model %s", model)
-    tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings)
+    tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings, benchmarks=tasks)
 
     checks = load_checks(settings.checks)
     prompts = conversations[: settings.samples]
@@ -293,6 +308,9 @@ def evaluate(
         "tuned": tuned,
         "reference_checks": pass_rates([run_checks(checks, c[-1]["content"]) for c in prompts], checks),
     }
+    if tasks is not None:
+        metrics["benchmarks"] = benchmark.compare(base.pop("benchmarks"), tuned.pop("benchmarks"))
+        metrics["benchmark_settings"] = tasks.settings() | {"guard_max_drop": guard_setting(guard_max_drop)}
     training = candidate.folder / artifacts.TRAIN_METRICS
     with building(out) as staging:
         (staging / artifacts.EVAL_METRICS).write_text(
@@ -333,64 +351,3 @@ def _validation_report(location: str | None) -> dict[str, Any] | None:
     if not path.is_file():
         raise KftuneError(f"--validation {location}: no report.json there; give the validate-data output folder")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kftune evaluate",
-        description="Score a base and a tuned model on the same "
-        "held-out data: loss on assistant tokens, ROUGE-L/chrF and checks on greedy answers.",
-    )
-    p.add_argument(
-        "--model", required=True, help="the tuned model: adapter folder, merged/full model folder or s3:// URI"
-    )
-    p.add_argument("--base_model", help="its base (default: the base recorded in the model's kftune_config.json)")
-    p.add_argument("--eval_data", required=True, help="held-out data (JSONL/JSON, alpaca or messages; local or s3://)")
-    p.add_argument("--output_dir", default="./eval_output", help="where metrics.json, samples.jsonl and report.html go")
-    p.add_argument("--samples", type=int, default=Settings.samples, help="prompts answered greedily and scored")
-    p.add_argument("--max_new_tokens", type=int, default=Settings.max_new_tokens)
-    p.add_argument("--max_seq_length", type=int, help="tokens per scored row (default: the training config's)")
-    p.add_argument("--batch_size", type=int, default=Settings.batch_size)
-    p.add_argument(
-        "--checks",
-        help="output checks: comma list of built-in names (title, hashtag, length) or "
-        "module:attribute; default: all built-in ones",
-    )
-    p.add_argument("--validation", help="validate-data output folder or report.json, for the token-length histogram")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "bf16", "fp32", "fp16"],
-        help="compute precision; the one training used reproduces its eval_loss (auto: bf16 where native)",
-    )
-    p.add_argument(
-        ALLOW_FLAG,
-        "--allow_template_mismatch",
-        dest="allow_template_mismatch",
-        action="store_true",
-        help="go on when the tokenizer or chat template differs from the one the model was trained with",
-    )
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    settings = Settings(
-        max_seq_length=args.max_seq_length,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        checks=args.checks,
-        precision=args.precision,
-    )
-    metrics = evaluate(
-        args.model,
-        args.eval_data,
-        args.output_dir,
-        base_model=args.base_model,
-        settings=settings,
-        validation=args.validation,
-        allow_template_mismatch=args.allow_template_mismatch,
-    )
-    print(format_table(metrics))
-    return 0

@@ -117,6 +117,41 @@ def _metrics_table(metrics: dict[str, Any]) -> Markup:
     return Markup("<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>" + "".join(rows) + "</table>")
 
 
+def _number(value: Any, fmt: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _benchmarks_table(metrics: dict[str, Any]) -> Markup:
+    """Base vs tuned per benchmark task, with the delta; with a guard, drops beyond it are marked."""
+    from kftune.registry.gate import guard
+
+    rows = metrics.get("benchmarks")
+    if not rows:
+        return Markup('<p class="note">no benchmarks run (kftune evaluate --benchmarks)</p>')
+    settings = metrics.get("benchmark_settings") or {}
+    max_drop = settings.get("guard_max_drop")
+    body = []
+    for task, row in rows.items():
+        mark = ""
+        if max_drop is not None:
+            g = guard(task, row, max_drop)
+            mark = '<span class="ok">✓ within</span>' if g.passed else '<span class="no">✗ beyond the guard</span>'
+        stderr = f" ± {row['stderr']:.2g}" if row.get("stderr") is not None else ""
+        body.append(
+            f"<tr><td>{html.escape(task)}</td><td>{html.escape(str(row['metric']))} "
+            f"({'higher' if row.get('higher_is_better', True) else 'lower'} is better)</td>"
+            f'<td class="num">{_number(row["base"])}</td><td class="num">{_number(row["tuned"])}{stderr}</td>'
+            f'<td class="num">{_number(row.get("delta"), "+.4g")}</td><td class="num">{row.get("examples", 0)}</td>'
+            f"<td>{mark}</td></tr>"
+        )
+    guard_note = f"guard: max drop {max_drop * 100:g}% of the base" if max_drop is not None else "no guard set"
+    return Markup(
+        f'<p class="note">lm-evaluation-harness, same examples and seed for both models, prompts through the '
+        f"chat template; {html.escape(guard_note)}</p><table><tr><th>task</th><th>metric</th><th>base</th>"
+        "<th>tuned</th><th>delta</th><th>examples</th><th>guard</th></tr>" + "".join(body) + "</table>"
+    )
+
+
 def _checks(results: dict[str, bool]) -> str:
     return " ".join(
         f'<span class="{"ok" if ok else "no"}">{"✓" if ok else "✗"} {html.escape(name)}</span>'
@@ -149,6 +184,7 @@ EVALUATION_PAGE = """{% extends "base.html" %}
 <table class="meta">{% for name, value in meta %}<tr><td>{{ name }}</td><td>{{ value }}</td></tr>{% endfor %}</table>
 <h2>Metrics</h2>{{ metrics_table }}
 {{ metrics_chart }}
+<h2>Benchmarks (general ability)</h2>{{ benchmarks_table }}
 <h2>Loss curves</h2>{{ loss_curves }}
 <h2>Token lengths (validation)</h2>{{ length_histogram }}
 <h2>Samples (greedy, side by side)</h2>{{ samples_table }}
@@ -176,6 +212,7 @@ def render(
         meta=meta,
         metrics_table=_metrics_table(metrics),
         metrics_chart=metrics_chart(metrics),
+        benchmarks_table=_benchmarks_table(metrics),
         loss_curves=loss_curves(training, metrics),
         length_histogram=length_histogram(validation),
         samples_table=_samples_table(samples),
@@ -200,4 +237,6 @@ def format_table(metrics: dict[str, Any]) -> str:
     for name in ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate"):
         if name in metrics["tuned"]:
             rows.append(f"{name:<18}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}")
+    for task, row in (metrics.get("benchmarks") or {}).items():
+        rows.append(f"{task + ' ' + row['metric']:<18}{_number(row['base']):>12}{_number(row['tuned']):>12}")
     return "\n".join(rows)

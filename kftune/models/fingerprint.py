@@ -48,9 +48,15 @@ def compute(tokenizer) -> dict[str, str]:
     return {**parts, "fingerprint": _sha(parts)}
 
 
-def write(folder: str | Path, tokenizer, source: str) -> dict[str, str]:
-    """Store the fingerprint of `tokenizer` (the one training used, loaded from `source`) in `folder`."""
-    record = {**compute(tokenizer), "version": VERSION, "source": source}
+def write(folder: str | Path, tokenizer, source: str, data_mix: list | None = None) -> dict[str, Any]:
+    """Store the fingerprint of `tokenizer` (the one training used, loaded from `source`) in `folder`, with the
+    data mix the model was trained on when there was one (uris, sha256s, weights, rows drawn: not compared)."""
+    record = {
+        **compute(tokenizer),
+        "version": VERSION,
+        "source": source,
+        **({"data_mix": data_mix} if data_mix else {}),
+    }
     Path(folder, artifacts.FINGERPRINT).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 

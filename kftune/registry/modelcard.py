@@ -7,7 +7,9 @@ MLflow's own tools and with transformers, by the registry URI of this model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 README = "README.md"
@@ -18,6 +20,40 @@ _ROWS = (
     ("chrf", "chrF"),
     ("checks_pass_rate", "outputs passing every check"),
 )
+
+
+def data_statistics(
+    uri: str, train_rows: int, eval_rows: int, dataset_sha256: str, data_mix: str | None = None
+) -> dict[str, Any]:
+    """Rows, sha256 and token lengths of the training data (from the validation report in the split artifact
+    at `uri`) and the data mix it was trained with (train_metrics' record, as JSON), for the model card."""
+    from kftune.core import artifacts
+    from kftune.core.storage import resolve_path
+
+    stats: dict[str, Any] = {"train_rows": train_rows, "eval_rows": eval_rows, "dataset_sha256": dataset_sha256}
+    report = Path(resolve_path(uri)) / artifacts.VALIDATION_REPORT
+    lengths = json.loads(report.read_text(encoding="utf-8")).get("token_lengths") if report.is_file() else None
+    if lengths:
+        stats |= {f"tokens_{k}": lengths[k] for k in ("mean", "p50", "p90", "max") if k in lengths}
+    if data_mix:
+        stats["data_mix"] = json.loads(data_mix)
+    return stats
+
+
+def _mix_table(mix: list[Mapping[str, Any]]) -> str:
+    rows = "\n".join(f"| {m['uri']} | {m['weight']:g} | {m['drawn']} | `{m.get('sha256', '')[:16]}` |" for m in mix)
+    return f"\nMixed into the training rows (`data_mix`; data_path is the task data):\n\n| source | weight | rows drawn | sha256 |\n|---|---:|---:|---|\n{rows}\n"
+
+
+def _benchmark_table(evaluation: Mapping[str, Any]) -> str:
+    rows = evaluation.get("benchmarks") or {}
+    if not rows:
+        return ""
+    lines = "\n".join(
+        f"| {task} {r['metric']} | {_value(r['base'])} | {_value(r['tuned'])} | {r.get('examples', '?')} |"
+        for task, r in rows.items()
+    )
+    return f"\nGeneral-ability benchmarks (lm-evaluation-harness):\n\n| task metric | base | tuned | examples |\n|---|---|---|---|\n{lines}\n"
 
 
 def _value(value: Any) -> str:
@@ -42,8 +78,10 @@ def render(
     ]
     data_lines = ""
     if data:
-        data_lines = "\n".join(f"| {k.replace('_', ' ')} | {_value(v)} |" for k, v in data.items() if v is not None)
+        shown = {k: v for k, v in data.items() if v is not None and k != "data_mix"}
+        data_lines = "\n".join(f"| {k.replace('_', ' ')} | {_value(v)} |" for k, v in shown.items())
         data_lines = f"\n## Training data\n\n| | |\n|---|---|\n{data_lines}\n"
+        data_lines += _mix_table(data["data_mix"]) if data.get("data_mix") else ""
     base, tuned = evaluation.get("base", {}), evaluation.get("tuned", {})
     metric_lines = "\n".join(
         f"| {label} | {_value(base[key])} | {_value(tuned[key])} |"
@@ -68,7 +106,7 @@ models prompted with the chat template used in training; {settings.get("samples"
 | metric | base | tuned |
 |---|---|---|
 {metric_lines}
-
+{_benchmark_table(evaluation)}
 ## How to load it
 
 With MLflow, from the registry (a chat model: task `llm/v1/chat`):

@@ -124,6 +124,7 @@ def _new_version(
         "eval_sha256": evaluation["eval_sha256"],
         **{f"{METRIC_TAG}{k}": tuned[k] for k in TAGGED_METRICS if k in tuned},
         **{f"base.{k}": base[k] for k in TAGGED_METRICS if k in base},
+        **gate.benchmark_values(evaluation, "bench.", "base.bench."),
     }
     card = render(
         name=name,
@@ -138,6 +139,7 @@ def _new_version(
         **(train_metrics or {}),
         **{k: tuned[k] for k in TAGGED_METRICS if k in tuned},
         **{f"base_{k}": base[k] for k in TAGGED_METRICS if k in base},
+        **gate.benchmark_values(evaluation, "bench_", "base_bench_"),
     }
     files = [
         evaluation_dir / f
@@ -221,15 +223,18 @@ def register(
     metric: str = gate.DEFAULT_METRIC,
     margin: float = gate.DEFAULT_MARGIN,
     rescore: Rescore | None = None,
+    max_drop: float | None = None,
 ) -> Registration:
     """Register the candidate at `model_uri` (sha256 `model_sha256`) scored in `evaluation_dir`, and run the gate.
 
     `rescore` scores the champion on this candidate's eval data when its stored metrics are for
-    other eval data or settings; without it such a champion is not replaced.
+    other eval data or settings; without it such a champion is not replaced. `max_drop`: the guard on
+    the evaluation's benchmarks (kftune.registry.gate); None: none.
     """
-
-    gate.decide({metric: 1.0}, {metric: 2.0}, None, metric=metric, margin=margin)  # a bad metric or margin fails first
+    rules: dict[str, Any] = {"metric": metric, "margin": margin, "max_drop": max_drop}
+    gate.decide({metric: 1.0}, {metric: 2.0}, None, **rules)  # a bad metric, margin or guard fails first
     evaluation = json.loads((evaluation_dir / artifacts.EVAL_METRICS).read_text(encoding="utf-8"))
+    rules["benchmarks"] = evaluation.get("benchmarks")
     mlflow = registry.client()
     found = registry.find_version(mlflow, name, model_sha256)
     if found is not None and "gate.decision" in found.tags:
@@ -261,7 +266,7 @@ def register(
     for _ in range(JUDGEMENTS):
         champion = _champion_other_than(mlflow, name, number)
         champion_metrics, label, note = _champion_metrics(champion, evaluation["eval_key"], rescore)
-        decision = gate.decide(tuned, base, champion_metrics, metric=metric, margin=margin, champion_label=label)
+        decision = gate.decide(tuned, base, champion_metrics, champion_label=label, **rules)
         decision = dataclasses.replace(decision, reasons=decision.reasons + note)
         if not decision.promote:
             break
@@ -288,6 +293,7 @@ def register(
             "gate.metric": metric,
             "gate.margin": margin,
             "gate.compared_with": str(champion.version) if champion is not None else "none",
+            **gate.guard_tags(decision),
         },
         run_id=run_id,
     )
@@ -327,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how much better than the base the candidate must be, as a fraction of the base's value "
         f"(default: {gate.DEFAULT_MARGIN})",
     )
+    p.add_argument(
+        "--guard_max_drop",
+        type=float,
+        help="guard against forgetting: every benchmark metric in the evaluation must stay within this fraction "
+        "of its base's value (0.05: 5%%), direction-aware; default (or negative): no guard",
+    )
     return p
 
 
@@ -362,6 +374,7 @@ def main(argv: list[str]) -> int:
         metric=args.metric,
         margin=args.margin,
         rescore=rescorer(evaluation_dir),
+        max_drop=args.guard_max_drop,
     )
     return 0
 

@@ -73,6 +73,11 @@ def run_key(cfg: TrainConfig) -> str:
     values["data_sha256"] = sha256_file(resolve_path(cfg.data_path))
     if cfg.eval_data_path:
         values["eval_data_sha256"] = sha256_file(resolve_path(cfg.eval_data_path))
+    if cfg.data_mix:  # the mixed-in sources' bytes too, not only their uris
+        from kftune.data.mixing import parse
+        from kftune.data.streaming import fetch
+
+        values["data_mix_sha256"] = [sha256_file(fetch(s.uri)) for s in parse(cfg.data_mix)]
     return hashlib.sha256(canonical_json(values)).hexdigest()[:16]
 
 

@@ -70,6 +70,11 @@ class TrainConfig:
         "s3:// prefix or local folder where each checkpoint is kept; a restart resumes from the newest complete one",
     )
     eval_steps: int = _f(0, "steps between evaluations on eval_data_path; 0 evaluates only at the end")
+    data_mix: str = _f(
+        "",
+        'JSON list of {"uri", "weight"} sources mixed into data_path\'s rows, each weight its share of training rows '
+        '(each source passes the validation gate); "" for none',
+    )
     trust_remote_code: bool = _f(False, "allow custom model code from the model folder (off: safer)")
 
     @property
@@ -229,6 +234,13 @@ def range_problems(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         p.append(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.lora_target_modules is not None and cfg.target_modules() is None:
         p.append("lora_target_modules: empty; give module names or null for automatic discovery")
+    if cfg.data_mix:
+        from kftune.data.mixing import parse as parse_mix
+
+        try:
+            parse_mix(cfg.data_mix)
+        except KftuneError as exc:
+            p.append(str(exc))
     if not cfg.data_path:
         p.append("data_path: required")
     if not cfg.output_dir:
@@ -273,6 +285,8 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any], file_label
             if key not in FIELDS:
                 problems.append(unknown_key_problem(key, source))
                 continue
+            if key == "data_mix" and isinstance(value, list):
+                value = json.dumps(value)  # a JSON config may hold the list itself; the config keeps its text
             coerced, problem = check_type(key, value)
             if problem:
                 problems.append(f"{source}: {problem}")

@@ -21,9 +21,11 @@ from kftune.core import artifacts
 from kftune.core.atomic import building, staging_dir
 from kftune.core.errors import KftuneError
 from kftune.data.reading import load_conversations, to_dataset
+from kftune.data.rules import Options
 from kftune.models import fingerprint
 from kftune.train.config import TrainConfig, parse_args
 from kftune.train.measure import peak_memory, reset_peak_memory
+from kftune.train.mixed_rows import mixed_training_rows
 from kftune.train.preflight import check as memory_preflight
 
 log = logging.getLogger("kftune")
@@ -189,6 +191,14 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     train_rows = load_conversations(cfg.data_path)
     eval_rows = load_conversations(cfg.eval_data_path) if cfg.eval_data_path else None
     location = resolve_model_location(cfg.base_model)
+    mix_reports = Path(tempfile.mkdtemp(prefix="kftune-mix-"))
+    train_rows, mix_record = mixed_training_rows(
+        train_rows,
+        cfg.data_mix,
+        cfg.seed,
+        Options(tokenizer=location, max_seq_length=cfg.max_seq_length, eval_fraction=0.0),
+        mix_reports,
+    )  # the gate on every source before the model loads; the eval rows stay the task's own
     cfg = memory_preflight(cfg, location, runtime)  # may turn on checkpointing; refuses what cannot fit
     if cfg.use_qlora:
         from kftune.models.loading import check_bitsandbytes  # heavy: imports torch; loaded when used
@@ -266,6 +276,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "total_params": total,
             "trainable_share": trainable / total,
             "train_rows": len(train_rows),
+            "data_mix": mix_record,  # [] without a mix; else per source: uri, sha256, weight, rows drawn
             "processes": trainer.args.world_size,
             "global_steps": result.global_step,
             "resumed_from_step": step_of(resume) if resume else None,
@@ -283,13 +294,18 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         }
         if main:
             tokenizer.save_pretrained(str(staging))
-            fingerprint.write(staging, tokenizer, cfg.base_model)  # infer/merge/evaluate refuse another template
+            # infer/merge/evaluate refuse another template; the mix drawn is recorded beside it
+            fingerprint.write(staging, tokenizer, cfg.base_model, data_mix=mix_record)
+            for report in mix_reports.glob("source-*/report.*"):  # each source's own gate report
+                (staging / "data_mix" / report.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(report, staging / "data_mix" / report.parent.name / report.name)
             shutil.rmtree(staging / "checkpoints", ignore_errors=True)
             # a pickle (unsafe to load) and peft's placeholder card: neither belongs in a published model
             for leftover in ("training_args.bin", "README.md"):
                 (staging / leftover).unlink(missing_ok=True)
             cfg.save(staging)
             (staging / artifacts.TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(mix_reports, ignore_errors=True)
     if main and store:
         store.clear()  # the output is in place: the run's checkpoints have served their purpose
     if main:
