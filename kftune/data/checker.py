@@ -10,6 +10,7 @@ import re
 import unicodedata
 from typing import Any
 
+from kftune.core.errors import KftuneError
 from kftune.data.formats import (
     ALPACA_FIELDS,
     PLAIN_ROLES,
@@ -21,7 +22,6 @@ from kftune.data.formats import (
     sample_json,
     turn_text,
 )
-from kftune.core.errors import KftuneError
 from kftune.data.pii import EIGHT_DIGITS
 from kftune.data.row_rules import SUSPECT_OR_AT, alternates, check_row, label
 from kftune.data.rules import Options, Row

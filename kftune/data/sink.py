@@ -9,8 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kftune.data.checker import CleanRow
 from kftune.core.errors import KftuneError
+from kftune.data.checker import CleanRow
 from kftune.data.formats import CHAT_FAMILY, detect, from_json, to_json
 from kftune.data.rules import Note, Options, Row
 

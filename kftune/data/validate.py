@@ -29,8 +29,8 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
-from kftune.data.formats import FORMATS
 from kftune.data.checker import Checker, hash64, norm, question_of
+from kftune.data.formats import FORMATS
 from kftune.data.parallel import parallel_batches, row_batches, serial_blocks, worker_count
 from kftune.data.row_rules import schema
 from kftune.data.rules import POLICY_KINDS, RULES, Note, Options

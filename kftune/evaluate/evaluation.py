@@ -30,8 +30,9 @@ from kftune.core import artifacts
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
 from kftune.core.storage import resolve_path, sha256_file
-from kftune.data.formats import Message
-from kftune.data.reading import load_conversations
+from kftune.data.formats import Message, Sample, split_sample
+from kftune.data.reading import is_text, load_samples, text_blocks
+from kftune.evaluate import tool_calls
 from kftune.evaluate.report import format_table, write_report
 from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
 from kftune.models import fingerprint
@@ -66,22 +67,33 @@ def training_chat_template(tokenizer) -> str | None:
         raise KftuneError(f"cannot mask assistant tokens with this tokenizer's chat template ({exc})") from None
 
 
-def encode(tokenizer, conversations: list[list[Message]], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, assistant mask) per conversation, cut to `max_length` from the start as trl does."""
+def encode(
+    tokenizer, conversations: list[list[Message]] | list[Sample], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """(input ids, assistant mask) per conversation (its tools rendered), cut to `max_length` from the start as
+    trl does; a text corpus is cut into training's blocks, every token scored."""
+    if conversations and is_text(conversations):
+        return [(ids, [1] * len(ids)) for ids in text_blocks([s["text"] for s in conversations], tokenizer, max_length)]
     template = training_chat_template(tokenizer)
     encoded = []
-    for messages in conversations:
+    for sample in conversations:
+        messages, tools = split_sample(sample)
         out = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            messages,
+            tools=tools,
+            chat_template=template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
         )
         encoded.append((list(out["input_ids"])[:max_length], list(out["assistant_masks"])[:max_length]))
     return encoded
 
 
 def assistant_loss(
-    model, tokenizer, conversations: list[list[Message]], max_length: int = 512, batch_size: int = 8
+    model, tokenizer, conversations: list[list[Message]] | list[Sample], max_length: int = 512, batch_size: int = 8
 ) -> LossResult:
-    """Mean next-token loss over the assistant tokens of `conversations`."""
+    """Mean next-token loss over the assistant tokens of `conversations` (every token of a text corpus)."""
     import torch
 
     encoded = encode(tokenizer, conversations, max_length)
@@ -188,9 +200,10 @@ def training_tokenizer(candidate: TunedModel, allow_template_mismatch: bool = Fa
 
 
 def score(
-    model, tokenizer, conversations: Sequence[list[Message]], settings: Settings
+    model, tokenizer, conversations: Sequence[list[Message]] | Sequence[Sample], settings: Settings
 ) -> tuple[dict[str, Any], list[str]]:
-    """(metrics, generated outputs) of one loaded model on the eval conversations."""
+    """(metrics, generated outputs) of one loaded model on the eval conversations: the answers to the first
+    `samples` prompts, then the calls generated for the tool-calling cases (tool_calls.cases)."""
     loss = assistant_loss(model, tokenizer, list(conversations), settings.max_seq_length, settings.batch_size)
     gen = {
         "max_new_tokens": settings.max_new_tokens,
@@ -200,11 +213,11 @@ def score(
         "top_p": None,
         "top_k": None,
     }
-    prompts = conversations[: settings.samples]
-    outputs = [generate_reply(model, tokenizer, c[:-1], gen)[0] for c in prompts]
+    prompts = [] if is_text(conversations) else [split_sample(c) for c in conversations[: settings.samples]]
+    outputs = [generate_reply(model, tokenizer, m[:-1], gen, tools=t)[0] for m, t in prompts]
     metrics: dict[str, Any] = {"eval_loss": loss.loss, "perplexity": loss.perplexity, "eval_tokens": loss.tokens}
     if outputs:
-        references = [c[-1]["content"] for c in prompts]
+        references = [m[-1]["content"] for m, _ in prompts]
         checks = load_checks(settings.checks)
         rouge = rouge_l(outputs, references)
         metrics["rougeL"] = sum(rouge) / len(rouge)
@@ -212,7 +225,10 @@ def score(
         rates = pass_rates([run_checks(checks, o) for o in outputs], checks)
         metrics["checks"] = rates
         metrics["checks_pass_rate"] = rates.get("all", 0.0)
-    return metrics, outputs
+    cases = tool_calls.cases(conversations, settings.samples)
+    calls = [generate_reply(model, tokenizer, c.prompt, gen, tools=c.tools)[0] for c in cases]
+    metrics.update(tool_calls.score(calls, cases))
+    return metrics, outputs + calls
 
 
 def score_candidate(
@@ -256,7 +272,7 @@ def evaluate(
     if settings.samples < 0 or settings.max_new_tokens < 1 or settings.max_seq_length < 1:
         raise KftuneError("--samples must be >= 0, --max_new_tokens and --max_seq_length >= 1")
     eval_path = resolve_path(eval_data)
-    conversations = load_conversations(eval_path)
+    conversations = load_samples(eval_path)
     tokenizer = training_tokenizer(candidate, allow_template_mismatch)
     eval_sha256 = sha256_file(eval_path)
 
@@ -266,7 +282,9 @@ def evaluate(
     tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings)
 
     checks = load_checks(settings.checks)
-    prompts = conversations[: settings.samples]
+    prompts = [] if is_text(conversations) else [split_sample(c)[0] for c in conversations[: settings.samples]]
+    cases = tool_calls.cases(conversations, settings.samples)
+    answered = len(prompts)
     samples = [
         {
             "prompt": c[:-1],
@@ -276,7 +294,10 @@ def evaluate(
             "base_checks": run_checks(checks, b),
             "tuned_checks": run_checks(checks, t),
         }
-        for c, b, t in zip(prompts, base_outputs, tuned_outputs, strict=True)
+        for c, b, t in zip(prompts, base_outputs[:answered], tuned_outputs[:answered], strict=True)
+    ] + [
+        tool_calls.sample_record(case, b, t)
+        for case, b, t in zip(cases, base_outputs[answered:], tuned_outputs[answered:], strict=True)
     ]
     metrics = {
         "model": model,
@@ -286,6 +307,7 @@ def evaluate(
         "eval_data": eval_data,
         "eval_sha256": eval_sha256,
         "eval_rows": len(conversations),
+        "eval_kind": "text" if is_text(conversations) else "chat",  # text: perplexity on held-out documents
         "eval_key": settings.key(eval_sha256),
         "settings": {**dataclasses.asdict(settings), "check_names": [c.name for c in checks]},
         "template_fingerprint": fingerprint.compute(tokenizer)["fingerprint"],
@@ -319,7 +341,7 @@ def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None
     recorded = {k: v for k, v in evaluation["settings"].items() if k in fields}
     settings = Settings(**recorded)
     candidate = describe(model, base_model)
-    conversations = load_conversations(resolve_path(evaluation["eval_data"]))
+    conversations = load_samples(resolve_path(evaluation["eval_data"]))
     tokenizer = training_tokenizer(candidate)
     return score_candidate(candidate, tokenizer, conversations, settings)[0]
 
