@@ -27,6 +27,7 @@ from kftune.data.gate_stop import stop_message
 from kftune.data.validate import Options, validate
 from kftune.evaluate.evaluation import Settings
 from kftune.evaluate.evaluation import evaluate as score_both
+from kftune.evaluate.tool_calls import GATE_METRICS as TOOL_METRICS
 from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
 from kftune.registry.promote import lineage, rescorer
 from kftune.registry.promote import register as register_candidate
@@ -111,6 +112,10 @@ class Evaluation:
     sample_prompt: str
     base_sample: str
     tuned_sample: str
+    base_tool_call_name_match: float | None = None  # None when the eval data has no tool calls
+    tool_call_name_match: float | None = None
+    base_tool_call_args_match: float | None = None
+    tool_call_args_match: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,9 @@ class MergedModel:
 
 def from_metadata(cls: type[T], metadata: Mapping[str, Any]) -> T:
     """Rebuild a step result from artifact metadata (extra keys a KFP backend adds are ignored)."""
-    return cls(**{f.name: _whole_numbers_as_ints(metadata[f.name]) for f in dataclasses.fields(cls)})
+    return cls(
+        **{f.name: _whole_numbers_as_ints(metadata[f.name]) for f in dataclasses.fields(cls) if f.name in metadata}
+    )
 
 
 def _whole_numbers_as_ints(value: Any) -> Any:
@@ -311,6 +318,7 @@ def evaluate(
         (first.get("prompt") or [{"content": ""}])[-1]["content"],
         first.get("base_output", ""),
         first.get("tuned_output", ""),
+        **{f"{side}{k}": m.get(k) for k in TOOL_METRICS for side, m in (("base_", base), ("", tuned))},
     )
 
 

@@ -12,15 +12,15 @@ promotion gate's candidates for a tool-calling data set.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kftune.data.formats import Message, Sample
+from kftune.models.tool_call_text import parse_calls
 
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 METRICS = ("tool_call_parse_rate", "tool_call_declared_rate", "tool_call_name_match", "tool_call_args_match")
+GATE_METRICS = METRICS[2:]  # the two the promotion gate and the sweep can rank by
 
 
 @dataclass(frozen=True)
@@ -48,32 +48,6 @@ def cases(samples: Sequence[Sample | list[Message]], limit: int) -> list[Case]:
         if len(found) == limit:
             break
     return found
-
-
-def parse_calls(text: str) -> list[dict[str, Any]] | None:
-    """The calls in a generated answer as {"name", "arguments"} objects; None when a call block does not
-    parse (or names no function); [] when the answer calls nothing."""
-    calls = []
-    for block in _CALL.findall(text):
-        try:
-            call = json.loads(block)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return None
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):  # some models write the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                return None
-        calls.append({"name": call["name"], "arguments": arguments})
-    return calls
-
-
-def content_without_calls(text: str) -> str:
-    """The answer's text with its call blocks taken out (what a chat response's `content` carries)."""
-    return _CALL.sub("", text).strip()
 
 
 def score(outputs: Sequence[str], found: Sequence[Case]) -> dict[str, Any]:
