@@ -180,6 +180,7 @@ def validate_data(
     eval_fraction: float = 0.1,
     base_model: str | None = None,
     max_seq_length: int = 512,
+    data_format: str = "auto",
 ) -> DataSplit:
     """Run the validation gate, upload its report and split, and stop the run when the gate fails.
 
@@ -189,7 +190,13 @@ def validate_data(
     if not 0 < eval_fraction < 1:
         raise KftuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     check_reachable()
-    options = Options(tokenizer=base_model, max_seq_length=max_seq_length, eval_fraction=eval_fraction, progress=False)
+    options = Options(
+        tokenizer=base_model,
+        max_seq_length=max_seq_length,
+        eval_fraction=eval_fraction,
+        progress=False,
+        data_format=data_format,
+    )
     with tempfile.TemporaryDirectory(prefix="kftune-validate-") as tmp:
         report = validate(data_uri, Path(tmp, "validation"), options)
         artifact = upload_dir(Path(tmp, "validation"), f"{artifact_root}/datasets")
