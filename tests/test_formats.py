@@ -73,7 +73,7 @@ def test_length_is_counted_with_the_tools_rendered(glaive_file, tool_model, tmp_
     from kftune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tool_model))
-    rows = [s for s in map(json.loads, glaive_file.read_text().splitlines())][:5]
+    rows = list(map(json.loads, glaive_file.read_text().splitlines()))[:5]
     exact = []
     for row in rows:
         sample = load_samples(write_jsonl(tmp_path / "one.jsonl", [row]))[0]
