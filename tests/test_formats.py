@@ -18,18 +18,7 @@ from kftune.data.validate import validate
 from kftune.dev.tool_data import BAD_TOOL_ROWS, FUNCTIONS, text_rows, tool_rows, write_jsonl
 from kftune.evaluate import tool_calls
 
-from .conftest import TINY, run_cli
-
-TOOL_ROWS = 40
-
-
-@pytest.fixture(scope="session")
-def tool_model(tmp_path_factory) -> Path:
-    """The tiny model with a tokenizer trained on tool rows too (English and JSON take fewer tokens)."""
-    from kftune.dev.tiny_model import build_tiny_model
-
-    corpus = write_jsonl(tmp_path_factory.mktemp("corpus") / "tools.jsonl", tool_rows(TOOL_ROWS))
-    return build_tiny_model(tmp_path_factory.mktemp("tools") / "model", **TINY, data_path=corpus)
+from .conftest import TOOL_ROWS, run_cli
 
 
 @pytest.fixture(scope="session")
