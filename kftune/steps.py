@@ -27,7 +27,6 @@ from kftune.data.gate_stop import stop_message
 from kftune.data.validate import Options, validate
 from kftune.evaluate.evaluation import Settings
 from kftune.evaluate.evaluation import evaluate as score_both
-from kftune.evaluate.tool_calls import GATE_METRICS as TOOL_METRICS
 from kftune.registry.gate import DEFAULT_MARGIN, DEFAULT_METRIC
 from kftune.registry.promote import lineage, rescorer
 from kftune.registry.promote import register as register_candidate
@@ -112,9 +111,7 @@ class Evaluation:
     sample_prompt: str
     base_sample: str
     tuned_sample: str
-    base_tool_call_name_match: float | None = None  # None when the eval data has no tool calls
-    tool_call_name_match: float | None = None
-    base_tool_call_args_match: float | None = None
+    tool_call_name_match: float | None = None  # None when the eval data has no tool calls
     tool_call_args_match: float | None = None
 
 
@@ -127,9 +124,7 @@ class MergedModel:
 
 def from_metadata(cls: type[T], metadata: Mapping[str, Any]) -> T:
     """Rebuild a step result from artifact metadata (extra keys a KFP backend adds are ignored)."""
-    return cls(
-        **{f.name: _whole_numbers_as_ints(metadata[f.name]) for f in dataclasses.fields(cls) if f.name in metadata}
-    )
+    return cls(**{f.name: _whole_numbers_as_ints(metadata[f.name]) for f in dataclasses.fields(cls)})
 
 
 def _whole_numbers_as_ints(value: Any) -> Any:
@@ -190,13 +185,7 @@ def validate_data(
     if not 0 < eval_fraction < 1:
         raise KftuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     check_reachable()
-    options = Options(
-        tokenizer=base_model,
-        max_seq_length=max_seq_length,
-        eval_fraction=eval_fraction,
-        progress=False,
-        data_format=data_format,
-    )
+    options = Options(base_model, max_seq_length, eval_fraction=eval_fraction, progress=False, data_format=data_format)
     with tempfile.TemporaryDirectory(prefix="kftune-validate-") as tmp:
         report = validate(data_uri, Path(tmp, "validation"), options)
         artifact = upload_dir(Path(tmp, "validation"), f"{artifact_root}/datasets")
@@ -325,7 +314,7 @@ def evaluate(
         (first.get("prompt") or [{"content": ""}])[-1]["content"],
         first.get("base_output", ""),
         first.get("tuned_output", ""),
-        **{f"{side}{k}": m.get(k) for k in TOOL_METRICS for side, m in (("base_", base), ("", tuned))},
+        **{k: tuned.get(k) for k in ("tool_call_name_match", "tool_call_args_match")},
     )
 
 

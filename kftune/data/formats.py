@@ -16,11 +16,13 @@ tokenizer all read rows through here; the accepted line the gate writes is the s
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 Message = dict[str, Any]
 Sample = dict[str, Any]
 Issue = tuple[str, str]  # (rule, message)
+Rows = Sequence[list[Message]] | Sequence[Sample]  # conversations, or samples of any format
 ROLES = ("system", "user", "assistant")
 TOOL_ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")

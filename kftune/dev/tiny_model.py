@@ -116,7 +116,7 @@ def _qwen2_pipeline(tokenizer: Tokenizer) -> None:
 
 
 def _row_texts(row: Any, where: str) -> list[str]:
-    """The texts of one alpaca or messages row, checked by the data layer's rules (as training reads it).
+    """The texts of one row (any format), checked by the data layer's rules (as training reads it).
 
     An alpaca row gives its instruction, input and output apart, not the joined prompt: the demo model's
     tokenizer has always learnt them so, and other merges would change what `make run` prints."""
@@ -141,7 +141,7 @@ def corpus_texts(data_path: str | os.PathLike | None = None) -> list[str]:
 
 
 def _read_texts(path: Path) -> Iterator[str]:
-    """Texts from a JSONL file in alpaca or messages form, naming the line of any bad row."""
+    """Texts from a JSONL file (any format), naming the line of any bad row."""
     if not path.is_file():
         raise KftuneError(f"--data {path}: no such file; give a JSONL file in alpaca or messages form")
     with path.open(encoding="utf-8") as f:

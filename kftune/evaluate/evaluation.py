@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from kftune.core import artifacts
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
 from kftune.core.storage import resolve_path, sha256_file
-from kftune.data.formats import Message, Sample, split_sample
+from kftune.data.formats import Rows, split_sample
 from kftune.data.reading import is_text, load_samples, text_blocks
 from kftune.evaluate import tool_calls
 from kftune.evaluate.report import format_table, write_report
@@ -41,6 +40,7 @@ from kftune.models.infer import generate_reply, has_tokenizer_files, load_for_in
 from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
+MASKED = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}  # ids and assistant mask
 
 DEFAULT_MAX_SEQ_LENGTH = 512
 
@@ -67,32 +67,19 @@ def training_chat_template(tokenizer) -> str | None:
         raise KftuneError(f"cannot mask assistant tokens with this tokenizer's chat template ({exc})") from None
 
 
-def encode(
-    tokenizer, conversations: list[list[Message]] | list[Sample], max_length: int
-) -> list[tuple[list[int], list[int]]]:
-    """(input ids, assistant mask) per conversation (its tools rendered), cut to `max_length` from the start as
-    trl does; a text corpus is cut into training's blocks, every token scored."""
+def encode(tokenizer, conversations: Rows, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, assistant mask) per row (tools rendered; a text corpus: training's blocks, all scored), cut as trl does."""
     if conversations and is_text(conversations):
         return [(ids, [1] * len(ids)) for ids in text_blocks([s["text"] for s in conversations], tokenizer, max_length)]
-    template = training_chat_template(tokenizer)
-    encoded = []
+    template, encoded = training_chat_template(tokenizer), []
     for sample in conversations:
         messages, tools = split_sample(sample)
-        out = tokenizer.apply_chat_template(
-            messages,
-            tools=tools,
-            chat_template=template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
+        out = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, **MASKED)
         encoded.append((list(out["input_ids"])[:max_length], list(out["assistant_masks"])[:max_length]))
     return encoded
 
 
-def assistant_loss(
-    model, tokenizer, conversations: list[list[Message]] | list[Sample], max_length: int = 512, batch_size: int = 8
-) -> LossResult:
+def assistant_loss(model, tokenizer, conversations: Rows, max_length: int = 512, batch_size: int = 8) -> LossResult:
     """Mean next-token loss over the assistant tokens of `conversations` (every token of a text corpus)."""
     import torch
 
@@ -199,11 +186,8 @@ def training_tokenizer(candidate: TunedModel, allow_template_mismatch: bool = Fa
     return tokenizer
 
 
-def score(
-    model, tokenizer, conversations: Sequence[list[Message]] | Sequence[Sample], settings: Settings
-) -> tuple[dict[str, Any], list[str]]:
-    """(metrics, generated outputs) of one loaded model on the eval conversations: the answers to the first
-    `samples` prompts, then the calls generated for the tool-calling cases (tool_calls.cases)."""
+def score(model, tokenizer, conversations: Rows, settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """(metrics, generated outputs) of one loaded model: answers to the first `samples` prompts, then tool calls."""
     loss = assistant_loss(model, tokenizer, list(conversations), settings.max_seq_length, settings.batch_size)
     gen = {
         "max_new_tokens": settings.max_new_tokens,
@@ -225,14 +209,12 @@ def score(
         rates = pass_rates([run_checks(checks, o) for o in outputs], checks)
         metrics["checks"] = rates
         metrics["checks_pass_rate"] = rates.get("all", 0.0)
-    cases = tool_calls.cases(conversations, settings.samples)
-    calls = [generate_reply(model, tokenizer, c.prompt, gen, tools=c.tools)[0] for c in cases]
-    metrics.update(tool_calls.score(calls, cases))
-    return metrics, outputs + calls
+    tool_metrics, calls = tool_calls.generate(model, tokenizer, conversations, settings.samples, gen)
+    return metrics | tool_metrics, outputs + calls
 
 
 def score_candidate(
-    candidate: TunedModel, tokenizer, conversations: Sequence[list[Message]], settings: Settings, as_base: bool = False
+    candidate: TunedModel, tokenizer, conversations: Rows, settings: Settings, as_base: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
     """Load the candidate (or, with `as_base`, its base alone, quantized the same way), score it, free it."""
     adapter = str(candidate.folder) if candidate.adapter else None
@@ -283,8 +265,6 @@ def evaluate(
 
     checks = load_checks(settings.checks)
     prompts = [] if is_text(conversations) else [split_sample(c)[0] for c in conversations[: settings.samples]]
-    cases = tool_calls.cases(conversations, settings.samples)
-    answered = len(prompts)
     samples = [
         {
             "prompt": c[:-1],
@@ -294,11 +274,8 @@ def evaluate(
             "base_checks": run_checks(checks, b),
             "tuned_checks": run_checks(checks, t),
         }
-        for c, b, t in zip(prompts, base_outputs[:answered], tuned_outputs[:answered], strict=True)
-    ] + [
-        tool_calls.sample_record(case, b, t)
-        for case, b, t in zip(cases, base_outputs[answered:], tuned_outputs[answered:], strict=True)
-    ]
+        for c, b, t in zip(prompts, base_outputs[: len(prompts)], tuned_outputs[: len(prompts)], strict=True)
+    ] + tool_calls.records(conversations, settings.samples, base_outputs[len(prompts) :], tuned_outputs[len(prompts) :])
     metrics = {
         "model": model,
         "base_model": candidate.base_model,
@@ -367,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="the tuned model: adapter folder, merged/full model folder or s3:// URI"
     )
     p.add_argument("--base_model", help="its base (default: the base recorded in the model's kftune_config.json)")
-    p.add_argument("--eval_data", required=True, help="held-out data (JSONL/JSON, alpaca or messages; local or s3://)")
+    p.add_argument(
+        "--eval_data", required=True, help="held-out data (JSONL/JSON in any kftune data format; local or s3://)"
+    )
     p.add_argument("--output_dir", default="./eval_output", help="where metrics.json, samples.jsonl and report.html go")
     p.add_argument("--samples", type=int, default=Settings.samples, help="prompts answered greedily and scored")
     p.add_argument("--max_new_tokens", type=int, default=Settings.max_new_tokens)

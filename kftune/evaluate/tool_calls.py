@@ -16,11 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kftune.data.formats import Message, Sample
+from kftune.data.formats import Message, Rows
 from kftune.models.tool_call_text import parse_calls
 
 METRICS = ("tool_call_parse_rate", "tool_call_declared_rate", "tool_call_name_match", "tool_call_args_match")
-GATE_METRICS = METRICS[2:]  # the two the promotion gate and the sweep can rank by
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class Case:
     arguments: dict[str, Any]
 
 
-def cases(samples: Sequence[Sample | list[Message]], limit: int) -> list[Case]:
+def cases(samples: Rows, limit: int) -> list[Case]:
     """The first tool-calling turn of each row that has one, for at most `limit` rows."""
     found = []
     for sample in samples:
@@ -68,12 +67,24 @@ def score(outputs: Sequence[str], found: Sequence[Case]) -> dict[str, Any]:
     return {"tool_call_rows": len(found), **{k: v / len(found) for k, v in totals.items()}}
 
 
-def sample_record(case: Case, base: str, tuned: str) -> dict[str, Any]:
-    """One line of samples.jsonl for a tool-calling case."""
-    return {
-        "prompt": case.prompt,
-        "reference": json.dumps({"name": case.name, "arguments": case.arguments}, ensure_ascii=False),
-        "base_output": base,
-        "tuned_output": tuned,
-        "kind": "tool_call",
-    }
+def generate(model, tokenizer, rows: Rows, limit: int, gen: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(scores, outputs): the model's answer to each case of `rows` (at most `limit`), prompted with the tools."""
+    from kftune.models.infer import generate_reply  # heavy: imports torch; loaded when used
+
+    found = cases(rows, limit)
+    outputs = [generate_reply(model, tokenizer, c.prompt, gen, tools=c.tools)[0] for c in found]
+    return score(outputs, found), outputs
+
+
+def records(rows: Rows, limit: int, base: Sequence[str], tuned: Sequence[str]) -> list[dict[str, Any]]:
+    """The lines of samples.jsonl for the tool-calling cases: prompt, reference call, both models' answers."""
+    return [
+        {
+            "prompt": case.prompt,
+            "reference": json.dumps({"name": case.name, "arguments": case.arguments}, ensure_ascii=False),
+            "base_output": b,
+            "tuned_output": t,
+            "kind": "tool_call",
+        }
+        for case, b, t in zip(cases(rows, limit), base, tuned, strict=True)
+    ]
