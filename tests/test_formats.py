@@ -18,7 +18,7 @@ from kftune.data.validate import validate
 from kftune.dev.tool_data import BAD_TOOL_ROWS, FUNCTIONS, text_rows, tool_rows, write_jsonl
 from kftune.evaluate import tool_calls
 
-from .conftest import TOOL_ROWS, run_cli
+from .conftest import REPO, TOOL_ROWS, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -266,3 +266,24 @@ def test_tool_call_scores():
         "tool_call_args_match": 1 / 6,
     }
     assert tool_calls.score([], []) == {}
+
+
+def test_the_committed_demo_file_is_the_generators_and_passes_the_gate(tool_model, tmp_path):
+    from kftune.dev.tool_data import DEMO_FILE, demo_rows
+
+    path = REPO / DEMO_FILE
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == demo_rows()
+    proc = run_cli(
+        "-m",
+        "kftune.cli",
+        "validate-data",
+        str(path),
+        "--base_model",
+        str(tool_model),
+        "--max_seq_length",
+        "1024",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rows in 63: accepted 60, rejected 3" in proc.stdout and "sharegpt" in proc.stdout

@@ -57,7 +57,9 @@ def _call(rng: random.Random) -> tuple[str, str, dict, dict, str]:
     if kind == "get_weather":
         city, sky, degrees = rng.choice(CITIES), rng.choice(WEATHER), rng.randint(-5, 35)
         return (
-            f"What is the weather like in {city} right now?",
+            rng.choice(
+                ("What is the weather like in {} right now?", "How warm is it in {} today?", "Weather in {}?")
+            ).format(city),
             kind,
             {"city": city},
             {"city": city, "weather": sky, "temperature": degrees},
@@ -67,7 +69,9 @@ def _call(rng: random.Random) -> tuple[str, str, dict, dict, str]:
         category = rng.choice(CATEGORIES)
         headline = f"{category.title()} headline number {rng.randint(1, 99)}"
         return (
-            f"Can you get me the latest {category} news?",
+            rng.choice(("Can you get me the latest {} news?", "Any {} headlines today?", "What is new in {}?")).format(
+                category
+            ),
             kind,
             {"category": category},
             {"headlines": [headline]},
@@ -84,11 +88,15 @@ def _call(rng: random.Random) -> tuple[str, str, dict, dict, str]:
 
 
 def tool_rows(rows: int, seed: int = 0) -> list[dict]:
-    """`rows` ShareGPT tool-calling rows (one in five answers without a call, as glaive's do)."""
+    """`rows` ShareGPT tool-calling rows, each question asked once (one in five answers without a call, as
+    glaive's do)."""
     rng = random.Random(seed)
-    out = []
+    out, asked = [], set()
     for i in range(rows):
         question, name, arguments, result, answer = _call(rng)
+        while question in asked:
+            question, name, arguments, result, answer = _call(rng)
+        asked.add(question)
         tools = [FUNCTIONS[name], FUNCTIONS[rng.choice([n for n in sorted(FUNCTIONS) if n != name])]]
         rng.shuffle(tools)
         if i % 5 == 4:
@@ -137,6 +145,16 @@ BAD_TOOL_ROWS = {
         ]
     ),
 }
+
+
+DEMO_FILE = (
+    "data/glaive_toolcall_demo.jsonl"  # committed: 60 rows, then one bad row per tool rule (4.8%: the gate passes)
+)
+
+
+def demo_rows() -> list[dict]:
+    """What DEMO_FILE holds (a test keeps the two equal)."""
+    return tool_rows(60) + list(BAD_TOOL_ROWS.values())
 
 
 def text_rows(rows: int, seed: int = 0) -> list[dict]:
