@@ -141,3 +141,18 @@ def test_prompt_completion_rows_train_on_the_completion(tiny_model, tmp_path):
     assert math.isfinite(metrics["train_loss"]) and metrics["data_kind"] == "chat"
     tokenizer = load_tokenizer(str(tiny_model))
     assert {labelled(tokenizer, r) for r in prepared} == {f"{r['completion']}<|im_end|>" for r in rows}
+
+
+def test_training_refuses_a_template_that_cannot_render_tools_before_loading_the_model(
+    tool_model, tool_split, tmp_path
+):
+    from kftune.core.errors import KftuneError
+
+    plain = shutil.copytree(tool_model, tmp_path / "plain")
+    (plain / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(KftuneError, match="the chat template ignores `tools`"):
+        train(plain, tool_split / "train.jsonl", tmp_path / "out", max_seq_length=1024)
+    assert not (tmp_path / "out").exists()

@@ -9,24 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from kftune.core.storage import upload_dir, upload_file
 from kftune.dev.tool_data import BAD_TOOL_ROWS, text_rows, tool_rows, write_jsonl
 from pipelines.local import RunSummary, run, run_sweep
 
+from .conftest import stage_inputs
+from .test_pipeline_run import QUICK as PIPELINE_QUICK
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-QUICK = {
-    "method": "lora",
-    "max_steps": 3,
-    "learning_rate": 1e-2,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 1,
-    "eval_fraction": 0.1,
-    "sample_tokens": 8,
-    "eval_samples": 2,
-    "train_processes": 1,
-}
+QUICK = {**PIPELINE_QUICK, "method": "lora", "eval_fraction": 0.1, "train_processes": 1}
 GOOD_TOOL_ROWS = 60  # with the three bad rows, 4.8% rejected: under the gate's 5%
 
 
@@ -34,12 +24,7 @@ GOOD_TOOL_ROWS = 60  # with the three bad rows, 4.8% rejected: under the gate's 
 def tool_inputs(stack, s3, tool_model, tmp_path_factory) -> dict[str, str]:
     rows = tool_rows(GOOD_TOOL_ROWS, seed=11) + list(BAD_TOOL_ROWS.values())
     data = write_jsonl(tmp_path_factory.mktemp("tools") / "glaive_toolcall.jsonl", rows)
-    bucket = f"s3://{stack.bucket}"
-    return {
-        "base_model": upload_dir(tool_model, f"{bucket}/inputs/tool-models", s3).uri,
-        "data_uri": upload_file(data, f"{bucket}/inputs/tool-data", s3).uri,
-        "artifact_root": f"{bucket}/tool-pipeline",
-    }
+    return stage_inputs(stack, s3, tool_model, data, "tools-")
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +59,8 @@ def test_a_tool_calling_data_set_runs_end_to_end(tool_run, stack, s3, tmp_path):
 
 def test_a_text_corpus_runs_end_to_end(stack, s3, tiny_model, task_env, tmp_path):
     data = write_jsonl(tmp_path / "corpus.jsonl", text_rows(40, seed=3))
-    bucket = f"s3://{stack.bucket}"
     arguments = {
-        "base_model": upload_dir(tiny_model, f"{bucket}/inputs/text-models", s3).uri,
-        "data_uri": upload_file(data, f"{bucket}/inputs/text-data", s3).uri,
-        "artifact_root": f"{bucket}/text-pipeline",
+        **stage_inputs(stack, s3, tiny_model, data, "text-"),
         **QUICK,
         "max_seq_length": 128,
         "registered_model_name": "test-text",
