@@ -34,8 +34,8 @@ def _clean(value: Any) -> Any:
     """A request as plain Python: pandas/numpy leftovers of signature enforcement turned back into lists."""
     if hasattr(value, "tolist"):
         value = value.tolist()
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items() if v is not None}
+    if isinstance(value, dict):  # a missing optional field: None, or NaN in a DataFrame's column
+        return {k: _clean(v) for k, v in value.items() if v is not None and not (isinstance(v, float) and v != v)}
     if isinstance(value, list):
         return [_clean(v) for v in value]
     return value
