@@ -113,6 +113,8 @@ class Evaluation:
     base_sample: str
     tuned_sample: str
     benchmarks: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics.json's: task -> base, tuned, ...
+    tool_call_name_match: float | None = None  # None when the eval data has no tool calls
+    tool_call_args_match: float | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ def validate_data(
     eval_fraction: float = 0.1,
     base_model: str | None = None,
     max_seq_length: int = 512,
+    data_format: str = "auto",
 ) -> DataSplit:
     """Run the validation gate, upload its report and split, and stop the run when the gate fails.
 
@@ -184,7 +187,7 @@ def validate_data(
     if not 0 < eval_fraction < 1:
         raise KftuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     check_reachable()
-    options = Options(tokenizer=base_model, max_seq_length=max_seq_length, eval_fraction=eval_fraction, progress=False)
+    options = Options(base_model, max_seq_length, eval_fraction=eval_fraction, progress=False, data_format=data_format)
     with tempfile.TemporaryDirectory(prefix="kftune-validate-") as tmp:
         report = validate(data_uri, Path(tmp, "validation"), options)
         artifact = upload_dir(Path(tmp, "validation"), f"{artifact_root}/datasets")
@@ -325,6 +328,7 @@ def evaluate(
         first.get("base_output", ""),
         first.get("tuned_output", ""),
         metrics.get("benchmarks", {}),
+        **{k: tuned.get(k) for k in ("tool_call_name_match", "tool_call_args_match")},
     )
 
 

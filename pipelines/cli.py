@@ -20,6 +20,7 @@ from kftune import steps
 from kftune.core.commit import head_commit
 from kftune.core.errors import KftuneError
 from kftune.core.storage import S3, connect_s3, upload_dir, upload_file
+from kftune.data.formats import FORMATS
 from kftune.data.mixing import parse
 from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_info, status, up
 from kftune.dev.tiny_model import build_tiny_model
@@ -45,7 +46,9 @@ HELP = {
     "artifact_root": "where the tasks store their artifacts; default: s3://<stack bucket>/pipeline",
     "sample_tokens": "max new tokens of each greedy answer evaluate scores",
     "eval_samples": "eval prompts answered greedily by the base and the tuned model and scored (0: none)",
-    "primary_metric": "the metric the promotion gate (and a sweep's ranking) compares: eval_loss, perplexity, rougeL, chrf or checks_pass_rate",
+    "primary_metric": "the metric the promotion gate (and a sweep's ranking) compares: eval_loss, perplexity, rougeL, chrf, "
+    "checks_pass_rate, tool_call_name_match or tool_call_args_match",
+    "data_format": "the rows' format: auto (the file's first row's), alpaca, messages, sharegpt, prompt_completion or text",
     "promotion_margin": "how much the candidate must beat its base by, as a fraction of the base's value",
     "git_commit": "tagged on the registered version; default: this checkout's HEAD",
     "methods": "the sweep's methods, space-separated: full, lora, qlora4, qlora8 (full trains once, whatever the ranks)",
@@ -69,6 +72,7 @@ CHOICES = {
     "methods": tuple(SWEEP_METHODS),
     "target_presets": tuple(TARGET_PRESETS),
     "primary_metric": tuple(DIRECTIONS),
+    "data_format": ("auto", *FORMATS),
 }
 LOCAL_PARALLELISM = 1  # sweep branches at once here: one at a time keeps each one's time and memory its own
 

@@ -101,6 +101,7 @@ def finetune_pipeline(
     seed: int = 42,
     train_processes: int = 0,
     eval_fraction: float = 0.1,
+    data_format: str = "auto",
     sample_tokens: int = 256,
     eval_samples: int = 8,
     primary_metric: str = "eval_loss",
@@ -117,7 +118,8 @@ def finetune_pipeline(
     """method: full | lora | qlora (quantization_bit 4 or 8); lora_* and quantization_bit apply where the method uses them.
     Training defaults are the guide's config for the method (configs/train_config_*.json); learning_rate 0 means
     the method's rate (full 2e-5, lora 1e-4, qlora 2e-4).
-    data_uri: JSONL/JSON data, an s3:// artifact URI or a path the task can read.
+    data_uri: JSONL/JSON data, an s3:// artifact URI or a path the task can read; data_format: auto (each file's
+    own: alpaca, messages, sharegpt, prompt_completion or text) or the one format every row must be in.
     train_processes: 0 trains with one process per GPU of the training node (DDP); set TRAIN_GPUS for more GPUs.
     eval_samples: prompts answered greedily by base and tuned model and scored (ROUGE-L, chrF, checks).
     primary_metric, promotion_margin: `champion` moves to the new version only when it beats its base by the
@@ -132,6 +134,7 @@ def finetune_pipeline(
             eval_fraction=eval_fraction,
             base_model=base_model,
             max_seq_length=max_seq_length,
+            data_format=data_format,
         )
     )
     trained = _gpu_task(

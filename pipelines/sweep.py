@@ -48,6 +48,7 @@ def build(parallelism: int = PARALLELISM):
         seed: int = 42,
         train_processes: int = 0,
         eval_fraction: float = 0.1,
+        data_format: str = "auto",
         sample_tokens: int = 256,
         eval_samples: int = 8,
         promotion_margin: float = 0.01,
@@ -62,7 +63,8 @@ def build(parallelism: int = PARALLELISM):
     ) -> None:
         """methods: full, lora, qlora4, qlora8. ranks: LoRA ranks (full trains once). target_presets: all,
         attention, mlp or auto (every linear layer). primary_metric: what the winner is chosen by and the
-        promotion gate compares (eval_loss, perplexity, rougeL, chrf, checks_pass_rate). The rest is shared by every candidate; training defaults are the guide's
+        promotion gate compares (eval_loss, perplexity, rougeL, chrf, checks_pass_rate, tool_call_name_match,
+        tool_call_args_match). The rest is shared by every candidate; training defaults are the guide's
         config for each candidate's method, learning_rate 0 meaning the method's rate (full 2e-5, lora 1e-4, qlora 2e-4).
         data_mix, benchmarks, benchmark_limit, guard_max_drop: as in the fine-tuning pipeline, for every candidate."""
         data = _cpu_task(
@@ -72,6 +74,7 @@ def build(parallelism: int = PARALLELISM):
                 eval_fraction=eval_fraction,
                 base_model=base_model,
                 max_seq_length=max_seq_length,
+                data_format=data_format,
             )
         )
         candidates = _cpu_task(plan_sweep(methods=methods, ranks=ranks, target_presets=target_presets))

@@ -56,6 +56,19 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", **TINY)
 
 
+TOOL_ROWS = 40
+
+
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory) -> Path:
+    """The tiny model with a tokenizer trained on tool rows too (English and JSON take fewer tokens)."""
+    from kftune.dev.tiny_model import build_tiny_model
+    from kftune.dev.tool_data import tool_rows, write_jsonl
+
+    corpus = write_jsonl(tmp_path_factory.mktemp("corpus") / "tools.jsonl", tool_rows(TOOL_ROWS))
+    return build_tiny_model(tmp_path_factory.mktemp("tools") / "model", **TINY, data_path=corpus)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """24 alpaca rows: a few epochs of a short run show the loss falling."""

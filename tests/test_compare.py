@@ -141,5 +141,7 @@ def test_metric_values_reads_the_evaluations_fields_by_name():
         "rougeL": 0.31,
         "chrf": None,
         "checks_pass_rate": None,
+        "tool_call_name_match": None,  # measured on tool-calling eval data only
+        "tool_call_args_match": None,
     }
     assert compare.metric_values({"eval_loss": 2.0})["rougeL"] is None

@@ -52,7 +52,7 @@ def test_llama_factory_json_array_loads(alpaca_array):
     [
         (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b"'], "d.jsonl:2: invalid JSON"),
         (['["not", "an", "object"]'], "d.jsonl: item 0: the row is a JSON str; expected an object"),
-        (['{"instruction": "a", "output": "b"}', '{"prompt": "a"}'], "d.jsonl:2: neither alpaca form"),
+        (['{"instruction": "a", "output": "b"}', '{"prompt": "a"}'], "d.jsonl:2: in none of the formats"),
         (['{"messages": [{"role": "user", "content": "hi"}]}'], "d.jsonl:1: no assistant turn"),
         (['{"messages": [{"role": "bot", "content": "hi"}]}'], "d.jsonl:1: messages[0].role is 'bot'"),
         ([""], "no samples (the file is empty)"),

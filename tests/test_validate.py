@@ -37,6 +37,26 @@ def chat(*turns: tuple[str, str]) -> dict:
     return {"messages": [{"role": role, "content": content} for role, content in turns]}
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def tool_chat(name: str, arguments: dict | str) -> dict:
+    """A messages row with one tool call (`arguments` as given) and its result, declaring get_weather."""
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return {
+        "messages": [
+            {"role": "user", "content": "weather in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": '{"weather": "snowy"}'},
+            {"role": "assistant", "content": "It is snowy in Oslo."},
+        ],
+        "tools": [WEATHER_TOOL],
+    }
+
+
 def encode(row: bytes | dict) -> bytes:
     return row if isinstance(row, bytes) else json.dumps(row, ensure_ascii=False).encode()
 
@@ -69,6 +89,18 @@ RULE_FIXTURES: dict[str, bytes | dict] = {
     "content.replacement_char": {"instruction": "说点什么", "output": "这段文字乱码\ufffd\ufffd了"},
     "content.mojibake": {"instruction": "翻译成中文", "output": "ä¸­æ–‡ means Chinese"},
     "content.control_char": {"instruction": "说点什么", "output": "响铃\x07在这里"},
+    # tool calling in the messages form (OpenAI's shape); the ShareGPT form: tests/test_formats.py
+    "tools.undeclared_function": tool_chat("book_flight", {"city": "Oslo"}),
+    "tools.arguments_not_json": tool_chat("get_weather", "city=Oslo"),
+    "tools.bad_schema": {**tool_chat("get_weather", {"city": "Oslo"}), "tools": [{"name": "get_weather"}]},
+    "tools.result_without_call": {
+        "messages": [
+            {"role": "user", "content": "weather in Oslo?"},
+            {"role": "tool", "content": '{"weather": "snowy"}'},
+            {"role": "assistant", "content": "It is snowy in Oslo."},
+        ],
+        "tools": [WEATHER_TOOL],
+    },
 }
 WARNINGS = {
     "parse.bom",
@@ -86,6 +118,7 @@ TESTED_ELSEWHERE = {
     "roles.template_error",
     "leakage.eval_in_train",
     "leakage.external_eval",
+    "content.empty_text",  # a text row cannot share a file with alpaca rows: tests/test_formats.py
 }
 
 

@@ -10,14 +10,17 @@ import re
 import unicodedata
 from typing import Any
 
+from kftune.core.errors import KftuneError
 from kftune.data.formats import (
     ALPACA_FIELDS,
     PLAIN_ROLES,
     SYSTEM_ROLES,
     Message,
     alpaca_prompt,
-    messages_json,
+    detect,
     messages_line,
+    sample_json,
+    turn_text,
 )
 from kftune.data.pii import EIGHT_DIGITS
 from kftune.data.row_rules import SUSPECT_OR_AT, alternates, check_row, label
@@ -130,6 +133,7 @@ class Checker:
         for row, clean in zip(batch, self.fast([None if row.problems else row.raw for row in batch])):
             if type(clean) is tuple:
                 row.tokens, row.keys, row.text = clean
+                row.format = detect(row.raw)
             else:
                 row.tokens = clean  # counted already when it is too long for the lane
                 slow.append(row)
@@ -199,6 +203,9 @@ class Checker:
         counter, limit = self.counter, self.options.max_seq_length
         live, roles = [], []
         for row in rows:
+            if row.extended:
+                self._extended_length(row)
+                continue
             row_roles = tuple(m["role"] for m in row.messages)
             problem = counter.template_problem(row_roles)
             if problem:
@@ -223,12 +230,37 @@ class Checker:
                 row.messages, row.tokens = cut
                 row.notes.append(("length.too_long", f"{message}; the final answer was cut to {row.tokens} tokens"))
 
+    def _extended_length(self, row: Row) -> None:
+        """Tokens of a text row (never too long: training packs documents into blocks) or of a tool-calling
+        conversation rendered with its tools, as training renders it; such a row is never cut, only rejected."""
+        if row.format == "text":
+            row.tokens = self.counter.count_documents([row.messages[0]["content"]])[0]
+            return
+        try:
+            row.tokens = self.counter.count_samples([(row.messages, row.tools)])[0]
+        except KftuneError:
+            raise
+        except Exception as exc:  # the template's raise_exception, a TemplateError
+            row.problems.append(("roles.template_error", f"the chat template refuses this row ({exc})"))
+            return
+        limit = self.options.max_seq_length
+        if row.tokens > limit:
+            message = f"{row.tokens} tokens under the chat template with its tools, above max_seq_length={limit}"
+            if self.options.length_policy == "keep":
+                row.notes.append(("length.too_long", f"{message}; kept (training truncates it)"))
+            else:
+                row.problems.append(("length.too_long", f"{message}; shorten it (a tool-calling row is never cut)"))
+
     def _keys(self, row: Row) -> None:
         """Rules on the final, normalised text (the response repeating the prompt, overlap with the
         external eval set), then the hashes the duplicate and split rules compare, and the line."""
         messages = row.messages
-        norms = [norm(m["content"]) for m in messages]
+        norms = [norm(turn_text(m)) for m in messages]
         roles = [m["role"] for m in messages]
+        if row.format == "text":  # a document is its own prompt, answer and question
+            key = prompt_key(norms * 2, roles * 2)
+            row.keys, row.text = (key, hash64(norms[0]), hash64(norms[0])), sample_json(messages)
+            return
         if roles[-2] == "user" and norms[-1] == norms[-2]:
             row.problems.append(
                 (
@@ -247,4 +279,4 @@ class Checker:
             )
             return
         row.keys = prompt_key(norms, roles), hash64(norms[-1]), question
-        row.text = messages_json(messages)
+        row.text = sample_json(messages, row.tools)

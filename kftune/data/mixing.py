@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from kftune.core.errors import KftuneError
-from kftune.data.formats import Message
+from kftune.data.formats import Sample
 
 KEY = "data_mix"
 
@@ -73,9 +73,10 @@ def canonical(value: str | list | None) -> str:
 
 
 def mix(
-    task_rows: list[list[Message]], sources: list[tuple[Source, list[list[Message]]]], seed: int
-) -> tuple[list[list[Message]], list[int]]:
-    """(the mixed rows, rows drawn per source with the task data first). Every task row is drawn once."""
+    task_rows: list[Sample], sources: list[tuple[Source, list[Sample]]], seed: int
+) -> tuple[list[Sample], list[int]]:
+    """(the mixed rows, rows drawn per source with the task data first). Every task row is drawn once. Rows of
+    any shape: the draw interleaves (source, index) pairs, so a row's form never passes through Arrow."""
     from datasets import Dataset, concatenate_datasets, interleave_datasets
 
     if not sources:
@@ -86,10 +87,10 @@ def mix(
         expected = len(task_rows) * source.weight / task_share
         # enough passes that the source cannot run out before the task data (mean + 12 standard deviations)
         need = expected + 12 * math.sqrt(expected / task_share + 1) + 16
-        one = Dataset.from_dict({"messages": rows, "source": [index + 1] * len(rows)})
+        one = Dataset.from_dict({"source": [index + 1] * len(rows), "index": list(range(len(rows)))})
         passes = [one.shuffle(seed=seed + 1000 * index + p) for p in range(math.ceil(need / len(rows)))]
         columns.append(concatenate_datasets(passes))
-    task = Dataset.from_dict({"messages": task_rows, "source": [0] * len(task_rows)})
+    task = Dataset.from_dict({"source": [0] * len(task_rows), "index": list(range(len(task_rows)))})
     mixed = interleave_datasets(
         [task, *columns],
         probabilities=[task_share, *(s.weight for s, _ in sources)],
@@ -101,4 +102,5 @@ def mix(
         drawn[index] += 1
     if drawn[0] != len(task_rows):  # a mixed-in source ran out first: never silently drop task rows
         raise KftuneError(f"{KEY}: the task data was not drawn whole ({drawn[0]} of {len(task_rows)} rows)")
-    return list(mixed["messages"]), drawn
+    every = [task_rows, *(rows for _, rows in sources)]
+    return [every[s][i] for s, i in zip(mixed["source"], mixed["index"], strict=True)], drawn

@@ -6,9 +6,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kftune.data.formats import ALPACA_FIELDS, MESSAGE_FIELDS, PLAIN_ROLES, ROLES, SYSTEM_ROLES, Message, to_messages
+from kftune.data.formats import (
+    ALPACA_FIELDS,
+    MESSAGE_FIELDS,
+    PLAIN_ROLES,
+    ROLES,
+    SYSTEM_ROLES,
+    Message,
+    Sample,
+    detect,
+    is_extended,
+    read_extended,
+    to_messages,
+    turn_text,
+)
 from kftune.data.pii import EIGHT_DIGITS, PII_MASKS, PII_OUTCOME, find_pii, masked
 from kftune.data.rules import Options, Row
+from kftune.data.tool_rules import tool_role_problems
 
 
 def _type(value: Any) -> str:
@@ -20,9 +34,18 @@ def label(row: Row, i: int) -> str:
 
     Built only for a message that has a problem, so good rows never pay for it.
     """
-    obj = row.raw
+    obj, i = row.raw, i % len(row.messages)
+    if row.format == "text":
+        return "'text'"
+    if row.format == "sharegpt":
+        key = "conversations" if "conversations" in obj else "messages"
+        first = int(bool(obj.get("system")) and isinstance(obj.get("system"), str))
+        return f"{key}[{i - first}]" if i >= first else "'system'"
+    if row.format == "prompt_completion":
+        prompt = 1 if isinstance(obj["prompt"], str) else len(obj["prompt"])
+        return f"prompt[{i}]" if i < prompt else f"completion[{i - prompt}]"
     if "messages" in obj:
-        return f"messages[{i % len(row.messages)}]"
+        return f"messages[{i}]"
     history = [f"history[{k}][{j}]" for k in range(len(obj.get("history") or [])) for j in (0, 1)]
     prompt = "'instruction'" + (" + 'input'" if obj.get("input") else "")
     return (["'system'"] * bool(obj.get("system")) + history + [prompt, "'output'"])[i]
@@ -84,6 +107,15 @@ def schema(row: Row) -> None:
     if not isinstance(obj, dict):
         row.problems.append(("parse.not_object", f"the row is a JSON {_type(obj)}; expected an object"))
         return
+    row.format = detect(obj)
+    if row.format and is_extended(obj):
+        sample, issues = read_extended(obj, row.format)
+        row.problems += issues
+        if sample is not None:
+            row.extended = True
+            row.messages = [{"role": "text", "content": sample["text"]}] if "text" in sample else sample["messages"]
+            row.tools = sample.get("tools")
+        return
     if "messages" in obj:
         if ALPACA_FIELDS.isdisjoint(obj):
             _messages_schema(row, obj)
@@ -99,8 +131,8 @@ def schema(row: Row) -> None:
         row.problems.append(
             (
                 "schema.unknown_form",
-                f"neither alpaca form (instruction, input, output) nor messages "
-                f"form (messages); the row's fields: {fields}",
+                f"in none of the formats: alpaca (instruction, output), messages, sharegpt (conversations), "
+                f"prompt_completion (prompt, completion) or text (text); the row's fields: {fields}",
             )
         )
     if not row.problems:
@@ -153,6 +185,12 @@ def _role_problems(row: Row, roles: list[str]) -> None:
 
 
 def _roles(row: Row) -> None:
+    if row.extended:
+        if row.format != "text":
+            tool_role_problems(row, label)
+        elif not row.messages[0]["content"].strip():
+            row.problems.append(("content.empty_text", "'text' is empty or whitespace only; drop the row"))
+        return
     roles = [m["role"] for m in row.messages]
     if not alternates(roles):
         _role_problems(row, roles)
@@ -240,11 +278,11 @@ def _pii(row: Row, policy: str, suspects: list[int]) -> None:
             text = m["content"]
             for kind, start, end in reversed(found):
                 text = text[:start] + PII_MASKS[kind] + text[end:]
-            row.messages[i] = {"role": m["role"], "content": text}
+            row.messages[i] = {**m, "content": text}
 
 
 def _short_response(row: Row, minimum: int) -> None:
-    answer = row.messages[-1]["content"].strip()
+    answer = turn_text(row.messages[-1]).strip()
     if len(answer) < minimum:
         row.problems.append(
             (
@@ -278,8 +316,20 @@ def structure_problem(obj: Any) -> tuple[str | None, list[Message] | None]:
 
     Training and evaluation read rows through this, so a row the gate accepts loads to the same messages.
     """
+    problem, sample = sample_problem(obj)
+    return problem, None if sample is None else sample.get(
+        "messages", [{"role": "text", "content": sample.get("text")}]
+    )
+
+
+def sample_problem(obj: Any) -> tuple[str | None, Sample | None]:
+    """`structure_problem` for any format: (problem, None) or (None, the row as a sample, formats' one shape)."""
     row = Row(0, None, obj)
     schema(row)
     if not row.problems:
         _roles(row)
-    return (row.problems[0][1], None) if row.problems else (None, row.messages)
+    if row.problems:
+        return row.problems[0][1], None
+    if row.format == "text":
+        return None, {"text": row.messages[0]["content"]}
+    return None, {"messages": row.messages, **({"tools": row.tools} if row.tools else {})}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kftune.core.errors import ConfigError
-from kftune.data.formats import Message
+from kftune.data.formats import FORMATS, Message
 from kftune.train.config import FIELDS as TRAIN_FIELDS
 
 # Every rule, by its stable name (used in rejected.jsonl, warnings.jsonl and report.json).
@@ -43,6 +43,11 @@ RULES: dict[str, str] = {
     "content.replacement_char": "U+FFFD replacement characters (text lost in a bad decode)",
     "content.mojibake": "mojibake: UTF-8 text decoded with the wrong codec",
     "content.control_char": "control characters other than tab and newline",
+    "content.empty_text": "a text row whose text is empty or whitespace only",
+    "tools.arguments_not_json": "a tool call's arguments (or a function_call value) are not a JSON object",
+    "tools.undeclared_function": "a tool call names a function the row's tools do not declare",
+    "tools.bad_schema": "a tool schema without a function name or a parameters object",
+    "tools.result_without_call": "a tool result (tool message, observation) that follows no tool call",
 }
 WARNING_RULES = {"parse.bom", "parse.blank_line", "schema.unknown_field", "duplicate.conflicting_answer"}
 LENGTH_POLICIES = ("reject", "truncate", "keep")
@@ -68,6 +73,7 @@ class Options:
     batch_rows: int = 1024  # rows per tokenizer call on the per-row way (the fast lane counts a block at once)
     workers: int = 0  # processes checking JSONL rows: 0 = one per CPU (at most 4) for files over 8 MiB, 1 = none
     progress: bool = False  # a progress bar on stderr for files over 16 MiB
+    data_format: str = "auto"  # auto (the first row's) or one of FORMATS: every row must be in it
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +96,8 @@ class Options:
             problems.append(f"batch_rows must be at least 1, got {self.batch_rows}")
         if self.workers < 0:
             problems.append(f"--workers must be at least 0 (0: one per CPU), got {self.workers}")
+        if self.data_format not in ("auto", *FORMATS):
+            problems.append(f"--format {self.data_format}: expected auto or one of {', '.join(FORMATS)}")
         if problems:
             raise ConfigError(problems, source="validation options")
 
@@ -117,6 +125,9 @@ class Row:
     tokens: int | None = None
     keys: tuple[int, int, int] | None = None  # (prompt, answer, question) hashes for the rules across rows
     text: str | None = None  # the accepted line, {"messages": [...]} as JSON
+    format: str | None = None  # the row's format (formats.detect), once its schema is read
+    tools: list[dict] | None = None  # the functions a tool-calling row declares
+    extended: bool = False  # tools, tool calls or a text row: rules beyond alpaca/messages apply
 
 
 @dataclass(frozen=True, slots=True)

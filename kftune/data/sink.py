@@ -9,8 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from kftune.core.errors import KftuneError
 from kftune.data.checker import CleanRow
-from kftune.data.formats import from_json, to_json
+from kftune.data.formats import CHAT_FAMILY, detect, from_json, to_json
 from kftune.data.rules import Note, Options, Row
 
 EXAMPLES = 20  # rejected and warned rows shown in report.html
@@ -34,6 +35,8 @@ class Sink:
         self.repeats: dict[tuple[int, int], int] = {}  # (prompt, answer) -> line, for answers after the first
         self.prompt_keys, self.question_keys, self.lines = array("Q"), array("Q"), array("Q")  # per accepted row
         self.lengths: Counter[int] = Counter()
+        explicit = options.data_format != "auto"
+        self.format, self.format_line = (options.data_format, None) if explicit else (None, None)
 
     def where(self, line: int) -> str:
         return f"{self.name}:{line}"
@@ -43,15 +46,34 @@ class Sink:
         for row in rows:
             if type(row) is tuple:  # a clean row from the fast lane
                 line, tokens, keys, text, raw = row
+                if self.format not in CHAT_FAMILY or self.format_line is None:  # explicit alpaca/messages: which?
+                    self.check_format(line, detect(from_json(raw.decode()) if isinstance(raw, bytes) else raw))
                 if keys[0] not in self.seen:  # a new prompt (nearly always): kept, without building a Row
                     self.seen[keys[0]] = keys[1] << 32 | min(line, MASK32)
                     self.rows_in += 1
                     self._keep(line, keys, tokens, text)
                     continue
                 row = Row(line, None, raw, tokens=tokens, keys=keys, text=text)
+            self.check_format(row.line, row.format)
             if not row.problems:
                 self._duplicates(row)
             self._write(row)
+
+    def check_format(self, line: int, fmt: str | None) -> None:
+        """One format per file (alpaca and messages may share one, as they always could): the first row
+        in another format stops the gate with one line naming it and both formats."""
+        if fmt is None:  # a row that could not be read says so itself
+            return
+        if self.format is None:
+            self.format, self.format_line = fmt, line
+            return
+        if fmt == self.format or ({fmt, self.format} <= CHAT_FAMILY and self.format_line is not None):
+            return
+        by = f"the file's first row (line {self.format_line}) is" if self.format_line else "--format says"
+        raise KftuneError(
+            f"{self.where(line)}: this row is {fmt}, but {by} {self.format}; keep one format per file "
+            "(split the file, or convert the rows)"
+        )
 
     def _duplicates(self, row: Row) -> None:
         """The first row wins; later ones name its line."""

@@ -187,6 +187,7 @@ class TokenCounter:
         self._refusals: dict[Roles, str | None] = {}
         self._shapes: dict[Roles, _Shape | None] = {}
         self._checks: dict[Roles, int] = {}
+        self._renders_tools: bool | None = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
         added = list(getattr(tokenizer, "added_tokens_encoder", {}))
         self._added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True))) or "(?!)")
@@ -202,8 +203,40 @@ class TokenCounter:
         """Tokens of each conversation rendered by the chat template (Jinja, row by row)."""
         return [len(ids) for ids in self.tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=False)]
 
+    def require_template(self) -> None:
+        """Chat rows need the chat template: a base model without one serves text rows only."""
+        if not self.tokenizer.chat_template:
+            raise KftuneError(
+                f"{self.tokenizer.name_or_path}: the tokenizer has no chat template, so chat rows can't be counted "
+                'as in training; pass a base model with one, or give {"text"} rows (--format text)'
+            )
+
+    def count_documents(self, texts: list[str]) -> list[int]:
+        """Tokens of each text row with the EOS that training puts after it (no chat template)."""
+        return [len(ids) + 1 for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def count_samples(self, samples: list[tuple[list[Message], list[dict] | None]]) -> list[int]:
+        """Tokens of each (messages, tools) conversation rendered with its tools, row by row."""
+        self.require_template()
+        if any(tools for _, tools in samples) and not self.renders_tools():
+            raise KftuneError(
+                f"{self.tokenizer.name_or_path}: the chat template ignores `tools`, so tool-calling rows would "
+                "train without their function schemas; use a base model whose template renders tools (Qwen2.5's does)"
+            )
+        return [
+            len(self.tokenizer.apply_chat_template(m, tools=t or None, tokenize=True, return_dict=False))
+            for m, t in samples
+        ]
+
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes a tool's schema into the prompt (checked once)."""
+        if self._renders_tools is None:
+            self._renders_tools = template_renders_tools(self.tokenizer)
+        return self._renders_tools
+
     def template_problem(self, roles: Roles) -> str | None:
         """Why the chat template refuses this sequence of roles, or None (cached per sequence)."""
+        self.require_template()
         if roles not in self._refusals:
             try:
                 self.exact([[{"role": r, "content": ""} for r in roles]])
@@ -343,9 +376,21 @@ def load_counter(location: str, limit: int) -> TokenCounter:
     if location.startswith("s3://") or not folder.is_dir():  # an artifact, a hub id, or a path that isn't there
         folder = resolve_model_location(location, flag="--base_model/--tokenizer")
     tokenizer = load_tokenizer(str(folder))  # a tokenizer folder needs no config.json
+    return TokenCounter(tokenizer, limit)  # without a chat template it counts text rows only
+
+
+PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "kftune_probe_function", "description": "", "parameters": {"type": "object"}},
+}
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """True when the tokenizer's chat template writes the schemas given as `tools` into the prompt."""
     if not tokenizer.chat_template:
-        raise KftuneError(
-            f"{location}: the tokenizer has no chat template, so lengths can't be counted as in "
-            "training; pass the base model (--base_model) or a tokenizer with a chat template"
-        )
-    return TokenCounter(tokenizer, limit)
+        return False
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tools=[PROBE_TOOL], tokenize=False)
+    except Exception:  # a template that refuses tools altogether
+        return False
+    return "kftune_probe_function" in text

@@ -30,6 +30,7 @@ from kftune.core import artifacts
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
 from kftune.data.checker import Checker, hash64, norm, question_of
+from kftune.data.formats import FORMATS
 from kftune.data.parallel import parallel_batches, row_batches, serial_blocks, worker_count
 from kftune.data.row_rules import schema
 from kftune.data.rules import POLICY_KINDS, RULES, Note, Options
@@ -165,6 +166,7 @@ def validate(source: str | os.PathLike, out_dir: str | os.PathLike, options: Opt
             token_counting=counter.describe() if counter else None,
             options=asdict(options) | ({"eval_data_unusable_rows": unusable} if external is not None else {}),
             seconds=round(time.perf_counter() - started, 3),
+            row_format=sink.format,
         )
         (tmp / artifacts.VALIDATION_REPORT).write_text(
             json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", "utf-8"
@@ -196,7 +198,9 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("data", metavar="DATA", help="JSONL or JSON array file (alpaca or messages), or an s3:// URI")
+    parser.add_argument(
+        "data", metavar="DATA", help="JSONL or JSON array file (any of --format's formats), or an s3:// URI"
+    )
     model = parser.add_mutually_exclusive_group()
     model.add_argument(
         "--base_model",
@@ -226,6 +230,13 @@ def _parser() -> argparse.ArgumentParser:
         "--eval_data",
         metavar="E",
         help="external eval set; train rows that share a question with it are rejected",
+    )
+    parser.add_argument(
+        "--format",
+        dest="data_format",
+        choices=("auto", *FORMATS),
+        default=defaults.data_format,
+        help="the rows' format; auto takes the first row's, and a row in another format stops the gate",
     )
     parser.add_argument("--out", metavar="DIR", default="validation", help="output folder (replaced atomically)")
     parser.add_argument(
@@ -285,6 +296,7 @@ def main(argv: list[str]) -> int:
         min_rows=args.min_rows,
         workers=args.workers,
         progress=True,
+        data_format=args.data_format,
     )
     report = validate(args.data, args.out, options)
     print(report.summary())

@@ -31,6 +31,7 @@ class Report:
     token_counting: dict[str, Any] | None
     options: dict[str, Any]
     seconds: float
+    row_format: str | None = None  # the rows' format (alpaca and messages may share a file); None: no row read
 
     @property
     def train_path(self) -> Path:
@@ -47,7 +48,7 @@ class Report:
         """A short plain-text account for the terminal."""
         share = self.rejected / self.rows_in if self.rows_in else 0.0
         lines = [
-            f"{self.source} ({self.data_format}, sha256 {self.dataset_sha256[:12]}...)",
+            f"{self.source} ({self.data_format}{', ' + self.row_format if self.row_format else ''}, sha256 {self.dataset_sha256[:12]}...)",
             f"rows in {self.rows_in}: accepted {self.accepted}, rejected {self.rejected} ({share:.1%}), "
             f"with warnings {self.rows_with_warnings}; split: train {self.train_rows}, eval {self.eval_rows}",
         ]

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from kftune.core.atomic import building
 from kftune.core.errors import ConfigError, KftuneError
-from kftune.data.row_rules import structure_problem
+from kftune.data.formats import to_json, turn_text
+from kftune.data.row_rules import sample_problem
 from kftune.dev.sample_data import SYSTEM_PROMPT, generate_samples, messages_row
 
 if TYPE_CHECKING:  # imported lazily below, so `--help` and flag errors stay instant
@@ -35,10 +36,37 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 MAX_POSITIONS = 4096
 DEFAULT_VOCAB_SIZE = 4096
 
-# ChatML as in Qwen2.5, without tools. The generation markers wrap each assistant turn's content
-# and its <|im_end|>, so assistant-only loss (trl) also trains the model to stop.
+# ChatML as in Qwen2.5, tools included: with `tools` the system turn lists their schemas in <tools> tags, an
+# assistant's calls are <tool_call> blocks of {"name", "arguments"} JSON, and tool results go back in a user
+# turn as <tool_response> blocks. The generation markers wrap each assistant turn's content, calls and
+# <|im_end|>, so assistant-only loss (trl) also trains the model to call and to stop.
+TOOLS_PREAMBLE = (
+    "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>"
+)
+TOOLS_EPILOGUE = (
+    "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\\n</tool_call>"
+)
+# what the template writes around tools, as text (for the tokenizer of a model trained on tool calls)
+TOOL_SCAFFOLD = [
+    (TOOLS_PREAMBLE + TOOLS_EPILOGUE).replace("\\n", "\n"),
+    '<tool_call>\n{"name": "',
+    '", "arguments": ',
+    "}\n</tool_call>",
+    "\n<tool_response>\n",
+    "\n</tool_response>",
+]
 CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- '" + DEFAULT_SYSTEM + "' }}{%- endif %}"
+    "{{- '" + TOOLS_PREAMBLE + "' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '" + TOOLS_EPILOGUE + "<|im_end|>\\n' }}"
+    "{%- elif messages and messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
     "{%- else %}"
     "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
@@ -46,8 +74,24 @@ CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{%- generation %}"
+    "{%- if message.tool_calls %}"
+    "{%- if message['content'] %}{{- message['content'] + '\\n' }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{%- if not loop.first %}{{- '\\n' }}{%- endif %}"
+    '{{- \'<tool_call>\\n{"name": "\' + tool_call.name + \'", "arguments": \' }}'
+    "{{- tool_call.arguments | tojson }}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}"
+    "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
+    "{%- endgeneration %}"
     "{{- '\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- elif not (loop.first and message['role'] == 'system') %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif %}"
@@ -72,15 +116,18 @@ def _qwen2_pipeline(tokenizer: Tokenizer) -> None:
 
 
 def _row_texts(row: Any, where: str) -> list[str]:
-    """The texts of one alpaca or messages row, checked by the data layer's rules (as training reads it).
+    """The texts of one row (any format), checked by the data layer's rules (as training reads it).
 
     An alpaca row gives its instruction, input and output apart, not the joined prompt: the demo model's
     tokenizer has always learnt them so, and other merges would change what `make run` prints."""
-    problem, messages = structure_problem(row)
+    problem, sample = sample_problem(row)
     if problem:
         raise KftuneError(f"{where}: {problem}")
-    if "messages" in row:
-        return [m["content"] for m in messages]
+    if "text" in sample:
+        return [sample["text"]]
+    if "instruction" not in row:  # the tools' schemas and the calls too: a tool-calling model reads and writes them
+        texts = [turn_text(m) for m in sample["messages"]] + [to_json(t) for t in sample.get("tools") or []]
+        return texts + (TOOL_SCAFFOLD if sample.get("tools") else [])
     return [row.get(key) or "" for key in ("instruction", "input", "output")]
 
 
@@ -94,7 +141,7 @@ def corpus_texts(data_path: str | os.PathLike | None = None) -> list[str]:
 
 
 def _read_texts(path: Path) -> Iterator[str]:
-    """Texts from a JSONL file in alpaca or messages form, naming the line of any bad row."""
+    """Texts from a JSONL file (any format), naming the line of any bad row."""
     if not path.is_file():
         raise KftuneError(f"--data {path}: no such file; give a JSONL file in alpaca or messages form")
     with path.open(encoding="utf-8") as f:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,10 @@ from kftune.core import artifacts
 from kftune.core.atomic import building
 from kftune.core.errors import KftuneError
 from kftune.core.storage import resolve_path, sha256_file
-from kftune.data.formats import Message
-from kftune.data.reading import load_conversations
+from kftune.data.formats import Rows, split_sample
+from kftune.data.reading import is_text, load_samples, text_blocks
 from kftune.evaluate import benchmarks as benchmark
+from kftune.evaluate import tool_calls
 from kftune.evaluate.report import write_report
 from kftune.evaluate.scoring import chrf, load_checks, pass_rates, rouge_l, run_checks
 from kftune.models import fingerprint
@@ -40,6 +40,7 @@ from kftune.registry.gate import guard_setting
 from kftune.train.config import TrainConfig
 
 log = logging.getLogger("kftune")
+MASKED = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}  # ids and assistant mask
 
 DEFAULT_MAX_SEQ_LENGTH = 512
 
@@ -66,22 +67,20 @@ def training_chat_template(tokenizer) -> str | None:
         raise KftuneError(f"cannot mask assistant tokens with this tokenizer's chat template ({exc})") from None
 
 
-def encode(tokenizer, conversations: list[list[Message]], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, assistant mask) per conversation, cut to `max_length` from the start as trl does."""
-    template = training_chat_template(tokenizer)
-    encoded = []
-    for messages in conversations:
-        out = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
+def encode(tokenizer, conversations: Rows, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, assistant mask) per row (tools rendered; a text corpus: training's blocks, all scored), cut as trl does."""
+    if conversations and is_text(conversations):
+        return [(ids, [1] * len(ids)) for ids in text_blocks([s["text"] for s in conversations], tokenizer, max_length)]
+    template, encoded = training_chat_template(tokenizer), []
+    for sample in conversations:
+        messages, tools = split_sample(sample)
+        out = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, **MASKED)
         encoded.append((list(out["input_ids"])[:max_length], list(out["assistant_masks"])[:max_length]))
     return encoded
 
 
-def assistant_loss(
-    model, tokenizer, conversations: list[list[Message]], max_length: int = 512, batch_size: int = 8
-) -> LossResult:
-    """Mean next-token loss over the assistant tokens of `conversations`."""
+def assistant_loss(model, tokenizer, conversations: Rows, max_length: int = 512, batch_size: int = 8) -> LossResult:
+    """Mean next-token loss over the assistant tokens of `conversations` (every token of a text corpus)."""
     import torch
 
     encoded = encode(tokenizer, conversations, max_length)
@@ -187,10 +186,8 @@ def training_tokenizer(candidate: TunedModel, allow_template_mismatch: bool = Fa
     return tokenizer
 
 
-def score(
-    model, tokenizer, conversations: Sequence[list[Message]], settings: Settings
-) -> tuple[dict[str, Any], list[str]]:
-    """(metrics, generated outputs) of one loaded model on the eval conversations."""
+def score(model, tokenizer, conversations: Rows, settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """(metrics, generated outputs) of one loaded model: answers to the first `samples` prompts, then tool calls."""
     loss = assistant_loss(model, tokenizer, list(conversations), settings.max_seq_length, settings.batch_size)
     gen = {
         "max_new_tokens": settings.max_new_tokens,
@@ -200,11 +197,11 @@ def score(
         "top_p": None,
         "top_k": None,
     }
-    prompts = conversations[: settings.samples]
-    outputs = [generate_reply(model, tokenizer, c[:-1], gen)[0] for c in prompts]
+    prompts = [] if is_text(conversations) else [split_sample(c) for c in conversations[: settings.samples]]
+    outputs = [generate_reply(model, tokenizer, m[:-1], gen, tools=t)[0] for m, t in prompts]
     metrics: dict[str, Any] = {"eval_loss": loss.loss, "perplexity": loss.perplexity, "eval_tokens": loss.tokens}
     if outputs:
-        references = [c[-1]["content"] for c in prompts]
+        references = [m[-1]["content"] for m, _ in prompts]
         checks = load_checks(settings.checks)
         rouge = rouge_l(outputs, references)
         metrics["rougeL"] = sum(rouge) / len(rouge)
@@ -212,13 +209,14 @@ def score(
         rates = pass_rates([run_checks(checks, o) for o in outputs], checks)
         metrics["checks"] = rates
         metrics["checks_pass_rate"] = rates.get("all", 0.0)
-    return metrics, outputs
+    tool_metrics, calls = tool_calls.generate(model, tokenizer, conversations, settings.samples, gen)
+    return metrics | tool_metrics, outputs + calls
 
 
 def score_candidate(
     candidate: TunedModel,
     tokenizer,
-    conversations: Sequence[list[Message]],
+    conversations: Rows,
     settings: Settings,
     as_base: bool = False,
     benchmarks: benchmark.Plan | None = None,
@@ -270,7 +268,7 @@ def evaluate(
     if settings.samples < 0 or settings.max_new_tokens < 1 or settings.max_seq_length < 1:
         raise KftuneError("--samples must be >= 0, --max_new_tokens and --max_seq_length >= 1")
     eval_path = resolve_path(eval_data)
-    conversations = load_conversations(eval_path)
+    conversations = load_samples(eval_path)
     tasks = benchmark.plan(benchmarks, benchmark_limit)  # names and data checked before any model loads
     tokenizer = training_tokenizer(candidate, allow_template_mismatch)
     eval_sha256 = sha256_file(eval_path)
@@ -281,7 +279,7 @@ def evaluate(
     tuned, tuned_outputs = score_candidate(candidate, tokenizer, conversations, settings, benchmarks=tasks)
 
     checks = load_checks(settings.checks)
-    prompts = conversations[: settings.samples]
+    prompts = [] if is_text(conversations) else [split_sample(c)[0] for c in conversations[: settings.samples]]
     samples = [
         {
             "prompt": c[:-1],
@@ -291,8 +289,8 @@ def evaluate(
             "base_checks": run_checks(checks, b),
             "tuned_checks": run_checks(checks, t),
         }
-        for c, b, t in zip(prompts, base_outputs, tuned_outputs, strict=True)
-    ]
+        for c, b, t in zip(prompts, base_outputs[: len(prompts)], tuned_outputs[: len(prompts)], strict=True)
+    ] + tool_calls.records(conversations, settings.samples, base_outputs[len(prompts) :], tuned_outputs[len(prompts) :])
     metrics = {
         "model": model,
         "base_model": candidate.base_model,
@@ -301,6 +299,7 @@ def evaluate(
         "eval_data": eval_data,
         "eval_sha256": eval_sha256,
         "eval_rows": len(conversations),
+        "eval_kind": "text" if is_text(conversations) else "chat",  # text: perplexity on held-out documents
         "eval_key": settings.key(eval_sha256),
         "settings": {**dataclasses.asdict(settings), "check_names": [c.name for c in checks]},
         "template_fingerprint": fingerprint.compute(tokenizer)["fingerprint"],
@@ -337,7 +336,7 @@ def rescore_model(model: str, evaluation: dict[str, Any], base_model: str | None
     recorded = {k: v for k, v in evaluation["settings"].items() if k in fields}
     settings = Settings(**recorded)
     candidate = describe(model, base_model)
-    conversations = load_conversations(resolve_path(evaluation["eval_data"]))
+    conversations = load_samples(resolve_path(evaluation["eval_data"]))
     tokenizer = training_tokenizer(candidate)
     return score_candidate(candidate, tokenizer, conversations, settings)[0]
 

@@ -23,6 +23,20 @@ BAR_METRICS = (
     ("rougeL", "ROUGE-L, characters"),
     ("chrf", "chrF"),
     ("checks_pass_rate", "outputs passing every check"),
+    ("tool_call_name_match", "tool calls naming the reference's function"),
+    ("tool_call_args_match", "tool calls with the reference's exact arguments"),
+)
+# every base-vs-tuned number of the table and the terminal, in order
+TABLE_METRICS = (
+    ("eval_loss", "eval loss"),
+    ("perplexity", "perplexity"),
+    ("rougeL", "ROUGE-L (chars)"),
+    ("chrf", "chrF"),
+    ("checks_pass_rate", "passing every check"),
+    ("tool_call_parse_rate", "tool calls that parse"),
+    ("tool_call_declared_rate", "tool calls naming a declared function"),
+    ("tool_call_name_match", "tool call name match"),
+    ("tool_call_args_match", "tool call arguments match"),
 )
 
 
@@ -92,13 +106,7 @@ def length_histogram(validation: dict[str, Any] | None) -> Markup:
 
 def _metrics_table(metrics: dict[str, Any]) -> Markup:
     rows = []
-    for key, label in (
-        ("eval_loss", "eval loss"),
-        ("perplexity", "perplexity"),
-        ("rougeL", "ROUGE-L (chars)"),
-        ("chrf", "chrF"),
-        ("checks_pass_rate", "passing every check"),
-    ):
+    for key, label in TABLE_METRICS:
         if key not in metrics["tuned"]:
             continue
         base, tuned = metrics["base"][key], metrics["tuned"][key]
@@ -161,14 +169,14 @@ def _checks(results: dict[str, bool]) -> str:
 
 def _samples_table(samples: Sequence[dict[str, Any]]) -> Markup:
     if not samples:
-        return Markup('<p class="note">no samples generated (--samples 0)</p>')
+        return Markup('<p class="note">no samples generated (--samples 0, or a text corpus: perplexity only)</p>')
     rows = []
     for s in samples:
         prompt = "\n".join(m["content"] for m in s["prompt"] if m["role"] == "user")
         rows.append(
             f"<tr><td>{html.escape(prompt)}</td><td>{html.escape(s['reference'])}</td>"
-            f"<td>{html.escape(s['base_output'])}<br>{_checks(s['base_checks'])}</td>"
-            f"<td>{html.escape(s['tuned_output'])}<br>{_checks(s['tuned_checks'])}</td></tr>"
+            f"<td>{html.escape(s['base_output'])}<br>{_checks(s.get('base_checks') or {})}</td>"
+            f"<td>{html.escape(s['tuned_output'])}<br>{_checks(s.get('tuned_checks') or {})}</td></tr>"
         )
     return Markup(
         '<table class="samples"><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>'
@@ -233,10 +241,10 @@ def write_report(
 
 def format_table(metrics: dict[str, Any]) -> str:
     """base vs tuned, one metric a row: what `kftune evaluate` prints."""
-    rows = [f"{'metric':<18}{'base':>12}{'tuned':>12}"]
-    for name in ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate"):
-        if name in metrics["tuned"]:
-            rows.append(f"{name:<18}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}")
+    shown = [name for name, _ in TABLE_METRICS if name in metrics["tuned"]]
+    width = max([18] + [len(name) + 1 for name in shown])
+    rows = [f"{'metric':<{width}}{'base':>12}{'tuned':>12}"]
+    rows += [f"{name:<{width}}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}" for name in shown]
     for task, row in (metrics.get("benchmarks") or {}).items():
-        rows.append(f"{task + ' ' + row['metric']:<18}{_number(row['base']):>12}{_number(row['tuned']):>12}")
+        rows.append(f"{task + ' ' + row['metric']:<{width}}{_number(row['base']):>12}{_number(row['tuned']):>12}")
     return "\n".join(rows)

@@ -114,13 +114,16 @@ def match_adapter_dtype(model, adapter_dir: str) -> None:
                 param.data = param.data.to(torch.bfloat16)
 
 
-def generate_reply(model, tokenizer, messages: list[dict], gen_kwargs: dict, stream: bool = False) -> tuple[str, int]:
-    """(reply text, prompt length in tokens) for a conversation that ends with the user's turn."""
+def generate_reply(
+    model, tokenizer, messages: list[dict], gen_kwargs: dict, stream: bool = False, tools: list[dict] | None = None
+) -> tuple[str, int]:
+    """(reply text, prompt length in tokens) for a conversation that ends with the user's (or a tool's) turn;
+    `tools` are rendered by the chat template, and a call comes back as the template's text (<tool_call> ...)."""
     import torch
     from transformers import TextStreamer
 
     inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        messages, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.inference_mode():

@@ -21,6 +21,8 @@ DIRECTIONS: dict[str, bool] = {
     "rougeL": True,
     "chrf": True,
     "checks_pass_rate": True,
+    "tool_call_name_match": True,  # tool-calling data: the generated call names the reference's function
+    "tool_call_args_match": True,  # ... with exactly its arguments
 }
 DEFAULT_METRIC = "eval_loss"
 DEFAULT_MARGIN = 0.01  # the candidate must improve on its base by at least 1% of the base's value

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from kftune.core.errors import KftuneError
+from kftune.data.formats import Message, Sample, split_sample
+from kftune.models import tool_call_text
 
 TASK = "llm/v1/chat"
 LOGGED_NAME = "model"  # the LoggedModel's name inside the run
@@ -35,6 +37,7 @@ SHA_TAG = "registered_sha256"
 # model_config says otherwise (`mlflow.pyfunc.load_model(uri, model_config={"do_sample": True})`)
 GREEDY = {"do_sample": False}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")  # saved by MLflow from the loaded model: not copied again
+SERVING_MODULE = "chat_serving"  # the pyfunc loader: MLflow's chat model plus tools (see chat_serving.py)
 _REQUIRED = ("mlflow", "transformers", "torch", "accelerate", "tokenizers", "safetensors", "jinja2")
 
 
@@ -43,9 +46,12 @@ def requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in _REQUIRED]
 
 
-def input_example(messages: list[Mapping[str, str]], max_tokens: int) -> dict[str, Any]:
-    """A chat request from an eval row: its turns up to the last user message, answered greedily."""
-    turns = [dict(m) for m in messages]
+def input_example(sample: Sample | list[Message], max_tokens: int) -> dict[str, Any]:
+    """A chat request from an eval row: its turns up to the last user message, answered greedily (a text
+    row: its start as the question)."""
+    if isinstance(sample, dict) and "text" in sample:
+        sample = [{"role": "user", "content": sample["text"][:200]}]
+    turns = [{"role": m["role"], "content": m["content"]} for m in split_sample(sample)[0]]
     while turns and turns[-1]["role"] != "user":
         turns.pop()
     if not turns:
@@ -115,8 +121,10 @@ def save(
         metadata=meta,
         mlflow_model=mlflow_model,
         model_config=dict(GREEDY),
+        code_paths=[str(Path(__file__).with_name("chat_serving.py")), str(Path(tool_call_text.__file__))],
     )
     del components
+    serve_tools(path)
     # model/ stays a complete HF folder (KServe's runtime and kftune's rescoring read it as one): the
     # candidate's tokenizer, chat template and kftune's files beside the weights MLflow wrote
     hf_files = path / HF_SUBDIR
@@ -130,6 +138,15 @@ def save(
             shutil.copy2(source, hf_files / source.name)
     (hf_files / README).write_text(card, encoding="utf-8")
     return write_manifest(path)
+
+
+def serve_tools(path: Path) -> None:
+    """Make the pyfunc flavor the tools-aware chat model (registry/chat_serving.py, shipped in code/)."""
+    from mlflow.models import Model
+
+    mlmodel = Model.load(str(path))
+    mlmodel.flavors["python_function"]["loader_module"] = SERVING_MODULE
+    mlmodel.save(str(path / "MLmodel"))
 
 
 def write_manifest(path: Path) -> str:

@@ -39,7 +39,17 @@ from kftune.train.config import TrainConfig
 log = logging.getLogger("kftune")
 
 METRIC_TAG = "metric."  # version tags holding the tuned model's metrics, e.g. metric.eval_loss
-TAGGED_METRICS = ("eval_loss", "perplexity", "rougeL", "chrf", "checks_pass_rate")
+TAGGED_METRICS = (
+    "eval_loss",
+    "perplexity",
+    "rougeL",
+    "chrf",
+    "checks_pass_rate",
+    "tool_call_parse_rate",
+    "tool_call_declared_rate",
+    "tool_call_name_match",
+    "tool_call_args_match",
+)
 # config keys that say where files were, not how the model was trained: left out of the config hash
 _PLACES = ("output_dir", "data_path", "eval_data_path", "overwrite_output_dir")
 
@@ -109,7 +119,7 @@ def _new_version(
 ):
     """A run with the evaluation's files, the model logged to it as an MLflow Model, a version tagged with it all."""
     from kftune.core.storage import resolve_path
-    from kftune.data.reading import load_conversations
+    from kftune.data.reading import load_samples
     from kftune.registry import mlflow_model
 
     model_dir = Path(resolve_path(model_uri))
@@ -133,7 +143,7 @@ def _new_version(
         evaluation=evaluation,
         data=data_stats,
     )
-    first = load_conversations(resolve_path(evaluation["eval_data"]))[0]
+    first = load_samples(resolve_path(evaluation["eval_data"]))[0]
     example = mlflow_model.input_example(first, evaluation.get("settings", {}).get("max_new_tokens", 64))
     metrics = {
         **(train_metrics or {}),

@@ -30,6 +30,8 @@ QUALITY_COLUMNS: dict[str, str] = {
     "chrf": "chrF",
     "checks_pass_rate": "checks passed",
 }
+# a tool-calling data set's metrics: in the JSON and the ranking, in the table as the "quality vs best" column
+METRIC_LABELS = QUALITY_COLUMNS | {"tool_call_name_match": "tool call name", "tool_call_args_match": "tool call args"}
 NOT_MEASURED = "n/a"
 MEMORY_NOTE = (
     "peak memory: the training process's own peak, torch.cuda.max_memory_allocated on a GPU, "
@@ -145,7 +147,7 @@ def columns(comparison: Comparison) -> list[str]:
         "train wall time",
         "tokens/s",
         *QUALITY_COLUMNS.values(),
-        f"quality vs best ({QUALITY_COLUMNS[comparison.metric]})",
+        f"quality vs best ({METRIC_LABELS[comparison.metric]})",
     ]
 
 
@@ -197,7 +199,7 @@ def to_json(comparison: Comparison) -> str:
             {
                 "place": row.place,
                 **asdict(c),
-                "quality": {m: c.value(m) for m in QUALITY_COLUMNS},
+                "quality": {m: c.value(m) for m in METRIC_LABELS},
                 "trainable_share": c.trainable_share,
                 "relative_quality": row.relative_quality,
             }
@@ -244,7 +246,7 @@ def scatter_png(comparison: Comparison) -> bytes:
         ax.margins(x=0.2, y=0.1)  # room for the labels
         ax.set_xlabel("peak memory (MiB)")
         direction = "higher" if comparison.higher_is_better else "lower"
-        ax.set_ylabel(f"{QUALITY_COLUMNS[comparison.metric]} ({direction} is better)")
+        ax.set_ylabel(f"{METRIC_LABELS[comparison.metric]} ({direction} is better)")
         ax.set_title("sweep: quality vs memory (star: winner)")
         ax.grid(True, alpha=0.3)
         fig.tight_layout()

@@ -31,7 +31,10 @@ class TrainConfig:
     """Everything one training run needs. Field names are the user's guide's config keys."""
 
     base_model: str = _f("Qwen/Qwen2.5-0.5B-Instruct", "base model: hub id, local folder or s3:// URI")
-    data_path: str = _f("data/store_xhs_sft_samples.jsonl", "training data: JSONL (alpaca or messages) or a JSON array")
+    data_path: str = _f(
+        "data/store_xhs_sft_samples.jsonl",
+        "training data: JSONL or a JSON array in one format (alpaca, messages, sharegpt, prompt_completion, text)",
+    )
     eval_data_path: str | None = _f(None, "optional held-out data, same formats; enables eval_steps")
     output_dir: str = _f("./output_qwen", "where the adapter or model is written (complete or absent)")
     overwrite_output_dir: bool = _f(False, "replace an existing output_dir instead of refusing")

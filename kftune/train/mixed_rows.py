@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from kftune.core.errors import KftuneError
-from kftune.data.formats import Message
+from kftune.data.formats import Sample
 from kftune.data.mixing import KEY, Source, mix, parse
-from kftune.data.reading import load_conversations
+from kftune.data.reading import is_text, load_samples
 from kftune.data.validate import validate
 
 
@@ -41,15 +41,19 @@ def gate_sources(sources: list[Source], options, reports_dir: Path) -> list[tupl
 
 
 def mixed_training_rows(
-    task_rows: list[list[Message]], value: str, seed: int, options, reports_dir: Path
-) -> tuple[list[list[Message]], list[dict[str, Any]]]:
+    task_rows: list[Sample], value: str, seed: int, options, reports_dir: Path
+) -> tuple[list[Sample], list[dict[str, Any]]]:
     """The training rows with `value`'s sources mixed in, and the record of the mix (uri, sha256, weight,
     rows accepted and drawn per source; the task data first, its uri "data_path")."""
     sources = parse(value)
     if not sources:
         return task_rows, []
     gated = gate_sources(sources, options, reports_dir)
-    loaded = [(source, load_conversations(accepted)) for source, _, accepted in gated]
+    loaded = [(source, load_samples(accepted)) for source, _, accepted in gated]
+    for source, rows in loaded:  # a text corpus and chat rows train differently: never mixed
+        if is_text(rows) != is_text(task_rows):
+            kinds = ("text", "chat") if is_text(rows) else ("chat", "text")
+            raise KftuneError(f"{KEY} source {source.uri}: {kinds[0]} rows, but the task data is {kinds[1]} rows")
     rows, drawn = mix(task_rows, loaded, seed)
     record = [{"uri": "data_path", "weight": round(1 - sum(s.weight for s in sources), 12), "drawn": drawn[0]}]
     for (source, report, _), count in zip(gated, drawn[1:]):

@@ -20,7 +20,7 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.atomic import building, staging_dir
 from kftune.core.errors import KftuneError
-from kftune.data.reading import load_conversations, to_dataset
+from kftune.data.reading import is_text, load_samples, text_dataset, to_dataset
 from kftune.data.rules import Options
 from kftune.models import fingerprint
 from kftune.train.config import TrainConfig, parse_args
@@ -90,7 +90,7 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     return model, targets
 
 
-def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
+def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool, text: bool = False):
     from transformers.utils import is_liger_kernel_available
     from trl import SFTConfig
 
@@ -99,7 +99,7 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         max_length=cfg.max_seq_length,
-        assistant_only_loss=True,
+        assistant_only_loss=not text,  # a text corpus (continued pretraining) learns every token
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -169,6 +169,25 @@ def check_rows_kept(cfg: TrainConfig, flag: str, rows: int, kept: int) -> None:
     )
 
 
+def check_template(cfg: TrainConfig, tokenizer, rows: list, text: bool) -> None:
+    """Chat rows need the tokenizer's chat template, and rows with tools a template that renders them;
+    a text corpus needs neither (a base model without a template is fine)."""
+    from kftune.data.token_counting import template_renders_tools
+
+    if text:
+        return
+    if not tokenizer.chat_template:
+        raise KftuneError(
+            f"{cfg.base_model}: the tokenizer has no chat template; use an instruct/chat model, "
+            'or train on {"text"} rows (continued pretraining)'
+        )
+    if any(r.get("tools") for r in rows) and not template_renders_tools(tokenizer):
+        raise KftuneError(
+            f"{cfg.base_model}: the chat template ignores `tools`, so the tool rows in {cfg.data_path} would train "
+            "without their function schemas; use a base model whose template renders tools (Qwen2.5's does)"
+        )
+
+
 def loss_history(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in log_history if key in entry]
 
@@ -188,8 +207,14 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     # everything that can fail on bad input is checked before anything heavy is imported or written
     out = check_output_dir(cfg)
     runtime = pick_runtime(cfg.precision)
-    train_rows = load_conversations(cfg.data_path)
-    eval_rows = load_conversations(cfg.eval_data_path) if cfg.eval_data_path else None
+    train_rows = load_samples(cfg.data_path)
+    eval_rows = load_samples(cfg.eval_data_path) if cfg.eval_data_path else None
+    text = is_text(train_rows)
+    if eval_rows and is_text(eval_rows) != text:
+        raise KftuneError(
+            f"{cfg.eval_data_path} (--eval_data_path) is {'text' if not text else 'chat'} rows while "
+            f"{cfg.data_path} (--data_path) is not; give both in one format"
+        )
     location = resolve_model_location(cfg.base_model)
     mix_reports = Path(tempfile.mkdtemp(prefix="kftune-mix-"))
     train_rows, mix_record = mixed_training_rows(
@@ -213,8 +238,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     )
 
     tokenizer = load_tokenizer(location, cfg.trust_remote_code)
-    if not tokenizer.chat_template:
-        raise KftuneError(f"{cfg.base_model}: the tokenizer has no chat template; use an instruct/chat model")
+    check_template(cfg, tokenizer, train_rows, text)
 
     log.info("method %s on %s (%s), %d training rows", cfg.method, runtime.device, runtime.precision, len(train_rows))
     reset_peak_memory(runtime.device)  # the peak of loading and training this model, nothing before
@@ -240,9 +264,11 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         resume = store.latest(Path(downloads)) if store else None  # refuses a checkpoint that is unsafe to load
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None),
-            train_dataset=to_dataset(train_rows),
-            eval_dataset=to_dataset(eval_rows) if eval_rows else None,
+            args=sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None, text),
+            train_dataset=text_dataset(train_rows, tokenizer, cfg.max_seq_length) if text else to_dataset(train_rows),
+            eval_dataset=(text_dataset(eval_rows, tokenizer, cfg.max_seq_length) if text else to_dataset(eval_rows))
+            if eval_rows
+            else None,
             processing_class=tokenizer,
             data_collator=data_collator(cfg, tokenizer),
             callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
@@ -250,8 +276,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         install_lm_head(base)
         packed_attention.install(base)  # one conversation at a time in padding-free batches
-        check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
-        if eval_rows:
+        if not text:  # documents are cut into blocks: every token is kept
+            check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
+        if eval_rows and not text:
             check_rows_kept(cfg, "eval_data_path", len(eval_rows), len(trainer.eval_dataset))
         started = time.perf_counter()
         try:
@@ -277,6 +304,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "trainable_share": trainable / total,
             "train_rows": len(train_rows),
             "data_mix": mix_record,  # [] without a mix; else per source: uri, sha256, weight, rows drawn
+            "data_kind": "text" if text else "chat",  # text: continued pretraining, loss on every token
             "processes": trainer.args.world_size,
             "global_steps": result.global_step,
             "resumed_from_step": step_of(resume) if resume else None,

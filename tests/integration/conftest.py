@@ -45,15 +45,20 @@ def s3(stack: StackInfo) -> S3:
     return connect_s3(stack.s3_endpoint, access_key=stack.access_key, secret_key=stack.secret_key)
 
 
+def stage_inputs(stack: StackInfo, s3: S3, model: Path, data: Path, name: str = "") -> dict[str, str]:
+    """A model and a data file in the stack's bucket (under `name`, when given): what a pipeline run reads."""
+    bucket = f"s3://{stack.bucket}"
+    return {
+        "base_model": upload_dir(model, f"{bucket}/inputs/{name}models", s3).uri,
+        "data_uri": upload_file(data, f"{bucket}/inputs/{name}data", s3).uri,
+        "artifact_root": f"{bucket}/{name}pipeline",
+    }
+
+
 @pytest.fixture(scope="module")
 def inputs(stack: StackInfo, s3: S3, tiny_model: Path, small_data: Path) -> dict[str, str]:
     """The tiny model and the small data set in the stack's bucket: what a pipeline run reads."""
-    bucket = f"s3://{stack.bucket}"
-    return {
-        "base_model": upload_dir(tiny_model, f"{bucket}/inputs/models", s3).uri,
-        "data_uri": upload_file(small_data, f"{bucket}/inputs/data", s3).uri,
-        "artifact_root": f"{bucket}/pipeline",
-    }
+    return stage_inputs(stack, s3, tiny_model, small_data)
 
 
 @pytest.fixture(scope="module")
