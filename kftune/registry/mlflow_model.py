@@ -39,8 +39,18 @@ _REQUIRED = ("mlflow", "transformers", "torch", "accelerate", "tokenizers", "saf
 
 
 def requirements() -> list[str]:
-    """The serving requirements pinned to the versions installed here."""
-    return [f"{name}=={metadata.version(name)}" for name in _REQUIRED]
+    """The serving requirements pinned to the versions installed here (the images carry mlflow-skinny, which
+    has mlflow's version; serving installs the full mlflow at that version)."""
+    return [f"{name}=={_version(name)}" for name in _REQUIRED]
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        if name != "mlflow":
+            raise
+        return metadata.version("mlflow-skinny")
 
 
 def input_example(messages: list[Mapping[str, str]], max_tokens: int) -> dict[str, Any]:
