@@ -21,6 +21,8 @@ import requests
 
 from kftune.dev.processes import HOST, executable, free_ports
 
+from .conftest import stop_process
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "k8s" / "base" / "mlflow_start.py"
@@ -94,12 +96,7 @@ def server(tmp_path_factory):
             time.sleep(0.5)
         yield url, proc, tmp
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

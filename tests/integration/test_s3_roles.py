@@ -21,6 +21,8 @@ from kftune.dev.processes import HOST, free_ports
 from kftune.dev.stack import StackConfig, _weed_command
 from kftune.dev.weed_ports import remove_weed_sockets, weed_ports
 
+from .conftest import stop_process
+
 pytestmark = pytest.mark.integration
 SCRIPT = Path(__file__).resolve().parents[2] / "k8s" / "overlays" / "dev" / "seaweedfs_identities.py"
 _spec = importlib.util.spec_from_file_location("seaweedfs_identities", SCRIPT)
@@ -73,12 +75,7 @@ def clients(tmp_path_factory):
                 time.sleep(0.3)
         yield made, ids
     finally:
-        weed.terminate()
-        try:
-            weed.wait(15)
-        except subprocess.TimeoutExpired:
-            weed.kill()
-            weed.wait()
+        stop_process(weed)
         remove_weed_sockets({"s3_port": s3_port, "weed_ports": ports})
 
 
