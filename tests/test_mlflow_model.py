@@ -73,6 +73,8 @@ def test_a_version_without_the_sha_tag_or_with_an_unlisted_file_is_refused(saved
         verify(path, "", "here")
     copy = tmp_path / "copy"
     shutil.copytree(path, copy)
+    (copy / "registered_model_meta").write_text("model_name: x\n")  # what MLflow's download adds: allowed
+    verify(copy, sha, "here")
     (copy / HF_SUBDIR / "extra.pkl").write_bytes(b"not listed")
     with pytest.raises(KftuneError, match=r"holds 1 file\(s\) its MANIFEST.json does not list \(model/extra.pkl\)"):
         verify(copy, sha, "here")

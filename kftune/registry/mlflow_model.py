@@ -35,6 +35,9 @@ SHA_TAG = "registered_sha256"
 # model_config says otherwise (`mlflow.pyfunc.load_model(uri, model_config={"do_sample": True})`)
 GREEDY = {"do_sample": False}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")  # saved by MLflow from the loaded model: not copied again
+# the one file MLflow's download of a models:/ URI adds to the folder (always overwritten there, so
+# nothing stored under that name is ever read)
+_DOWNLOAD_META = "registered_model_meta"
 _REQUIRED = ("mlflow", "transformers", "torch", "accelerate", "tokenizers", "safetensors", "jinja2")
 
 
@@ -216,6 +219,7 @@ def verify(folder: Path, sha256: str, where: str) -> None:
         raise KftuneError(f"{where}/{MANIFEST} does not hash to the version's {SHA_TAG} {sha256}: it was altered")
     listed = json.loads(body)
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p != manifest_path}
+    present -= {_DOWNLOAD_META}  # written by MLflow's download itself, on this side (name and version)
     extra = sorted(present - set(listed))
     if extra:
         raise KftuneError(
