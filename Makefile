@@ -4,17 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run run-guarded test test-plain-clone lint setup up down clean
+.PHONY: run run-guarded test test-plain-clone lint setup up down clean lock
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and exactly: the CPU wheel on disk, never a CUDA range.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The retrain workflow's runtime dependencies (pyproject.toml's, no extra), hash-locked for `pip install
+# --require-hashes`: every file of each pin for Linux x86_64, torch as the CPU build (its wheel from
+# TORCH_WHEELS; the workflow fetches the same file from PyTorch's CPU index). Rerun after changing pyproject.toml.
+TORCH_WHEELS ?= /opt/wheels
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --no-config --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --override requirements/cpu-torch.txt \
+	  --find-links $(TORCH_WHEELS) --custom-compile-command 'make lock' -o requirements/runtime.lock
 
 include mk/cluster.mk
 
@@ -37,6 +46,9 @@ down: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/zizmor --offline --no-progress .github/workflows
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(BIN)/check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
 
 test: lint
 	$(BIN)/python -m pytest

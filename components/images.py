@@ -6,10 +6,18 @@ for make), so an installed kftune (`pip install .`, as the images do) reads the 
 Both images ship kftune with its pinned dependencies and kfp (components use install_kfp_package=False),
 run as a numeric non-root user and set KFTUNE_CACHE to CACHE_DIR, where the training task mounts its
 cache volume. Stdlib only: this module is imported whenever a component is defined.
+
+The project's two images are named in images.env without a build behind them; `make images` tags what
+it builds with the commit and base (REPO:<commit>-<base>) and records those refs in build/images.env,
+and `make push-images` pins them there by the registry's digest (REPO:TAG@sha256:...). With
+KFTUNE_IMAGES=<that file> (set by `make run-containers`, `make test-containers` and for compiling a
+pipeline to submit: `KFTUNE_IMAGES=build/images.env kftune pipeline compile ...`) the components run
+exactly those images, so no node runs a stale image under a reused tag.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -41,7 +49,22 @@ def _require(values: dict[str, str], key: str) -> str:
     return values[key]
 
 
-_VALUES = read_images_env()
+BUILT_ENV = "KFTUNE_IMAGES"  # a build/images.env written by images/build.sh
+BUILT_KEYS = ("CPU_IMAGE", "TRAINER_IMAGE")
+
+
+def _values() -> dict[str, str]:
+    values = read_images_env()
+    built = os.environ.get(BUILT_ENV)
+    if built:
+        found = read_images_env(Path(built))
+        if unknown := sorted(set(found) - set(BUILT_KEYS)):
+            raise RuntimeError(f"{built} ({BUILT_ENV}) sets {', '.join(unknown)}; it may set only {BUILT_KEYS}")
+        values.update(found)
+    return values
+
+
+_VALUES = _values()
 # torch's CUDA build + bitsandbytes + kftune: the training task on GPU nodes.
 TRAINER_IMAGE = _require(_VALUES, "TRAINER_IMAGE")
 # The same Python packages on a slim CPU base: validation, evaluation, merging, registration.

@@ -7,11 +7,17 @@ name). The output goes to `kubernetes-validate --strict`, which rejects unknown 
 oldest and newest Kubernetes versions named below. Exits non-zero on any problem. Stdlib only,
 except PyYAML (an MLflow dependency) to read k8s/serving's rendered InferenceService.
 
-k8s/serving (KServe) is rendered and validated the same way, but kubernetes-validate has no
-schema for KServe's CRDs (it skips the InferenceService with a warning), and none is available
-offline; so `serving_problems` checks by hand what it can: the kind and API version, an s3://
-storageUri, the Hugging Face runtime, a ServiceAccount that lists the kftune-s3 Secret and names
-the S3 endpoint, the restricted security context and a GPU request.
+k8s/serving/dev and k8s/serving/prod (KServe) are rendered and validated the same way, but
+kubernetes-validate has no schema for KServe's CRDs (it skips the InferenceService with a warning),
+and none is available offline; so `serving_problems` checks by hand what it can: the kind and API
+version, cluster-local visibility, an s3:// storageUri, the Hugging Face runtime, a ServiceAccount that
+lists the read-only kftune-s3-serving Secret and names the S3 endpoint, the restricted security
+context and a GPU request.
+
+NetworkPolicies have no API server here to enforce them, so `network_problems` evaluates them the way
+the API defines (a pod selected by no policy of a direction is open in it; else a flow needs a rule on
+both ends) over named pods, and holds each overlay (with its serving overlay) to a default deny and to
+FLOWS: what must pass and what must not.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ K8S = REPO / "k8s"
 # Oldest release the manifests are meant for, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.32.0", "1.37.0")
 PLACEHOLDER = "REPLACE_WITH"
+NAMESPACE = "kftune"
 
 
 class CheckError(Exception):
@@ -74,20 +81,20 @@ def hydrate(overlay: str, kubectl: str | None = None) -> str:
     return done.stdout
 
 
-def hydrate_serving(kubectl: str | None = None) -> str:
-    """k8s/serving rendered (it holds no secrets: it names the overlay's kftune-s3 Secret)."""
+def hydrate_serving(overlay: str, kubectl: str | None = None) -> str:
+    """k8s/serving/<overlay> rendered (it holds no secrets: it names the overlay's kftune-s3-serving Secret)."""
     done = subprocess.run(
-        [kubectl or tool("kubectl"), "kustomize", str(SERVING)], capture_output=True, text=True, check=False
+        [kubectl or tool("kubectl"), "kustomize", str(SERVING / overlay)], capture_output=True, text=True, check=False
     )
     if done.returncode:
-        raise CheckError(f"kubectl kustomize serving failed:\n{done.stderr.strip()}")
+        raise CheckError(f"kubectl kustomize serving/{overlay} failed:\n{done.stderr.strip()}")
     return done.stdout
 
 
 def validate(manifests: str, label: str) -> None:
     """kubernetes-validate --strict on every resource, for each version in K8S_VERSIONS."""
     with tempfile.TemporaryDirectory(prefix="kftune-k8s-") as tmp:
-        path = Path(tmp) / f"{label}.yaml"
+        path = Path(tmp) / f"{label.replace('/', '-')}.yaml"
         path.write_text(manifests)
         for version in K8S_VERSIONS:
             done = subprocess.run(
@@ -102,6 +109,7 @@ def validate(manifests: str, label: str) -> None:
 
 
 SERVING = K8S / "serving"
+SERVING_SECRET = "kftune-s3-serving"
 RESTRICTED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
 
 
@@ -115,6 +123,8 @@ def serving_problems(manifests: str) -> list[str]:
         return ["serving: expected one InferenceService of serving.kserve.io/v1beta1"]
     predictor = services[0]["spec"]["predictor"]
     model, problems = predictor.get("model", {}), []
+    if services[0]["metadata"].get("labels", {}).get("networking.kserve.io/visibility") != "cluster-local":
+        problems.append("serving: the InferenceService must be cluster-local (label networking.kserve.io/visibility)")
     if not str(model.get("storageUri", "")).startswith("s3://"):
         problems.append("serving: spec.predictor.model.storageUri must be an s3:// URI (kftune registry storage-uri)")
     if model.get("modelFormat", {}).get("name") != "huggingface":
@@ -123,12 +133,12 @@ def serving_problems(manifests: str) -> list[str]:
     account = accounts.get(predictor.get("serviceAccountName", ""))
     if (
         account is None
-        or {"name": "kftune-s3"} not in account.get("secrets", [])
+        or account.get("secrets") != [{"name": SERVING_SECRET}]
         or "serving.kserve.io/s3-endpoint" not in account["metadata"].get("annotations", {})
     ):
         problems.append(
-            "serving: the predictor's ServiceAccount must list the kftune-s3 Secret and annotate "
-            "serving.kserve.io/s3-endpoint"
+            f"serving: the predictor's ServiceAccount must list only the read-only {SERVING_SECRET} Secret and "
+            "annotate serving.kserve.io/s3-endpoint"
         )
     context = model.get("securityContext", {})
     if (
@@ -143,6 +153,137 @@ def serving_problems(manifests: str) -> list[str]:
     limits = model.get("resources", {}).get("limits", {})
     if int(str(limits.get("nvidia.com/gpu", 0))) < 1:
         problems.append("serving: the model container must request a GPU (resources.limits nvidia.com/gpu)")
+    return problems
+
+
+# NetworkPolicy, evaluated offline. A pod is (namespace, labels); None is an address outside the cluster.
+Pod = tuple[str, dict[str, str]] | None
+TASK = (NAMESPACE, {"workflows.argoproj.io/workflow": "kftune-run-x"})
+NODE = (NAMESPACE, {"jobset.sigs.k8s.io/jobset-name": "train-x", "jobset.sigs.k8s.io/replicatedjob-name": "node"})
+MLFLOW = (NAMESPACE, {"app.kubernetes.io/name": "mlflow"})
+SEAWEEDFS = (NAMESPACE, {"app.kubernetes.io/name": "seaweedfs"})
+BUCKET_JOB = (NAMESPACE, {"app.kubernetes.io/name": "seaweedfs-bucket"})
+PREDICTOR = (NAMESPACE, {"serving.kserve.io/inferenceservice": "kftune-champion"})
+CLIENT = (NAMESPACE, {"kftune.io/serving-client": "true"})
+DNS = ("kube-system", {"k8s-app": "kube-dns"})
+INGRESS = ("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+KFP = ("kubeflow", {"app": "ml-pipeline"})
+ACTIVATOR = ("knative-serving", {"app": "activator"})
+STRANGER = ("default", {"app": "anything"})
+OUTSIDE: Pod = None
+
+
+def flows(overlay: str) -> list[tuple[str, Pod, Pod, int, str, bool]]:
+    """(what, from, to, port, protocol, must pass) for an overlay rendered with its serving overlay."""
+    common = [
+        ("tasks -> MLflow", TASK, MLFLOW, 5000, "TCP", True),
+        ("training nodes -> MLflow", NODE, MLFLOW, 5000, "TCP", True),
+        ("ingress controller -> MLflow", INGRESS, MLFLOW, 5000, "TCP", True),
+        ("training node <-> training node", NODE, NODE, 29500, "TCP", True),
+        ("tasks -> KFP", TASK, KFP, 8887, "TCP", True),
+        ("tasks -> Kubernetes API", TASK, OUTSIDE, 443, "TCP", True),
+        ("tasks -> DNS", TASK, DNS, 53, "UDP", True),
+        ("MLflow -> DNS", MLFLOW, DNS, 53, "UDP", True),
+        ("Knative -> predictor", ACTIVATOR, PREDICTOR, 8012, "TCP", True),
+        ("serving client -> predictor", CLIENT, PREDICTOR, 8080, "TCP", True),
+        ("tasks -> training nodes", TASK, NODE, 29500, "TCP", False),
+        ("another namespace -> MLflow", STRANGER, MLFLOW, 5000, "TCP", False),
+        ("predictor -> MLflow", PREDICTOR, MLFLOW, 5000, "TCP", False),
+        ("MLflow -> tasks", MLFLOW, TASK, 8080, "TCP", False),
+        ("tasks -> predictor", TASK, PREDICTOR, 8080, "TCP", False),
+        ("another namespace -> predictor", STRANGER, PREDICTOR, 8080, "TCP", False),
+        ("another namespace -> training nodes", STRANGER, NODE, 29500, "TCP", False),
+        ("training nodes -> outside, plain HTTP", NODE, OUTSIDE, 80, "TCP", False),
+        ("predictor -> outside, plain HTTP", PREDICTOR, OUTSIDE, 80, "TCP", False),
+        ("MLflow -> DNS on another port", MLFLOW, DNS, 80, "TCP", False),
+    ]
+    if overlay == "dev":
+        s3 = [(f"{who} -> SeaweedFS S3", pod, SEAWEEDFS, 8333, "TCP", True) for who, pod in
+              (("tasks", TASK), ("training nodes", NODE), ("MLflow", MLFLOW), ("bucket Job", BUCKET_JOB),
+               ("predictor", PREDICTOR))]  # fmt: skip
+        return (
+            common
+            + s3
+            + [
+                ("tasks -> SeaweedFS master (no auth)", TASK, SEAWEEDFS, 9333, "TCP", False),
+                ("another namespace -> SeaweedFS S3", STRANGER, SEAWEEDFS, 8333, "TCP", False),
+                ("serving client -> SeaweedFS S3", CLIENT, SEAWEEDFS, 8333, "TCP", False),
+                ("SeaweedFS -> outside", SEAWEEDFS, OUTSIDE, 443, "TCP", False),
+                ("MLflow -> outside", MLFLOW, OUTSIDE, 443, "TCP", False),
+            ]
+        )
+    return common + [
+        ("training nodes -> external S3", NODE, OUTSIDE, 443, "TCP", True),
+        ("MLflow -> external S3", MLFLOW, OUTSIDE, 443, "TCP", True),
+        ("MLflow -> PostgreSQL", MLFLOW, OUTSIDE, 5432, "TCP", True),
+        ("predictor -> external S3", PREDICTOR, OUTSIDE, 443, "TCP", True),
+        ("training nodes -> PostgreSQL", NODE, OUTSIDE, 5432, "TCP", False),
+    ]
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        have, op = e["key"] in labels, e["operator"]
+        value = labels.get(e["key"])
+        if not {"Exists": have, "DoesNotExist": not have, "In": value in e.get("values", []),
+                "NotIn": value not in e.get("values", [])}[op]:  # fmt: skip
+            return False
+    return True
+
+
+def _peer(peer: dict, pod: Pod, namespace: str) -> bool:
+    if "ipBlock" in peer:  # the policies here use ipBlock only for addresses outside the cluster
+        return pod is None
+    if pod is None:
+        return False
+    ns, labels = pod
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": ns}):
+            return False
+    elif ns != namespace:
+        return False
+    return _selects(peer.get("podSelector", {}), labels)
+
+
+def _side(policies: list[dict], pod: Pod, other: Pod, port: int, protocol: str, direction: str) -> bool:
+    """Whether `pod` (in this namespace) lets the flow to or from `other` through in `direction`."""
+    if pod is None or pod[0] != NAMESPACE:
+        return True  # not governed by these manifests
+    mine = [p for p in policies if direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], pod[1])]
+    key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    return not mine or any(
+        (peers not in rule or any(_peer(peer, other, NAMESPACE) for peer in rule[peers]))
+        and (
+            "ports" not in rule
+            or any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in rule["ports"])
+        )
+        for policy in mine
+        for rule in policy["spec"].get(key, [])
+    )
+
+
+def network_problems(overlay: str, manifests: str) -> list[str]:
+    """A default deny, and each of `flows(overlay)` passing or refused as it must."""
+    import yaml
+
+    policies = [d for d in yaml.safe_load_all(manifests) if d and d["kind"] == "NetworkPolicy"]
+    deny = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    problems = [] if deny else ["no default-deny NetworkPolicy (podSelector {}, Ingress and Egress, no rules)"]
+    for what, src, dst, port, protocol, must in flows(overlay):
+        passes = _side(policies, src, dst, port, protocol, "Egress") and _side(
+            policies, dst, src, port, protocol, "Ingress"
+        )
+        if passes != must:
+            problems.append(f"NetworkPolicy: {what} ({protocol} {port}) {'is refused' if must else 'passes'}")
     return problems
 
 
@@ -167,23 +308,26 @@ def main() -> int:
         try:
             manifests = hydrate(overlay)
             validate(manifests, overlay)
+            serving = hydrate_serving(overlay)
+            validate(serving, f"serving/{overlay}")  # the ServiceAccount and policies strictly; no KServe schema
         except CheckError as e:
             problems.append(str(e))
             continue
         count = sum(1 for doc in manifests.split("\n---\n") if doc.strip())
         print(f"k8s-check: {overlay}: {count} resources valid (strict, Kubernetes {' and '.join(K8S_VERSIONS)})")
-    try:
-        manifests = hydrate_serving()
-        validate(manifests, "serving")  # the ServiceAccount strictly; the InferenceService has no schema here
-        found = serving_problems(manifests)
+        found = [f"serving/{overlay}: {p}" for p in serving_problems(serving)]
+        found += [f"{overlay}: {p}" for p in network_problems(overlay, manifests + "\n---\n" + serving)]
         problems += found
         if not found:
             print(
-                "k8s-check: serving: ServiceAccount valid (strict); InferenceService checked by hand "
-                "(no KServe schema offline: kind, s3 storageUri, HF runtime, S3 Secret, restricted context, GPU)"
+                f"k8s-check: serving/{overlay}: ServiceAccount and policies valid (strict); InferenceService checked "
+                "by hand (no KServe schema offline: kind, cluster-local, s3 storageUri, HF runtime, read-only S3 "
+                "Secret, restricted context, GPU)"
             )
-    except CheckError as e:
-        problems.append(str(e))
+            print(
+                f"k8s-check: {overlay} + serving/{overlay}: default deny; {len(flows(overlay))} flows allowed or "
+                "refused as intended (NetworkPolicy evaluated offline)"
+            )
     for problem in problems:
         print(f"k8s-check: {problem}", file=sys.stderr)
     return 1 if problems else 0

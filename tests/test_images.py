@@ -3,6 +3,7 @@ a non-root final stage with no build tools, and the pipeline naming the same ima
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -193,3 +194,28 @@ def test_images_module_fails_clearly_without_the_file_or_a_key(tmp_path):
 def test_images_env_for_make_is_the_packaged_file():
     """make includes images/images.env; the package ships components/images.env: one file."""
     assert (REPO / "images" / "images.env").resolve() == (REPO / "components" / "images.env").resolve()
+
+
+def test_the_images_make_images_built_replace_the_named_ones_when_asked(tmp_path):
+    """KFTUNE_IMAGES names build/images.env (images/build.sh writes it): the components then run those refs."""
+    built = tmp_path / "images.env"
+    pinned = "ghcr.io/kftune/kftune-cpu:0123456789ab-debian-bookworm@sha256:" + "a" * 64
+    built.write_text(f"# CPU_IMAGE built ...\nCPU_IMAGE={pinned}\n")
+    code = "import components.images as i; print(i.CPU_IMAGE, i.TRAINER_IMAGE)"
+    run = lambda env: subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env={**os.environ, **env}
+    )
+    done = run({"KFTUNE_IMAGES": str(built)})
+    assert done.stdout.split() == [pinned, ENV["TRAINER_IMAGE"]], done.stderr
+    built.write_text("CACHE_DIR=/elsewhere\n")
+    assert "may set only" in run({"KFTUNE_IMAGES": str(built)}).stderr.strip().splitlines()[-1]
+
+
+def test_build_tags_by_commit_and_base_and_records_what_it_built():
+    script = (REPO / "images" / "build.sh").read_text()
+    assert 'tag="${!key%:*}:$commit-$path"' in script  # never the reused tag of images.env
+    assert '--label "kftune.commit=$commit"' in script and '--label "kftune.base.path=$path"' in script
+    assert "push --digestfile" in script and "BUILT=build/images.env" in script
+    base = (REPO / "images" / "base-image.sh").read_text()
+    assert '--keyring="$keyring" --force-check-gpg' in base and "$suite-security main" in base
+    assert "apt-get -y upgrade" in base and "LABEL kftune.base.path=debian-bootstrap" in base

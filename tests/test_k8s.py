@@ -225,26 +225,124 @@ def test_readme_gpu_notes_match_the_pipeline():
     assert f"{GPU_RESOURCE}" in readme and "NoSchedule" in readme, "k8s/README.md must name the toleration"
 
 
-def test_the_serving_manifests_pass_what_can_be_checked_offline():
-    """k8s/serving: KServe has no schema offline (kubernetes-validate skips the InferenceService), so the
-    ServiceAccount is validated strictly and the InferenceService by hand; each hand check can fail."""
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_serving_manifests_pass_what_can_be_checked_offline(overlay):
+    """k8s/serving/<overlay>: KServe has no schema offline (kubernetes-validate skips the InferenceService), so
+    the ServiceAccount and policies are validated strictly and the InferenceService by hand; each hand check
+    can fail."""
     try:
-        manifests = k8s_check.hydrate_serving()
+        manifests = k8s_check.hydrate_serving(overlay)
     except k8s_check.CheckError as exc:
         pytest.skip(str(exc))
-    k8s_check.validate(manifests, "serving")
+    k8s_check.validate(manifests, f"serving/{overlay}")
     assert k8s_check.serving_problems(manifests) == []
     docs = [d for d in yaml.safe_load_all(manifests) if d]
     (service,) = find(docs, "InferenceService")
     assert service["metadata"]["namespace"] == NAMESPACE
     model = service["spec"]["predictor"]["model"]
-    assert SECRETS.get("kftune-s3") is not None and find(docs, "ServiceAccount", "kftune-serving")
+    (account,) = find(docs, "ServiceAccount", "kftune-serving")
+    https = account["metadata"]["annotations"]["serving.kserve.io/s3-usehttps"]
+    assert https == ("0" if overlay == "dev" else "1")  # plain HTTP only to dev's in-namespace SeaweedFS
     broken = {
         "gpu": ('nvidia.com/gpu: "1"', 'nvidia.com/gpu: "0"', "request a GPU"),
         "root": ("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "restricted standard"),
         "uri": (model["storageUri"], "hf://some/model", "s3:// URI"),
-        "secret": ("- name: kftune-s3", "- name: other", "kftune-s3 Secret"),
+        "secret": ("- name: kftune-s3-serving", "- name: kftune-s3", "read-only kftune-s3-serving Secret"),
+        "visibility": ("visibility: cluster-local", "visibility: external", "cluster-local"),
     }
     for what, (old, new, message) in broken.items():
         assert old in manifests, what
         assert any(message in p for p in k8s_check.serving_problems(manifests.replace(old, new))), what
+
+
+def _without(manifests: str, kind: str, name: str) -> str:
+    docs = [d for d in yaml.safe_load_all(manifests) if d]
+    assert find(docs, kind, name), name
+    return yaml.safe_dump_all([d for d in docs if (d["kind"], d["metadata"]["name"]) != (kind, name)])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_deny_by_default_and_allow_exactly_the_flows(rendered, overlay):
+    manifests = rendered[overlay] + "\n---\n" + k8s_check.hydrate_serving(overlay)
+    assert k8s_check.network_problems(overlay, manifests) == []
+    # each policy carries its flows: without it they are refused, or everything is open
+    assert (
+        "no default-deny"
+        in k8s_check.network_problems(overlay, _without(manifests, "NetworkPolicy", "default-deny"))[0]
+    )
+    cut = {
+        "training-nodes": "training node <-> training node (TCP 29500) is refused",
+        "mlflow": "ingress controller -> MLflow (TCP 5000) is refused",
+        "dns": "tasks -> DNS (UDP 53) is refused",
+        "kftune-champion": "Knative -> predictor (TCP 8012) is refused",
+    }
+    if overlay == "dev":
+        cut["seaweedfs-s3"] = "tasks -> SeaweedFS S3 (TCP 8333) is refused"
+    for name, problem in cut.items():
+        assert problem in " ".join(k8s_check.network_problems(overlay, _without(manifests, "NetworkPolicy", name)))
+    # a rule opened to the whole cluster is caught too
+    opened = manifests.replace("kubernetes.io/metadata.name: ingress-nginx", "{}").replace(
+        "matchLabels:\n              {}", "{}"
+    )
+    assert any("another namespace -> MLflow" in p for p in k8s_check.network_problems(overlay, opened))
+
+
+def _secret_refs(resources) -> dict[str, set[str]]:
+    """Secret name -> the workloads that read it."""
+    refs: dict[str, set[str]] = {}
+    for where, _, c in containers(resources):
+        for env in c.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs.setdefault(ref["name"], set()).add(where.rsplit("/", 1)[0])
+        for source in c.get("envFrom", []):
+            if "secretRef" in source:
+                refs.setdefault(source["secretRef"]["name"], set()).add(where.rsplit("/", 1)[0])
+    return refs
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_role_has_its_own_credentials_and_no_task_has_an_admin_login(docs, overlay):
+    resources = docs[overlay]
+    # what a pipeline task gets is pipelines/finetune.py's SECRETS, and nothing there is an admin's
+    assert set(SECRETS) == {"kftune-s3", "kftune-mlflow"}
+    mlflow_keys = set(find(resources, "Secret", "kftune-mlflow")[0]["data"])
+    assert not any("ADMIN" in key for key in mlflow_keys)
+    pipeline_user = _secret_value(resources, "kftune-mlflow", "MLFLOW_TRACKING_USERNAME")
+    assert pipeline_user != _secret_value(resources, "kftune-mlflow-admin", "MLFLOW_AUTH_ADMIN_USERNAME")
+    refs = _secret_refs(resources)
+    assert refs["kftune-mlflow-admin"] == {"Deployment/mlflow"}
+    assert refs["kftune-s3-mlflow"] == {"Deployment/mlflow"} | ({"Deployment/seaweedfs"} if overlay == "dev" else set())
+    # in the cluster only SeaweedFS's identity file reads the tasks' and serving's keys (tasks get theirs from
+    # the pipeline, the predictor through its ServiceAccount)
+    for role in ("kftune-s3", "kftune-s3-serving"):
+        assert refs.get(role, set()) <= {"Deployment/seaweedfs"}, role
+    if overlay == "dev":  # SeaweedFS's admin identity: the bucket Job and SeaweedFS's identity file only
+        assert refs["kftune-s3-admin"] == {"Deployment/seaweedfs", "Job/seaweedfs-bucket"}
+    else:
+        assert not find(resources, "Secret", "kftune-s3-admin")
+    keys = {
+        name: _secret_value(resources, name, "AWS_ACCESS_KEY_ID")
+        for name in ("kftune-s3", "kftune-s3-mlflow", "kftune-s3-serving")
+    }
+    assert all(keys.values())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_cluster_runs_the_start_scripts_the_tests_run(docs, overlay):
+    """The ConfigMaps hold the repository's scripts byte for byte, and the pods run them from there."""
+    scripts = {"kftune-mlflow-start": (REPO / "k8s" / "base" / "mlflow_start.py", "Deployment/mlflow/mlflow")}
+    if overlay == "dev":
+        scripts["kftune-seaweedfs-identities"] = (
+            REPO / "k8s" / "overlays" / "dev" / "seaweedfs_identities.py",
+            "Deployment/seaweedfs/identities",
+        )
+    for prefix, (path, runner) in scripts.items():
+        (cm,) = [
+            r for r in find(docs[overlay], "ConfigMap") if r["metadata"]["name"].split("-")[:3] == prefix.split("-")
+        ]
+        assert cm["data"] == {path.name: path.read_text()}
+        (pod, c) = next((pod, c) for where, pod, c in containers(docs[overlay]) if where == runner)
+        volume = next(v["name"] for v in pod["volumes"] if v.get("configMap", {}).get("name") == cm["metadata"]["name"])
+        mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == volume)
+        assert f"{mount}/{path.name}" in " ".join(c["command"] + c.get("args", []))

@@ -65,3 +65,16 @@ def test_the_manifest_catches_a_flipped_byte_and_a_swapped_manifest(saved, tmp_p
         verify(copy, sha, "here")
     with pytest.raises(KftuneError, match="does not hash to the version's registered_sha256"):
         verify(path, "0" * 64, "here")
+
+
+def test_a_version_without_the_sha_tag_or_with_an_unlisted_file_is_refused(saved, tmp_path):
+    path, sha = saved
+    with pytest.raises(KftuneError, match="has no registered_sha256 tag"):
+        verify(path, "", "here")
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    (copy / "registered_model_meta").write_text("model_name: x\n")  # what MLflow's download adds: allowed
+    verify(copy, sha, "here")
+    (copy / HF_SUBDIR / "extra.pkl").write_bytes(b"not listed")
+    with pytest.raises(KftuneError, match=r"holds 1 file\(s\) its MANIFEST.json does not list \(model/extra.pkl\)"):
+        verify(copy, sha, "here")

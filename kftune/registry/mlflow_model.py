@@ -38,12 +38,25 @@ SHA_TAG = "registered_sha256"
 GREEDY = {"do_sample": False}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")  # saved by MLflow from the loaded model: not copied again
 SERVING_MODULE = "chat_serving"  # the pyfunc loader: MLflow's chat model plus tools (see chat_serving.py)
+# the one file MLflow's download of a models:/ URI adds to the folder (always overwritten there, so
+# nothing stored under that name is ever read)
+_DOWNLOAD_META = "registered_model_meta"
 _REQUIRED = ("mlflow", "transformers", "torch", "accelerate", "tokenizers", "safetensors", "jinja2")
 
 
 def requirements() -> list[str]:
-    """The serving requirements pinned to the versions installed here."""
-    return [f"{name}=={metadata.version(name)}" for name in _REQUIRED]
+    """The serving requirements pinned to the versions installed here (the images carry mlflow-skinny, which
+    has mlflow's version; serving installs the full mlflow at that version)."""
+    return [f"{name}=={_version(name)}" for name in _REQUIRED]
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        if name != "mlflow":
+            raise
+        return metadata.version("mlflow-skinny")
 
 
 def input_example(sample: Sample | list[Message], max_tokens: int) -> dict[str, Any]:
@@ -203,16 +216,34 @@ def log(
 
 
 def verify(folder: Path, sha256: str, where: str) -> None:
-    """Every file of a downloaded model against its MANIFEST.json, and the manifest against `sha256`."""
+    """A downloaded model holds exactly the files its MANIFEST.json lists, and the manifest hashes to `sha256`.
+
+    As with checkpoints: a version without the tag, or a file the manifest does not list, is refused, so
+    nothing unchecked (a dropped-in pickle, a swapped manifest) is ever loaded.
+    """
     from kftune.core.storage import MANIFEST, sha256_file
 
+    if not sha256:
+        raise KftuneError(
+            f"{where} has no {SHA_TAG} tag: it was not registered by kftune (or the tag was removed), so its "
+            "files cannot be checked; register the model again"
+        )
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise KftuneError(f"{where} holds no {MANIFEST}: it was not registered by kftune or is incomplete")
     body = manifest_path.read_bytes()
-    if sha256 and hashlib.sha256(body).hexdigest() != sha256:
+    if hashlib.sha256(body).hexdigest() != sha256:
         raise KftuneError(f"{where}/{MANIFEST} does not hash to the version's {SHA_TAG} {sha256}: it was altered")
-    for rel, entry in json.loads(body).items():
+    listed = json.loads(body)
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p != manifest_path}
+    present -= {_DOWNLOAD_META}  # written by MLflow's download itself, on this side (name and version)
+    extra = sorted(present - set(listed))
+    if extra:
+        raise KftuneError(
+            f"{where} holds {len(extra)} file(s) its {MANIFEST} does not list ({', '.join(extra[:3])}): "
+            "the stored model was changed after registration; register the model again"
+        )
+    for rel, entry in listed.items():
         path = folder / rel
         if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise KftuneError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,3 +66,13 @@ def inputs(stack: StackInfo, s3: S3, tiny_model: Path, small_data: Path) -> dict
 def task_env(stack: StackInfo, tmp_path_factory) -> dict[str, str]:
     """The environment pipeline tasks run with: the stack's endpoints and keys, and a cache of their own."""
     return {**stack.env(), "KFTUNE_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """A server a test started: terminated, killed if it lingers, always reaped."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
