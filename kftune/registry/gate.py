@@ -7,7 +7,6 @@ stays a thin shell that fetches those numbers and writes the decision down.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -106,7 +105,7 @@ def guards(benchmarks: Mapping[str, Mapping[str, object]] | None, max_drop: floa
     return tuple(guard(task, row, max_drop) for task, row in sorted((benchmarks or {}).items()))
 
 
-def _primary(
+def decide(
     candidate: Mapping[str, float],
     base: Mapping[str, float],
     champion: Mapping[str, float] | None,
@@ -114,13 +113,18 @@ def _primary(
     metric: str = DEFAULT_METRIC,
     margin: float = DEFAULT_MARGIN,
     champion_label: str = "the champion",
+    benchmarks: Mapping[str, Mapping[str, object]] | None = None,
+    max_drop: float | None = None,
 ) -> Decision:
     """Promote when the candidate beats its base by `margin` (a fraction of the base's value) on
-    `metric` and is strictly better than the champion (a tie keeps the incumbent).
+    `metric` and is strictly better than the champion (a tie keeps the incumbent), and, with a guard
+    (`max_drop`), every benchmark metric (metrics.json's "benchmarks") stays within `max_drop` of its
+    base, direction-aware. No guard, or no benchmark: the primary rule alone.
 
     `champion` is None when there is none; its metrics must come from the same eval data and
     settings as the candidate's (the caller re-scores it otherwise). A missing or non-finite
-    number never promotes, the champion's included.
+    number never promotes, the champion's and a guarded benchmark's included. One reason per
+    comparison: the base's, then each guard's, then the champion's.
     """
     if metric not in DIRECTIONS:
         raise KftuneError(f"unknown primary metric {metric!r} (--primary-metric); one of {', '.join(DIRECTIONS)}")
@@ -130,8 +134,15 @@ def _primary(
     cand, ref = finite(candidate.get(metric)), finite(base.get(metric))
     champ = finite(champion.get(metric)) if champion is not None else None
 
-    def verdict(promote: bool, *reasons: str) -> Decision:
-        return Decision(promote, tuple(reasons), metric, margin, cand, ref, champ)
+    max_drop = guard_setting(max_drop)
+    checked = guards(benchmarks, max_drop)
+    notes = tuple(g.reason for g in checked)
+    if max_drop is not None and not checked:
+        notes = (f"no benchmark ran, so the guard (max drop {max_drop * 100:g}%) had nothing to compare",)
+
+    def verdict(promote: bool, first: str, *rest: str) -> Decision:
+        promote = promote and all(g.passed for g in checked)
+        return Decision(promote, (first, *notes, *rest), metric, margin, cand, ref, champ, max_drop, checked)
 
     if cand is None:
         return verdict(False, f"the candidate has no finite {metric} ({candidate.get(metric)!r})")
@@ -156,36 +167,6 @@ def _primary(
     if _better(cand, champ, higher):
         return verdict(True, beats_base, f"{metric} {cand:.4g} beats {champion_label}'s {champ:.4g}")
     return verdict(False, beats_base, f"{metric} {cand:.4g} does not beat {champion_label}'s {champ:.4g}")
-
-
-def decide(
-    candidate: Mapping[str, float],
-    base: Mapping[str, float],
-    champion: Mapping[str, float] | None,
-    *,
-    metric: str = DEFAULT_METRIC,
-    margin: float = DEFAULT_MARGIN,
-    champion_label: str = "the champion",
-    benchmarks: Mapping[str, Mapping[str, object]] | None = None,
-    max_drop: float | None = None,
-) -> Decision:
-    """The primary rule (above) and, with a guard (`max_drop`), every benchmark metric (metrics.json's
-    "benchmarks") within `max_drop` of its base, direction-aware; a guarded metric that is missing or not
-    finite never promotes. No guard, or no benchmark: the primary rule alone. One reason per comparison.
-    """
-    max_drop = guard_setting(max_drop)
-    checked = guards(benchmarks, max_drop)
-    decision = _primary(candidate, base, champion, metric=metric, margin=margin, champion_label=champion_label)
-    notes = tuple(g.reason for g in checked)
-    if max_drop is not None and not checked:
-        notes = (f"no benchmark ran, so the guard (max drop {max_drop * 100:g}%) had nothing to compare",)
-    return dataclasses.replace(
-        decision,
-        promote=decision.promote and all(g.passed for g in checked),
-        reasons=decision.reasons[:1] + notes + decision.reasons[1:],
-        max_drop=max_drop,
-        guards=checked,
-    )
 
 
 def benchmark_values(evaluation: Mapping[str, object], tuned: str, base: str) -> dict[str, float]:
