@@ -15,6 +15,9 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -91,6 +94,22 @@ class Spec:
         if self.method == "qlora":
             values["quantization_bit"] = self.bits
         return values
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """What a results JSON needs to be traced back: the commit, whether the tree had changes, the exact command."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    command = [sys.executable if sys.argv[0] else "python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if git("rev-parse", "HEAD") else None,
+        "command": shlex.join([Path(command[0]).name, *command[1:]]),
+    }
 
 
 def build_model(folder: Path, shape: dict[str, int], dtype: str = "bfloat16") -> Path:

@@ -15,7 +15,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from kftune.core.levers import LEVERS, lever_on
-from kftune.train import lora_dropout, packed_attention
+from kftune.train import lora_dropout
 from kftune.train.lora_dropout import LANE_BITS, LANES, LaneDropout, keep_mask
 
 PRECISIONS = [torch.float32, torch.bfloat16]
@@ -119,91 +119,6 @@ def test_install_swaps_every_lora_dropout_and_only_those(monkeypatch):
     assert lora_dropout.install(lora_model(0.0)) == 0  # p = 0 is peft's Identity: nothing to swap
     monkeypatch.setenv("KFTUNE_LEVERS_OFF", "dropout")
     assert lora_dropout.install(lora_model(0.1)) == 0
-
-
-# -- packed attention -----------------------------------------------------------------------------
-
-LENGTHS = [37, 50, 1, 29]  # a one-token conversation too
-
-
-def packed_row(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(7)
-    ids = torch.randint(0, vocab, (1, sum(LENGTHS)))
-    positions = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
-    return ids, positions
-
-
-def test_segments_follow_the_restarting_positions():
-    _, positions = packed_row(10)
-    assert packed_attention.segments(positions) == [(0, 37), (37, 87), (87, 88), (88, 117)]
-    assert packed_attention.segments(torch.arange(5).unsqueeze(0)) == [(0, 5)]
-
-
-def forward_backward(model, ids, positions, dtype, use_cache=False):
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        logits = model(input_ids=ids, position_ids=positions, use_cache=use_cache).logits
-    logits.float().square().mean().backward()
-    return logits.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
-
-
-def bound(reference: torch.Tensor, dtype: torch.dtype) -> float:
-    """fp32: 1e-5 of the largest logit; bf16: 4 ulps of it (the two paths accumulate in different orders)."""
-    top = reference.abs().max().item()
-    return 1e-5 * top if dtype == torch.float32 else 4 * 2.0 ** (math.floor(math.log2(top)) - 7)
-
-
-@pytest.mark.parametrize("dtype", PRECISIONS)
-def test_packed_attention_equals_sdpa_block_mask(dtype):
-    model = tiny_qwen2().train()  # no dropout in the model: train mode is deterministic
-    ids, positions = packed_row(model.config.vocab_size)
-    plain_logits, plain_grad = forward_backward(model, ids, positions, dtype)
-    assert packed_attention.install(model)
-    assert model.config._attn_implementation == packed_attention.NAME
-    packed_logits, packed_grad = forward_backward(model, ids, positions, dtype)
-    packed_attention.uninstall(model)
-    assert model.config._attn_implementation == "sdpa"
-    tolerance = bound(plain_logits, dtype)
-    assert (packed_logits - plain_logits).abs().max().item() <= tolerance
-    assert torch.allclose(packed_grad, plain_grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-7)
-    # the test can fail: attention across conversations (what a cache's missing block mask gives) is far off
-    leaked, _ = forward_backward(model, ids, positions, dtype, use_cache=True)
-    assert (leaked - plain_logits).abs().max().item() > 10 * tolerance
-
-
-def test_packed_attention_equals_each_conversation_alone():
-    model = tiny_qwen2()
-    ids, positions = packed_row(model.config.vocab_size)
-    with torch.no_grad():
-        alone = torch.cat(
-            [model.eval()(input_ids=ids[:, s:e]).logits for s, e in packed_attention.segments(positions)], 1
-        )
-        packed_attention.install(model)
-        packed = model.train()(input_ids=ids, position_ids=positions, use_cache=False).logits
-    assert (packed - alone).abs().max().item() <= bound(alone, torch.float32)
-
-
-def test_packed_attention_hands_other_batches_to_sdpa():
-    """Eval mode and padded batches of several rows: exactly sdpa's result (the same call)."""
-    model = tiny_qwen2()
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    outputs = []
-    for install in (False, True):
-        if install:
-            packed_attention.install(model)
-        with torch.no_grad():
-            outputs += [model.train()(input_ids=ids, attention_mask=mask).logits, model.eval()(input_ids=ids).logits]
-    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
-    assert "kftune" not in model.config.to_json_string()  # a saved config never names it
-
-
-def test_packed_attention_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("KFTUNE_LEVERS_OFF", "packed_attention")
-    model = tiny_qwen2()
-    assert not packed_attention.install(model)
-    assert model.config._attn_implementation == "sdpa"
 
 
 # -- the checkpoint's file mapping ----------------------------------------------------------------
