@@ -107,3 +107,40 @@ def test_target_discovery_finds_the_guides_seven_projections(tiny_model):
         "up_proj",
         "down_proj",
     ]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reentrant_checkpointing_trains_every_weight_without_trl(method, tiny_model, small_data, tmp_path):
+    """kftune's own model under reentrant checkpointing, trained by a bare torch loop (no trl, no Trainer).
+
+    A reentrant checkpoint passes gradients only through inputs that require them: under a frozen base,
+    unless kftune makes the embedding's output require grad, no adapter in a checkpointed layer would learn.
+    """
+    import functools
+
+    from kftune.models.loading import pick_runtime
+    from kftune.train.training import build_model
+
+    overrides = {"use_lora": True, "lora_r": 4} if method == "lora" else {}
+    cfg = short_config(tiny_model, small_data, tmp_path, gradient_checkpointing=True, **overrides)
+    model, _ = build_model(cfg, pick_runtime("fp32"), str(tiny_model))
+    layers = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    assert layers and all(m.gradient_checkpointing for m in layers)
+    func = layers[0]._gradient_checkpointing_func
+    assert isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is True
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(3):  # LoRA's B starts at zero, so A first gets a gradient on the second step
+        ids = torch.randint(0, 1000, (2, 16))
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    unchanged = [n for n, p in trainable.items() if torch.equal(before[n], p.detach())]
+    assert not unchanged, unchanged[:5]
+    if method == "lora":
+        assert len(trainable) == 2 * 2 * 7 and all("lora_" in n for n in trainable)

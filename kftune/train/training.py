@@ -50,6 +50,7 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     import torch
 
     from kftune.models.loading import (  # heavy: imports torch; loaded when used
+        enable_checkpointing,
         find_linear_targets,
         load_model,
         prepare_quantized,
@@ -57,7 +58,10 @@ def build_model(cfg: TrainConfig, runtime, location: str):
 
     if cfg.method == "full":
         # fp32 master weights; bf16 runs as autocast so optimizer updates stay exact
-        return load_model(location, runtime, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code), []
+        model = load_model(location, runtime, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        return model, []
     from peft import LoraConfig, get_peft_model
 
     from kftune.train.lora_dropout import install as install_dropout
@@ -66,6 +70,8 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     model = load_model(location, runtime, quantization_bit=bits, trust_remote_code=cfg.trust_remote_code)
     if bits:
         model = prepare_quantized(model, runtime.precision, cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        enable_checkpointing(model)  # kftune's own, not left to trl: see enable_checkpointing
     targets = cfg.target_modules()
     if targets is None:
         targets = find_linear_targets(model)
@@ -110,10 +116,8 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool):
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
-        # reentrant, as prepare_quantized does for QLoRA: on the 0.5B shape's LoRA step it peaked 0.5 GB
-        # lower than the non-reentrant default (bench/README.md)
-        gradient_checkpointing_kwargs={"use_reentrant": True},
+        # build_model turns checkpointing on itself (kftune.models.loading.enable_checkpointing), reentrant
+        gradient_checkpointing=False,
         bf16=runtime.precision == "bf16",
         fp16=runtime.precision == "fp16",
         use_cpu=runtime.device == "cpu",
