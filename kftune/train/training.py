@@ -70,8 +70,6 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     model = load_model(location, runtime, quantization_bit=bits, trust_remote_code=cfg.trust_remote_code)
     if bits:
         model = prepare_quantized(model, runtime.precision, cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
-        enable_checkpointing(model)  # kftune's own, not left to trl: see enable_checkpointing
     targets = cfg.target_modules()
     if targets is None:
         targets = find_linear_targets(model)
@@ -90,6 +88,8 @@ def build_model(cfg: TrainConfig, runtime, location: str):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing and not bits:
+        enable_checkpointing(model)  # kftune's own, not left to trl or peft: see enable_checkpointing
     install_dropout(model)  # the same dropout from a cheaper mask (CPU)
     return model, targets
 
