@@ -7,6 +7,7 @@ checkpoint's file mapped. Precision is a dimension where rounding can differ: fp
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from kftune.core.levers import LEVERS, lever_on
+from kftune.core.errors import KftuneError
+from kftune.core.levers import LEVERS, lever_on, levers_on
 from kftune.train import lora_dropout
-from kftune.train.lora_dropout import LANE_BITS, LANES, LaneDropout, keep_mask
+from kftune.train.lora_dropout import LANES, LaneDropout, drop_probability, keep_mask
 
 PRECISIONS = [torch.float32, torch.bfloat16]
 
@@ -38,25 +40,39 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 def test_levers_are_named_and_switch_off_one_at_a_time(monkeypatch):
     monkeypatch.setenv("KFTUNE_LEVERS_OFF", "dropout,lm_head")
     assert [name for name in LEVERS if not lever_on(name)] == ["lm_head", "dropout"]
+    assert levers_on() == [name for name in LEVERS if name not in ("dropout", "lm_head")]
     with pytest.raises(KeyError, match="unknown lever"):
         lever_on("dropuot")
+    monkeypatch.setenv("KFTUNE_LEVERS_OFF", "")
+    assert levers_on() == list(LEVERS)
+
+
+@pytest.mark.parametrize(
+    ("value", "wrong"), [("dropout, lm_head", "' lm_head'"), ("dropuot", "'dropuot'"), (",", "''")]
+)
+def test_a_name_that_is_no_lever_is_an_error_not_a_silent_ablation(monkeypatch, value, wrong):
+    monkeypatch.setenv("KFTUNE_LEVERS_OFF", value)
+    with pytest.raises(KftuneError, match=f"{wrong} is not a lever"):
+        lever_on("dropout")
 
 
 # -- LoRA dropout ---------------------------------------------------------------------------------
 
 
-def test_keep_mask_drops_each_lane_with_probability_p():
+def test_keep_mask_drops_each_lane_with_probability_p_independently():
     n, p = 4_000_000, 0.1
     dropped = ~keep_mask(torch.Size([n]), p, torch.device("cpu"))
-    exact = round(p * 2**LANE_BITS) / 2**LANE_BITS  # the lane threshold's probability: 0.100006
-    assert abs(exact - p) < 2**-16
-    for lane in range(LANES):  # every 15-bit lane of the 64-bit draw, the sign-bit one included
-        share = dropped[lane::LANES].float().mean().item()
-        sigma = math.sqrt(exact * (1 - exact) / (n / LANES))
-        assert abs(share - exact) < 6 * sigma, (lane, share)
-    # neighbours in a lane pair are independent: P(both dropped) = p^2
-    both = (dropped[0::2] & dropped[1::2]).float().mean().item()
-    assert abs(both - exact**2) < 6 * math.sqrt(exact**2 / (n / 2))
+    q = drop_probability(p)  # what the lane threshold realises: 0.100006
+    lanes = [dropped[lane::LANES].float() for lane in range(LANES)]  # the sign-bit lane included
+    for lane, x in enumerate(lanes):
+        assert abs(x.mean().item() - q) < 6 * math.sqrt(q * (1 - q) / x.numel()), lane
+    # every pair of lanes of one 64-bit draw is independent: both dropped with probability q^2
+    for a, b in itertools.combinations(range(LANES), 2):
+        both = (lanes[a] * lanes[b]).mean().item()
+        assert abs(both - q**2) < 6 * math.sqrt(q**2 * (1 - q**2) / lanes[a].numel()), (a, b, both)
+    # and so is a lane with the same lane of the next draw
+    first = lanes[0]
+    assert abs((first[:-1] * first[1:]).mean().item() - q**2) < 6 * math.sqrt(q**2 / first.numel())
     assert keep_mask(torch.Size([3, 5]), p, torch.device("cpu")).shape == (3, 5)  # not a multiple of the lanes
 
 
@@ -69,7 +85,7 @@ def test_lane_dropout_is_dropout_with_its_mask(dtype):
     out = layer(x)
     kept = out != 0
     assert 0.8 < kept.float().mean().item() < 0.97
-    scale = 1.0 / (1.0 - 0.1)
+    scale = 1.0 / (1.0 - drop_probability(0.1))  # the realised keep rate's inverse: unbiased
     assert torch.equal(out, torch.where(kept, x * scale, 0).to(dtype))
     grad = torch.randn_like(out)
     out.backward(grad)

@@ -20,6 +20,7 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.atomic import building, staging_dir
 from kftune.core.errors import KftuneError
+from kftune.core.levers import levers_on
 from kftune.data.reading import load_conversations, to_dataset
 from kftune.models import fingerprint
 from kftune.train.config import TrainConfig, parse_args
@@ -79,6 +80,13 @@ def build_model(cfg: TrainConfig, runtime, location: str):
         raise KftuneError(
             f"lora_target_modules: {', '.join(missing)} not found in {cfg.base_model}; "
             f"its linear layers are {','.join(find_linear_targets(model))}"
+        )
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "").rsplit(".", 1)[-1]
+    if head in targets:
+        raise KftuneError(
+            f"lora_target_modules: {head} is {cfg.base_model}'s output head, which trl's loss reads directly and "
+            f"refuses LoRA on; leave it out (null targets every linear layer but the head: "
+            f"{','.join(find_linear_targets(model))})"
         )
     lora = LoraConfig(
         r=cfg.lora_r,
@@ -188,6 +196,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     )
 
     # everything that can fail on bad input is checked before anything heavy is imported or written
+    levers = levers_on()  # refuses a KFTUNE_LEVERS_OFF that names no lever
     out = check_output_dir(cfg)
     runtime = pick_runtime(cfg.precision)
     train_rows = load_conversations(cfg.data_path)
@@ -242,8 +251,10 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
         )
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        install_lm_head(base)
-        packed_attention.install(base)  # one conversation at a time in padding-free batches
+        applied = {
+            "lm_head": install_lm_head(base),
+            "packed_attention": packed_attention.install(base),  # one conversation at a time, padding-free
+        }
         check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
         if eval_rows:
             check_rows_kept(cfg, "eval_data_path", len(eval_rows), len(trainer.eval_dataset))
@@ -283,6 +294,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
             "peak_memory_bytes": peak.bytes,  # this process's (process zero's device's) peak
             "peak_memory_source": peak.source,
+            "levers_on": levers,  # KFTUNE_LEVERS_OFF's complement (kftune.core.levers)
+            "levers_applied": applied,  # the head installed; the attention path packed attention took, or None
             **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
         }
         if main:
