@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint setup up down clean
+.PHONY: run test lint setup up down clean gpu-wheelhouse
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# the wheels a bare CUDA machine lacks, carried to it with the tree (bench/gpu.sh installs them --no-index)
+gpu-wheelhouse: $(STAMP)
+	$(BIN)/python bench/gpu_wheelhouse.py
 
 clean:
 	rm -rf build .pytest_cache
