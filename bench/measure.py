@@ -104,11 +104,13 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
-    command = [sys.executable if sys.argv[0] else "python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    command = ["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    commit = git("rev-parse", "HEAD")
     return {
-        "commit": git("rev-parse", "HEAD") or None,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if git("rev-parse", "HEAD") else None,
-        "command": shlex.join([Path(command[0]).name, *command[1:]]),
+        # a copy without .git (a GPU machine's) names the commit it was sent from in KFTUNE_BENCH_COMMIT
+        "commit": commit or os.environ.get("KFTUNE_BENCH_COMMIT") or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "command": shlex.join(command),
     }
 
 

@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     from kftune.models.loading import pick_runtime
 
     levers_on()  # a --levers-off that names no lever stops here
+    args.provenance = provenance()  # at the start: the tree the runs were made from
     args.cuda = torch.cuda.is_available()
     args.precision = pick_runtime("auto").precision
     args.peak_gflops = matmul_peak(True) if args.cuda else None
@@ -348,7 +349,7 @@ def make_report(args, runs: dict[tuple[str, str], list[dict]], loads: list[tuple
     kftune = next((r for r in rows if r["tool"] == "kftune" and "error" not in r), {})
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        **provenance(),
+        **args.provenance,
         "shape": args.shape,
         "shape_config": SHAPES[args.shape],
         "machine": machine(args.cuda),

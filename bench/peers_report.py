@@ -74,7 +74,7 @@ def summarize(tool: str, method: str, runs: list[dict]) -> dict:
     good = [r for r in runs if "error" not in r]
     row = {"tool": tool, "method": method, "runs": runs}
     if not good:
-        return row | {"error": runs[-1]["error"]}
+        return row | {"error": runs[-1]["error"] if runs else "not run yet"}
     first = good[0]
     for key in ("peak_rss_bytes", "peak_anon_bytes", "cuda_peak_bytes", "cuda_reserved_peak_bytes", "mfu"):
         if all(key in r for r in good):
