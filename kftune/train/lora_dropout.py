@@ -2,7 +2,7 @@
 
 peft applies `nn.Dropout` to the input of every adapted layer, and on a CPU torch draws each mask
 element with its own Bernoulli sample: at Qwen2.5-0.5B's shape with 1,500 tokens that is 360M draws a
-step, about 18% of a QLoRA step here (twice that with checkpointing, which redraws them). One 64-bit
+step (twice that with checkpointing, which redraws them). One 64-bit
 random integer gives four independent 15-bit lanes; an element is dropped when its lane is below
 round(p * 2**15), so it is dropped with probability `drop_probability(p)`, p to within 2**-16 (0.100006
 for p = 0.1), and kept ones are scaled by the inverse of the realised keep rate, as `nn.Dropout` scales by

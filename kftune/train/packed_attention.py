@@ -78,7 +78,7 @@ def _find_bounds(decoder, args: tuple, kwargs: dict):
         decoder.training
         and rows is not None
         and rows.shape[0] == 1
-        and kwargs.get("attention_mask") is None
+        and kwargs.get("attention_mask", args[1] if len(args) > 1 else None) is None
         and cache is None
         and not use_cache
     ):
