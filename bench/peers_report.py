@@ -151,7 +151,8 @@ def render(report: dict) -> str:
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"{r['tool']:13s} {r['method']:7s} FAILED: {(r['error'] or '').splitlines()[-1:]}")
+            status = "not run:" if r["error"].startswith("dry run") else "FAILED:"
+            lines.append(f"{r['tool']:13s} {r['method']:7s} {status} {(r['error'] or '').splitlines()[-1]}")
             continue
         gpu_cells = ""
         if cuda:
