@@ -5,8 +5,9 @@ A padding-free batch is one row of several conversations; trl's collator marks w
 the whole row and scores every query against every key in it: four conversations of 370 tokens cost a
 1,480 x 1,480 attention, four times the 4 x 370 x 370 that matter. `packed_sdpa` runs causal SDPA on each
 conversation's slice and joins the outputs: the same attention, since the block mask lets no token see
-another conversation (`python bench/packed_attention.py` times the ways on CPU: flex attention cannot
-run backward on a CPU, and the slices beat the masked row).
+another conversation. On CPU flex attention with a document mask cannot run backward at all, and the
+slices made a 0.5B step faster than the masked row (bench/README.md; `python bench/packed_attention.py`
+times one attention call each way).
 
 The boundaries are read once per forward, by a hook on the decoder, from the collator's `cu_seq_lens_q`
 (else from where `position_ids` restart): one host sync a step, not one per layer. The hook hands them
