@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run run-guarded test test-plain-clone lint setup up down clean lock
+.PHONY: run run-guarded test test-plain-clone lint setup up down clean lock gpu-wheelhouse
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -57,6 +57,9 @@ test: lint
 # clone runs them; CI runs this after `make test` so the next such dependency fails there, not for a user.
 test-plain-clone: $(STAMP)
 	KFTUNE_TESTS_HIDE_EXTERNAL=1 $(BIN)/python -m pytest -m external_data
+# the wheels a bare CUDA machine lacks, carried to it with the tree (bench/gpu.sh installs them --no-index)
+gpu-wheelhouse: $(STAMP)
+	$(BIN)/python bench/gpu_wheelhouse.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -1,50 +1,93 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the memory table and the throughput comparison for the Qwen2.5-0.5B shape in bf16,
-# then one table of both. About 5 minutes on one modern GPU (budget: under 8).
+# On a lent CUDA machine, which reaches no registry, inside one lease (about 5 minutes; budget 10):
+#   1. install the carried wheels (bench/.gpu-wheels, from `make gpu-wheelhouse` here) with --no-index;
+#   2. run the tests marked `cuda` (the levers on CUDA);
+#   3. kftune against trl's own `sft` on the Qwen2.5-0.5B shape, both on sdpa (kftune's packed-attention lever
+#      off, so the attention is the same), then kftune with every lever; LoRA, and QLoRA-4 when bitsandbytes
+#      travelled: real tokens/s, MFU, torch.cuda.max_memory_allocated and max_memory_reserved, one table each.
 #
-#   make setup && bench/gpu.sh            # PY=... to use another interpreter; OUT=... for the results folder
+#   make gpu-wheelhouse && bench/gpu.sh --dry-run     # here: every step but the GPU work (the model, data and
+#                                                     # configs are made; nothing trains)
+#   bench/gpu.sh                                      # there: carry bench/.gpu-wheels; PY (python3), OUT, STEPS
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-OUT=${OUT:-bench/results}
-BATCH=${BATCH:-4}
-SEQ=${SEQ:-512}
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; fi
+if [[ $DRY == 1 ]]; then
+    PY=${PY:-.venv/bin/python}
+    OUT=${OUT:-/tmp/kftune-gpu-dry-run}  # a dry run's JSON holds no measurement: never in bench/results
+else
+    PY=${PY:-python3}
+    OUT=${OUT:-bench/results/gpu}
+fi
+STEPS=${STEPS:-20}
+WHEELS=bench/.gpu-wheels
+started=$(date +%s)
+say() { echo "bench/gpu.sh: $*"; }
 
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "bench/gpu.sh: no CUDA device visible to $PY (torch $("$PY" -c 'import torch; print(torch.__version__)')); run it on a GPU machine" >&2
+shopt -s nullglob
+wheels=("$WHEELS"/*.whl)
+if [[ ${#wheels[@]} == 0 ]]; then
+    say "no wheels in $WHEELS: run 'make gpu-wheelhouse' where PyPI answers, and carry $WHEELS" >&2
     exit 2
 fi
-"$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")'
-export TOKENIZERS_PARALLELISM=false
-started=$(date +%s)
+SITE=$(mktemp -d /tmp/kftune-gpu-site.XXXXXX)
+trap 'rm -rf "$SITE"' EXIT
+# the machine's python3 is 3.12 on x86-64: the wheels are for it; the dry run installs them for it from here too
+target=()
+if [[ $DRY == 1 ]]; then
+    target=(--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_24_x86_64)
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${target[@]}" "${wheels[@]}"
+say "installed ${#wheels[@]} wheels into $SITE"
+if [[ $DRY == 1 ]]; then
+    # 3.12-only wheels cannot import into this interpreter; check the rest imports over this venv
+    rm -rf "$SITE"/multiprocess* "$SITE"/_multiprocess*
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export KFTUNE_BENCH_COMMIT=${KFTUNE_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
 
-# peak memory of each method, one process each (torch.cuda.max_memory_allocated)
-"$PY" bench/memory_table.py --batch "$BATCH" --seq "$SEQ" --steps 3 --precision bf16 --out "$OUT"
-# kftune vs a plain Trainer + peft script, LoRA r=64, same model shape, data and steps
-"$PY" bench/throughput.py --shape qwen2.5-0.5b --steps 30 --warmup 5 --precision bf16 --out "$OUT"
-# kftune vs LLaMA-Factory vs trl sft (each tool's venv from bench/peers/*.txt: needs PyPI, whose torch 2.13.0
-# is the CUDA build); peak = torch.cuda.max_memory_allocated in each tool's process
-"$PY" bench/peers.py --shape qwen2.5-0.5b --steps 20 --out "$OUT"
-
-"$PY" - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-memory = json.loads((out / "memory_table-qwen2.5-0.5b-cuda.json").read_text())
-speed = json.loads((out / "throughput-qwen2.5-0.5b-cuda.json").read_text())
-print(f"\nQwen2.5-0.5B shape, bf16, {memory['machine']}, {memory['date']}")
-print(f"memory: batch {memory['batch']} x {memory['seq']} tokens, torch.cuda.max_memory_allocated")
-print(f"{'method':10s} {'peak GiB':>9s} {'guide GB':>9s} {'estimate':>9s} {'trainable':>12s} {'s/step':>7s} {'tokens/s':>9s}")
-for r in memory["rows"]:
-    if "error" in r:
-        print(f"{r['label']:10s} failed: {r['error'].splitlines()[0][:80]}")
-        continue
-    print(f"{r['label']:10s} {r['peak_bytes'] / 2**30:9.2f} {memory['guide_gb'][r['label']]:>9} "
-          f"{r['estimate_bytes'] / 2**30:9.2f} {r['trainable_params']:12,d} {r['seconds_per_step']:7.3f} {r['tokens_per_second']:9.0f}")
-print(f"throughput: LoRA r=64, batch {speed['batch']}, max_seq_length {speed['max_seq_length']}, "
-      f"bf16 matmul peak {speed['peak_gflops'] / 1000:.0f} TFLOP/s")
-print(f"{'run':44s} {'real tok/s':>10s} {'vs baseline':>11s} {'MFU':>7s}")
-for r in speed["runs"]:
-    print(f"{r['run']:44s} {r['real_tokens_per_second']:10.0f} {r['ratio']:10.2f}x {r['mfu']:7.2%}")
+"$PY" - <<'PY'
+import importlib, torch
+versions = {name: getattr(importlib.import_module(name), "__version__", "?") for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets")}
+try:
+    import bitsandbytes
+    versions["bitsandbytes"] = bitsandbytes.__version__
+except Exception as exc:  # not carried, or no CUDA library for this machine: the QLoRA rows say so
+    versions["bitsandbytes"] = f"unavailable ({str(exc).splitlines()[0][:80]})"
+import kftune.train.training  # the engine imports on this stack
+print("bench/gpu.sh: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"bench/gpu.sh: GPU {p.name}, {p.total_memory / 2**30:.0f} GiB")
 PY
-echo "bench/gpu.sh: done in $(( $(date +%s) - started )) s; JSON and PNG in $OUT"
+
+cuda=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
+if [[ $DRY == 0 && $cuda == 0 ]]; then
+    say "no CUDA device visible to $PY; run it on a GPU machine (or --dry-run here)" >&2
+    exit 2
+fi
+
+# the levers on CUDA: every test marked cuda (skipped, saying so, without a device)
+mapfile -t cuda_tests < <(grep -l "pytest.mark.cuda" tests/test_*.py)
+"$PY" -m pytest -q -p no:cacheprovider -m cuda "${cuda_tests[@]}"
+
+methods=lora
+skipped_bnb=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("bitsandbytes", ""))' "$WHEELS/skipped.json" 2>/dev/null || true)
+if [[ -n $skipped_bnb ]]; then
+    say "QLoRA rows skipped: bitsandbytes $skipped_bnb"
+elif "$PY" -c 'import bitsandbytes' 2>/dev/null; then
+    methods=lora,qlora4
+else
+    say "QLoRA rows skipped: bitsandbytes does not import on this machine"
+fi
+
+common=(--same-python --shape qwen2.5-0.5b --data generated --steps "$STEPS" --runs 1 --methods "$methods"
+    --skipped "$WHEELS/skipped.json")
+if [[ $DRY == 1 ]]; then common+=(--dry-run); fi
+# same attention for both: transformers' sdpa with its block mask (kftune's packed-attention lever off)
+"$PY" bench/peers.py "${common[@]}" --tools kftune,trl --attn-implementation sdpa --levers-off packed_attention \
+    --out "$OUT/same-attention"
+# kftune with every lever (packed attention: one conversation at a time, or flash_attention_2 where installed)
+"$PY" bench/peers.py "${common[@]}" --tools kftune --out "$OUT/levers-on"
+say "done in $(($(date +%s) - started)) s; JSON in $OUT"

@@ -15,6 +15,9 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -91,6 +94,24 @@ class Spec:
         if self.method == "qlora":
             values["quantization_bit"] = self.bits
         return values
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """What a results JSON needs to be traced back: the commit, whether the tree had changes, the exact command."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    command = ["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    commit = git("rev-parse", "HEAD")
+    return {
+        # a copy without .git (a GPU machine's) names the commit it was sent from in KFTUNE_BENCH_COMMIT
+        "commit": commit or os.environ.get("KFTUNE_BENCH_COMMIT") or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "command": shlex.join(command),
+    }
 
 
 def build_model(folder: Path, shape: dict[str, int], dtype: str = "bfloat16") -> Path:

@@ -5,13 +5,16 @@ Each tool runs in its own pinned venv (created on first use from `bench/peers/<t
 The same harness (`bench/peers/harness.py`) wraps every tool's own entry point: it times each
 training step and counts its real (non-padding) tokens from the batch the tool built; the parent
 takes the process's peak RSS from the kernel (`wait4`'s ru_maxrss, what `/usr/bin/time -v`
-prints). Same for all: the model (built here: `measure.build_model`), the alpaca file, LoRA r / alpha
+prints) and samples its peak anonymous memory (bench/peers_report.py says why both). Each row runs
+`--runs` times (default 3), the rows taking turns; the table prints medians and ranges, and the JSON
+keeps every run, the commit, whether the tree had changes, and the command. Same for all: the model (built here: `measure.build_model`), the alpaca file, LoRA r / alpha
 / dropout on every linear layer, batch, cutoff, learning rate (constant, no warmup), steps, seed,
 precision (bf16 where the CPU has it), gradient checkpointing (both peers turn it on by default, so
 kftune runs with it on too; `--kftune-checkpointing preflight` leaves it to kftune's memory pre-flight),
 and each tool's own defaults beyond that.
 
-    python bench/peers.py [--shape qwen2.5-0.5b|demo|quick] [--steps 6] [--methods lora,qlora4] [--quick] [--out DIR]
+    python bench/peers.py [--shape qwen2.5-0.5b|demo|quick] [--steps 6] [--runs 3] [--methods lora,qlora4] [--quick]
+        [--out DIR] [--same-python] [--data generated] [--dry-run]
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import QWEN2_5_0_5B, build_model
+from measure import QWEN2_5_0_5B, build_model, provenance, write_rows
+from peers_report import METHODS, AnonPeak, machine, ratios, render, summarize
+from throughput import flops_per_token, matmul_peak
 
 from kftune.core.levers import LEVERS
 
@@ -43,14 +47,17 @@ SHAPES = {
     "quick": {**QWEN2_5_0_5B, "num_layers": 2},
 }
 TOOLS = ("kftune", "llamafactory", "trl")
-METHODS = ("lora", "qlora4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYSTEM = "You are a helpful assistant."  # the Qwen2.5 template's default, given to LLaMA-Factory too
 
 
-def python_for(tool: str, venvs: Path) -> str:
-    """The tool's interpreter: this one for kftune, else a venv made from the tool's pins (remade when they change)."""
-    if tool == "kftune":
+def python_for(tool: str, venvs: Path, same_python: bool = False) -> str:
+    """The tool's interpreter: this one for kftune, else a venv made from the tool's pins (remade when they change).
+
+    `same_python`: this one for every tool (a machine without a registry, where trl is installed beside kftune
+    at the versions bench/peers/trl.txt pins).
+    """
+    if tool == "kftune" or same_python:
         return sys.executable
     pins = PEERS / f"{tool}.txt"
     venv = venvs / tool
@@ -177,6 +184,7 @@ def configs(tool: str, method: str, args, model: str, work: Path) -> Path:
             "lora_alpha": 16,
             "lora_dropout": 0.1,
             "lora_target_modules": TARGETS,
+            **({"attn_implementation": args.attn_implementation} if args.attn_implementation else {}),
             **trainer_args,
         }
         if method != "lora":
@@ -187,64 +195,62 @@ def configs(tool: str, method: str, args, model: str, work: Path) -> Path:
 
 
 def run_one(tool: str, method: str, args, model: str, work: Path) -> dict:
-    """One tool and method in its own process; peak RSS from the kernel when it ends."""
-    python = python_for(tool, args.venvs)
+    """One tool and method in its own process: peak RSS from the kernel when it ends, peak RssAnon sampled."""
+    python = python_for(tool, args.venvs, args.same_python)
     config = configs(tool, method, args, model, work)
     record_path = work / f"{tool}-{method}.result.json"
+    record_path.unlink(missing_ok=True)
+    paths = [str(BENCH.parent), *([str(PEERS / "standins")] if tool == "llamafactory" else [])]
     env = {
         **os.environ,
         "KFTUNE_LEVERS_OFF": args.levers_off,
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "WANDB_DISABLED": "true",
-        "PYTHONPATH": os.pathsep.join(
-            [str(BENCH.parent), *([str(PEERS / "standins")] if tool == "llamafactory" else [])]
-        ),
+        "PYTHONPATH": os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
+    command = [python, str(PEERS / "harness.py"), str(record_path), tool, str(config)]
+    if args.dry_run:
+        print(f"[peers] dry run: {tool} {method}: {' '.join(command)}", flush=True)
+        return {"tool": tool, "method": method, "error": "dry run: not trained"}
     log = work / f"{tool}-{method}.log"
     print(f"[peers] {tool} {method} ...", flush=True)
     started = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            [python, str(PEERS / "harness.py"), str(record_path), tool, str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=work,
-        )
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+        sampler = AnonPeak(proc.pid)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        anon = sampler.stop()
     wall = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if code != 0 or not record.get("step_seconds"):
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print(f"[peers] {tool} {method} FAILED (exit {code}); log tail:\n  " + "\n  ".join(tail), flush=True)
-        return {"tool": tool, "method": method, "peak_bytes": usage.ru_maxrss * 1024, "error": "\n".join(tail)}
-    row = row_from(tool, method, record, usage.ru_maxrss * 1024, wall, args.levers_off)
+        return {"tool": tool, "method": method, "error": "\n".join(tail)}
+    row = row_from(record, usage.ru_maxrss * 1024, anon, wall)
+    if args.peak_gflops:
+        row["mfu"] = flops_per_token(model, row["trainable_params"]) * row["real_tokens_per_s"] / args.peak_gflops / 1e9
     print(
-        f"[peers] {tool} {method}: peak {row['peak_bytes'] / 2**30:.2f} GiB ({row['peak_bytes']} bytes), {row['real_tokens_per_s']:.1f} real tok/s, "
-        f"{wall:.0f} s in all",
+        f"[peers] {tool} {method}: peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB, peak anon {anon / 2**30:.2f} GiB, "
+        f"{row['real_tokens_per_s']:.1f} real tok/s, {wall:.0f} s in all",
         flush=True,
     )
     return row
 
 
-def row_from(tool: str, method: str, record: dict, peak_rss: int, wall: float, levers_off: str = "") -> dict:
-    """A table row from the harness's record and the process's peak RSS."""
-    row = {
-        "tool": tool,
-        "method": method,
-        **({"levers_off": levers_off} if tool == "kftune" and levers_off else {}),
-        "peak_bytes": peak_rss,
-        "process_seconds": round(wall, 1),
-    }
+def row_from(record: dict, peak_rss: int, peak_anon: int, wall: float) -> dict:
+    """One run's measurements from the harness's record and the process's peaks."""
     timed = slice(1, None) if len(record["step_seconds"]) > 1 else slice(None)  # step 1 also allocates the optimizer
     seconds = sum(record["step_seconds"][timed])
     tokens = sum(record["step_tokens"][: len(record["step_seconds"])][timed])
-    if "cuda_peak_bytes" in record:
-        row |= {"peak_rss_bytes": row["peak_bytes"], "peak_bytes": record["cuda_peak_bytes"]}
-    return row | {
-        "peak_kind": "torch.cuda.max_memory_allocated" if "cuda_peak_bytes" in record else "peak RSS (wait4 ru_maxrss)",
+    cuda = {k: record[k] for k in ("cuda_peak_bytes", "cuda_reserved_peak_bytes") if k in record}
+    return {
+        "peak_rss_bytes": peak_rss,
+        "peak_anon_bytes": peak_anon,
+        **cuda,
+        "process_seconds": round(wall, 1),
         "real_tokens_per_s": tokens / seconds,
         "seconds": round(record["train_seconds"], 2),
         "losses": record["losses"],
@@ -255,46 +261,9 @@ def row_from(tool: str, method: str, record: dict, peak_rss: int, wall: float, l
         "step_shapes": record["step_shapes"],
         "gradient_checkpointing": record.get("gradient_checkpointing"),
         "trainable_params": record.get("trainable_params"),
+        "levers_on": record.get("levers_on"),  # kftune's runs: the levers KFTUNE_LEVERS_OFF left on
+        "attn_implementation": record.get("attn_implementation"),
     }
-
-
-def machine(cuda: bool) -> dict:
-    import torch
-
-    from kftune.models.loading import cpu_supports_bf16
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "bf16": cpu_supports_bf16(),
-        "gpu": torch.cuda.get_device_name() if cuda else None,
-        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-    }
-
-
-def ratios(rows: list[dict]) -> list[str]:
-    """kftune against the better peer, per method: peak <= 0.75x the lower peer's, tokens/s >= 1.25x the higher's."""
-    lines = []
-    for method in METHODS:
-        mine = next((r for r in rows if r["tool"] == "kftune" and r["method"] == method and "error" not in r), None)
-        peers = [r for r in rows if r["tool"] != "kftune" and r["method"] == method and "error" not in r]
-        if not mine or not peers:
-            continue
-        low = min(peers, key=lambda r: r["peak_bytes"])
-        fast = max(peers, key=lambda r: r["real_tokens_per_s"])
-        mem = mine["peak_bytes"] / low["peak_bytes"]
-        speed = mine["real_tokens_per_s"] / fast["real_tokens_per_s"]
-        lines.append(
-            f"{method}: peak {mem:.2f}x {low['tool']}'s (target <= 0.75: {'met' if mem <= 0.75 else 'NOT met'}); "
-            f"real tokens/s {speed:.2f}x {fast['tool']}'s (target >= 1.25: {'met' if speed >= 1.25 else 'NOT met'})"
-        )
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,13 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the quick shape (full vocabulary, 2 layers), 4 steps")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--runs", type=int, default=3, help="runs of each row (median and range printed)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cutoff", type=int, default=512)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--data", type=Path, default=ALPACA, help="alpaca JSON (default: LLaMA-Factory's demo file)")
+    parser.add_argument(
+        "--data",
+        default=str(ALPACA),
+        help="alpaca JSON (default: LLaMA-Factory's demo file), or 'generated': rows of at least --cutoff tokens",
+    )
     parser.add_argument("--venvs", type=Path, default=BENCH / ".peers", help="where the peers' venvs and models live")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument(
@@ -321,47 +295,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--levers-off", default="", help=f"kftune levers to turn off ({','.join(LEVERS)}): to measure each"
     )
+    parser.add_argument("--same-python", action="store_true", help="every tool in this interpreter (no venvs, no pip)")
+    parser.add_argument("--attn-implementation", help="trl's attn_implementation (default: transformers' sdpa)")
+    parser.add_argument("--skipped", type=Path, help="a JSON of {package: why} to print (bench/gpu_wheelhouse.py's)")
+    parser.add_argument("--dry-run", action="store_true", help="everything but training: model, data, configs")
     parser.add_argument("--keep", type=Path, help="keep each run's config, log and outputs in this folder")
     args = parser.parse_args(argv)
     if args.quick:
         args.shape, args.steps = "quick", 4
-    args.data = args.data.resolve()
-    if not args.data.is_file():
-        parser.error(f"--data {args.data}: not found")
+    if args.data != "generated":
+        args.data = Path(args.data).resolve()
+        if not args.data.is_file():
+            parser.error(f"--data {args.data}: not found")
     import torch
 
+    from kftune.core.levers import levers_on
     from kftune.models.loading import pick_runtime
 
+    levers_on()  # a --levers-off that names no lever stops here
+    args.provenance = provenance()  # at the start: the tree the runs were made from
     args.cuda = torch.cuda.is_available()
     args.precision = pick_runtime("auto").precision
+    args.peak_gflops = matmul_peak(True) if args.cuda else None
     tools = args.tools.split(",")
     methods = args.methods.split(",")
     for tool in tools:  # every venv first: a pip failure shows before any training
-        python_for(tool, args.venvs)
+        python_for(tool, args.venvs, args.same_python)
     model = str(build_model(args.venvs / "models" / args.shape, {**SHAPES[args.shape], "data_path": str(SAMPLE_DATA)}))
-    rows: list[dict] = []
+    runs: dict[tuple[str, str], list[dict]] = {(tool, method): [] for method in methods for tool in tools}
     loads = [os.getloadavg()]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"peers-{args.shape}.json"
     with tempfile.TemporaryDirectory(prefix="kftune-peers-") as tmp:
         work = Path(tmp) if args.keep is None else args.keep.resolve()
         work.mkdir(parents=True, exist_ok=True)
+        if args.data == "generated":
+            args.data = write_rows(work / "generated.jsonl", args.batch * args.steps, args.cutoff, Path(model))
         truncated_messages(args.data, model, args.cutoff, work / "trl-data.jsonl")
-        for method in methods:
-            for tool in tools:
-                rows.append(run_one(tool, method, args, model, work))
+        for _ in range(1 if args.dry_run else args.runs):  # the rows take turns: a busy minute slows them alike
+            for (tool, method), done in runs.items():
+                done.append(run_one(tool, method, args, model, work))
                 loads.append(os.getloadavg())
-                # written after every run: a run stopped halfway keeps the rows it measured
-                report = make_report(args, rows, loads, complete=len(rows) == len(methods) * len(tools))
+                # written after every run: a run stopped halfway keeps what it measured
+                report = make_report(args, runs, loads)
                 path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(render(report))
     print(f"wrote {path}")
-    return 0 if all("error" not in r for r in rows) else 1
+    return 0 if args.dry_run or all("error" not in r for r in report["rows"]) else 1
 
 
-def make_report(args, rows: list[dict], loads: list[tuple[float, float, float]], complete: bool) -> dict:
+def make_report(args, runs: dict[tuple[str, str], list[dict]], loads: list[tuple[float, float, float]]) -> dict:
+    rows = [summarize(tool, method, done) for (tool, method), done in runs.items()]
+    kftune = next((r for r in rows if r["tool"] == "kftune" and "error" not in r), {})
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **args.provenance,
         "shape": args.shape,
         "shape_config": SHAPES[args.shape],
         "machine": machine(args.cuda),
@@ -374,44 +362,18 @@ def make_report(args, rows: list[dict], loads: list[tuple[float, float, float]],
         "lora": {"r": args.rank, "alpha": 16, "dropout": 0.1, "targets": TARGETS},
         "lr": args.lr,
         "seed": args.seed,
-        "data": args.data.name,
+        "data": Path(args.data).name,
+        "runs_per_row": args.runs,
         "levers_off": args.levers_off,
+        "kftune_levers_on": kftune.get("levers_on"),
         "kftune_checkpointing": args.kftune_checkpointing,
-        "complete": complete,
+        "attn_implementation": args.attn_implementation,
+        "peak_gflops": args.peak_gflops,
+        "skipped": json.loads(args.skipped.read_text()) if args.skipped and args.skipped.is_file() else {},
+        "complete": all(len(done) == args.runs for done in runs.values()),
         "rows": rows,
         "ratios": ratios(rows),
     }
-
-
-def render(report: dict) -> str:
-    m = report["machine"]
-    lines = [
-        f"shape {report['shape']} {report['shape_config']}; {report['data']}, batch {report['batch']}, cutoff "
-        f"{report['cutoff']}, LoRA r={report['lora']['r']} alpha 16 dropout 0.1 on every linear layer, lr {report['lr']}, "
-        f"{report['steps']} steps, seed {report['seed']}, {report['precision']}",
-        f"machine: {m['gpu'] or m['cpu']}, {m['cores']} cores, bf16 {'native' if m['bf16'] else 'not native'}, "
-        f"{m['ram_gib']} GiB; load average {' '.join(f'{x:.1f}' for x in report['load_average'])} (1-min range over the "
-        f"runs {report['load_average_1min_range'][0]:.1f}-{report['load_average_1min_range'][1]:.1f}); {report['date']}",
-        f"{'tool':13s} {'method':7s} {'peak GiB':>8s} {'real tok/s':>10s} {'train s':>8s} {'ckpt':>5s} "
-        f"{'first loss':>10s} {'final loss':>10s}",
-    ]
-    for r in report["rows"]:
-        if "error" in r:
-            lines.append(
-                f"{r['tool']:13s} {r['method']:7s} FAILED: {r['error'].splitlines()[-1] if r['error'] else ''}"
-            )
-            continue
-        lines.append(
-            f"{r['tool']:13s} {r['method']:7s} {r['peak_bytes'] / 2**30:8.2f} {r['real_tokens_per_s']:10.1f} "
-            f"{r['seconds']:8.1f} {'yes' if r['gradient_checkpointing'] else 'no':>5s} "
-            f"{r['losses'][0]:10.4f} {r['final_loss']:10.4f}"
-        )
-    lines.append("loss per step (same seed, same row order):")
-    for r in report["rows"]:
-        if "error" not in r:
-            lines.append(f"  {r['tool']:13s} {r['method']:7s} " + " ".join(f"{x:.4f}" for x in r["losses"]))
-    lines += report["ratios"]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

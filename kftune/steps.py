@@ -1,10 +1,8 @@
 """The engine call behind each pipeline step: plain typed Python that tests call without KFP.
 
-Each step reads its inputs from S3 (or a local path), does one job, uploads what it made as a
-content-addressed artifact and returns a small dataclass. A KFP component stores that dataclass
-as its output artifact's metadata; the next component rebuilds it with `from_metadata`. Models
-carry their own kftune_config.json, so later steps read the base model and method from the
-model itself instead of trusting parameters to match.
+Each step reads its inputs from S3 (or a local path), does one job, uploads what it made as a content-addressed
+artifact and returns a small dataclass, which a KFP component stores as its output's metadata (`from_metadata`
+rebuilds it). Models carry their own kftune_config.json: later steps read base model and method from it.
 """
 
 from __future__ import annotations

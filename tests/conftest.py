@@ -129,3 +129,17 @@ def assert_generates(model, tokenizer, new_tokens: int = 5) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
     assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where torch sees a CUDA device (bench/gpu.sh runs them) and skip, saying so, elsewhere."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu.sh runs the tests marked cuda on one)")
+    for item in marked:
+        item.add_marker(skip)

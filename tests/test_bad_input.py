@@ -71,6 +71,18 @@ def test_unknown_and_invalid_config_keys(tiny_model, small_data, out):
     )
 
 
+def test_lm_head_among_lora_targets(tiny_model, small_data, out):
+    """kftune's own target check says it in one line, before trl would refuse it with a traceback."""
+    proc = train(tiny_model, small_data, out, "--lora_target_modules", "q_proj,lm_head")
+    assert_clean_failure(proc, "lora_target_modules: lm_head is", "output head", out=out)
+
+
+@pytest.mark.parametrize("value", ["dropout, lm_head", "dropuot", "lm_head,,dropout"])
+def test_levers_off_naming_no_lever(tiny_model, small_data, out, value):
+    proc = train(tiny_model, small_data, out, env={"KFTUNE_LEVERS_OFF": value})
+    assert_clean_failure(proc, f"KFTUNE_LEVERS_OFF={value!r}:", "is not a lever", out=out)
+
+
 def test_base_model_path_missing(small_data, tmp_path, out):
     proc = train(tmp_path / "models" / "Qwen2.5-0.5B-Instruct", small_data, out)
     assert_clean_failure(proc, "model folder not found", "--base_model", out=out)

@@ -7,6 +7,7 @@ checkpoint's file mapped. Precision is a dimension where rounding can differ: fp
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from kftune.core.levers import LEVERS, lever_on
-from kftune.train import lora_dropout, packed_attention
-from kftune.train.lora_dropout import LANE_BITS, LANES, LaneDropout, keep_mask
+from kftune.core.errors import KftuneError
+from kftune.core.levers import LEVERS, lever_on, levers_on
+from kftune.train import lora_dropout
+from kftune.train.lora_dropout import LANES, LaneDropout, drop_probability, keep_mask
 
 PRECISIONS = [torch.float32, torch.bfloat16]
 
@@ -38,25 +40,39 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 def test_levers_are_named_and_switch_off_one_at_a_time(monkeypatch):
     monkeypatch.setenv("KFTUNE_LEVERS_OFF", "dropout,lm_head")
     assert [name for name in LEVERS if not lever_on(name)] == ["lm_head", "dropout"]
+    assert levers_on() == [name for name in LEVERS if name not in ("dropout", "lm_head")]
     with pytest.raises(KeyError, match="unknown lever"):
         lever_on("dropuot")
+    monkeypatch.setenv("KFTUNE_LEVERS_OFF", "")
+    assert levers_on() == list(LEVERS)
+
+
+@pytest.mark.parametrize(
+    ("value", "wrong"), [("dropout, lm_head", "' lm_head'"), ("dropuot", "'dropuot'"), (",", "''")]
+)
+def test_a_name_that_is_no_lever_is_an_error_not_a_silent_ablation(monkeypatch, value, wrong):
+    monkeypatch.setenv("KFTUNE_LEVERS_OFF", value)
+    with pytest.raises(KftuneError, match=f"{wrong} is not a lever"):
+        lever_on("dropout")
 
 
 # -- LoRA dropout ---------------------------------------------------------------------------------
 
 
-def test_keep_mask_drops_each_lane_with_probability_p():
+def test_keep_mask_drops_each_lane_with_probability_p_independently():
     n, p = 4_000_000, 0.1
     dropped = ~keep_mask(torch.Size([n]), p, torch.device("cpu"))
-    exact = round(p * 2**LANE_BITS) / 2**LANE_BITS  # the lane threshold's probability: 0.100006
-    assert abs(exact - p) < 2**-16
-    for lane in range(LANES):  # every 15-bit lane of the 64-bit draw, the sign-bit one included
-        share = dropped[lane::LANES].float().mean().item()
-        sigma = math.sqrt(exact * (1 - exact) / (n / LANES))
-        assert abs(share - exact) < 6 * sigma, (lane, share)
-    # neighbours in a lane pair are independent: P(both dropped) = p^2
-    both = (dropped[0::2] & dropped[1::2]).float().mean().item()
-    assert abs(both - exact**2) < 6 * math.sqrt(exact**2 / (n / 2))
+    q = drop_probability(p)  # what the lane threshold realises: 0.100006
+    lanes = [dropped[lane::LANES].float() for lane in range(LANES)]  # the sign-bit lane included
+    for lane, x in enumerate(lanes):
+        assert abs(x.mean().item() - q) < 6 * math.sqrt(q * (1 - q) / x.numel()), lane
+    # every pair of lanes of one 64-bit draw is independent: both dropped with probability q^2
+    for a, b in itertools.combinations(range(LANES), 2):
+        both = (lanes[a] * lanes[b]).mean().item()
+        assert abs(both - q**2) < 6 * math.sqrt(q**2 * (1 - q**2) / lanes[a].numel()), (a, b, both)
+    # and so is a lane with the same lane of the next draw
+    first = lanes[0]
+    assert abs((first[:-1] * first[1:]).mean().item() - q**2) < 6 * math.sqrt(q**2 / first.numel())
     assert keep_mask(torch.Size([3, 5]), p, torch.device("cpu")).shape == (3, 5)  # not a multiple of the lanes
 
 
@@ -69,7 +85,7 @@ def test_lane_dropout_is_dropout_with_its_mask(dtype):
     out = layer(x)
     kept = out != 0
     assert 0.8 < kept.float().mean().item() < 0.97
-    scale = 1.0 / (1.0 - 0.1)
+    scale = 1.0 / (1.0 - drop_probability(0.1))  # the realised keep rate's inverse: unbiased
     assert torch.equal(out, torch.where(kept, x * scale, 0).to(dtype))
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -119,91 +135,6 @@ def test_install_swaps_every_lora_dropout_and_only_those(monkeypatch):
     assert lora_dropout.install(lora_model(0.0)) == 0  # p = 0 is peft's Identity: nothing to swap
     monkeypatch.setenv("KFTUNE_LEVERS_OFF", "dropout")
     assert lora_dropout.install(lora_model(0.1)) == 0
-
-
-# -- packed attention -----------------------------------------------------------------------------
-
-LENGTHS = [37, 50, 1, 29]  # a one-token conversation too
-
-
-def packed_row(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(7)
-    ids = torch.randint(0, vocab, (1, sum(LENGTHS)))
-    positions = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
-    return ids, positions
-
-
-def test_segments_follow_the_restarting_positions():
-    _, positions = packed_row(10)
-    assert packed_attention.segments(positions) == [(0, 37), (37, 87), (87, 88), (88, 117)]
-    assert packed_attention.segments(torch.arange(5).unsqueeze(0)) == [(0, 5)]
-
-
-def forward_backward(model, ids, positions, dtype, use_cache=False):
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        logits = model(input_ids=ids, position_ids=positions, use_cache=use_cache).logits
-    logits.float().square().mean().backward()
-    return logits.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
-
-
-def bound(reference: torch.Tensor, dtype: torch.dtype) -> float:
-    """fp32: 1e-5 of the largest logit; bf16: 4 ulps of it (the two paths accumulate in different orders)."""
-    top = reference.abs().max().item()
-    return 1e-5 * top if dtype == torch.float32 else 4 * 2.0 ** (math.floor(math.log2(top)) - 7)
-
-
-@pytest.mark.parametrize("dtype", PRECISIONS)
-def test_packed_attention_equals_sdpa_block_mask(dtype):
-    model = tiny_qwen2().train()  # no dropout in the model: train mode is deterministic
-    ids, positions = packed_row(model.config.vocab_size)
-    plain_logits, plain_grad = forward_backward(model, ids, positions, dtype)
-    assert packed_attention.install(model)
-    assert model.config._attn_implementation == packed_attention.NAME
-    packed_logits, packed_grad = forward_backward(model, ids, positions, dtype)
-    packed_attention.uninstall(model)
-    assert model.config._attn_implementation == "sdpa"
-    tolerance = bound(plain_logits, dtype)
-    assert (packed_logits - plain_logits).abs().max().item() <= tolerance
-    assert torch.allclose(packed_grad, plain_grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-7)
-    # the test can fail: attention across conversations (what a cache's missing block mask gives) is far off
-    leaked, _ = forward_backward(model, ids, positions, dtype, use_cache=True)
-    assert (leaked - plain_logits).abs().max().item() > 10 * tolerance
-
-
-def test_packed_attention_equals_each_conversation_alone():
-    model = tiny_qwen2()
-    ids, positions = packed_row(model.config.vocab_size)
-    with torch.no_grad():
-        alone = torch.cat(
-            [model.eval()(input_ids=ids[:, s:e]).logits for s, e in packed_attention.segments(positions)], 1
-        )
-        packed_attention.install(model)
-        packed = model.train()(input_ids=ids, position_ids=positions, use_cache=False).logits
-    assert (packed - alone).abs().max().item() <= bound(alone, torch.float32)
-
-
-def test_packed_attention_hands_other_batches_to_sdpa():
-    """Eval mode and padded batches of several rows: exactly sdpa's result (the same call)."""
-    model = tiny_qwen2()
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    outputs = []
-    for install in (False, True):
-        if install:
-            packed_attention.install(model)
-        with torch.no_grad():
-            outputs += [model.train()(input_ids=ids, attention_mask=mask).logits, model.eval()(input_ids=ids).logits]
-    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
-    assert "kftune" not in model.config.to_json_string()  # a saved config never names it
-
-
-def test_packed_attention_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("KFTUNE_LEVERS_OFF", "packed_attention")
-    model = tiny_qwen2()
-    assert not packed_attention.install(model)
-    assert model.config._attn_implementation == "sdpa"
 
 
 # -- the checkpoint's file mapping ----------------------------------------------------------------

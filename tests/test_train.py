@@ -5,6 +5,9 @@ import json
 import pytest
 import torch
 
+from kftune.core.levers import LEVERS
+from kftune.train import packed_attention
+
 from .conftest import run_cli
 
 # A short run that shows learning: high learning rate, small rank, many passes over 24 rows.
@@ -83,6 +86,8 @@ def test_guide_config_trains_and_writes_the_guides_files(config, extra, files, t
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses  # falls on a short run
     assert "trainable params:" in proc.stderr and "trainable%:" in proc.stderr
+    assert metrics["levers_on"] == list(LEVERS)  # every run records the levers it had on
+    assert metrics["levers_applied"] == {"lm_head": True, "packed_attention": packed_attention.NAME}
     saved = json.loads((out / "kftune_config.json").read_text())
     assert saved["base_model"] == str(tiny_model) and saved["max_steps"] == 12
     if config != "full":

@@ -41,6 +41,8 @@ def instrument(record: dict) -> None:
 
     def train(self, *args, **kwargs):
         self.add_callback(StepTimer())
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        record["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
         started = time.perf_counter()
         try:
             return original_train(self, *args, **kwargs)
@@ -56,14 +58,17 @@ def instrument(record: dict) -> None:
 
             if torch.cuda.is_available():  # on a GPU the peak that matters is the allocator's, not the RSS
                 record["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+                record["cuda_reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved())
 
     trainer_cls.training_step, trainer_cls.train = training_step, train
 
 
-def run(tool: str, config: str) -> None:
+def run(tool: str, config: str, record: dict) -> None:
     if tool == "kftune":
+        from kftune.core.levers import levers_on
         from kftune.train.training import main
 
+        record["levers_on"] = levers_on()
         main(["--config_file", config])
     elif tool == "llamafactory":
         from llamafactory.train.tuner import run_exp
@@ -84,7 +89,7 @@ def main() -> int:
     record: dict = {"tool": tool, "step_seconds": [], "step_tokens": [], "step_label_tokens": [], "step_shapes": []}
     instrument(record)
     try:
-        run(tool, config)
+        run(tool, config, record)
     finally:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)

@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="the tuned model: adapter folder, merged/full model folder or s3:// URI"
     )
     p.add_argument("--base_model", help="its base (default: the base recorded in the model's kftune_config.json)")
-    p.add_argument("--eval_data", required=True, help="held-out data (JSONL/JSON in any kftune data format; local or s3://)")
+    p.add_argument(
+        "--eval_data", required=True, help="held-out data (JSONL/JSON in any kftune data format; local or s3://)"
+    )
     p.add_argument("--output_dir", default="./eval_output", help="where metrics.json, samples.jsonl and report.html go")
     p.add_argument("--samples", type=int, default=Settings.samples, help="prompts answered greedily and scored")
     p.add_argument("--max_new_tokens", type=int, default=Settings.max_new_tokens)

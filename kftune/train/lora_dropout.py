@@ -2,10 +2,11 @@
 
 peft applies `nn.Dropout` to the input of every adapted layer, and on a CPU torch draws each mask
 element with its own Bernoulli sample: at Qwen2.5-0.5B's shape with 1,500 tokens that is 360M draws a
-step, about 18% of a QLoRA step here (twice that with checkpointing, which redraws them). One 64-bit
+step (twice that with checkpointing, which redraws them). One 64-bit
 random integer gives four independent 15-bit lanes; an element is dropped when its lane is below
-round(p * 2**15), so it is dropped with probability p to within 2**-16 (0.100006 for p = 0.1), and kept
-ones are scaled by 1 / (1 - p) as `nn.Dropout` does. The masks come from torch's CPU generator, so a
+round(p * 2**15), so it is dropped with probability `drop_probability(p)`, p to within 2**-16 (0.100006
+for p = 0.1), and kept ones are scaled by the inverse of the realised keep rate, as `nn.Dropout` scales by
+1 / (1 - p): the expected output is the input exactly. The masks come from torch's CPU generator, so a
 seed and checkpointing's saved RNG state replay them exactly.
 
 `KFTUNE_LEVERS_OFF=dropout` keeps peft's `nn.Dropout` (the benchmarks measure each lever on its own).
@@ -22,14 +23,24 @@ LANE_BITS = 15
 LANES = 4  # 15-bit lanes in one 63-bit draw (random_() on int64 leaves the sign bit 0)
 
 
+def threshold(p: float) -> int:
+    """A lane below this is dropped."""
+    return round(p * (1 << LANE_BITS))
+
+
+def drop_probability(p: float) -> float:
+    """The probability an element is dropped for the rate p: p to within 2**-16."""
+    return threshold(p) / (1 << LANE_BITS)
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask, True where an element is kept (probability 1 - p to within 2**-16)."""
+    """A bool mask, True where an element is kept (probability 1 - drop_probability(p))."""
     count = 1
     for size in shape:
         count *= size
     words = torch.empty((count + LANES - 1) // LANES, dtype=torch.int64, device=device).random_()
     lanes = words.view(torch.int16)[:count].bitwise_and_((1 << LANE_BITS) - 1)
-    return (lanes >= round(p * (1 << LANE_BITS))).view(shape)
+    return (lanes >= threshold(p)).view(shape)
 
 
 class LaneDropout(nn.Dropout):
@@ -38,7 +49,8 @@ class LaneDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        return torch.where(keep_mask(x.shape, self.p, x.device), x * (1.0 / (1.0 - self.p)), 0)
+        scale = 1.0 / (1.0 - drop_probability(self.p))  # unbiased for the rate the lanes realise
+        return torch.where(keep_mask(x.shape, self.p, x.device), x * scale, 0)
 
 
 def install(model) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 from kftune.core import artifacts
 from kftune.core.atomic import building, staging_dir
 from kftune.core.errors import KftuneError
+from kftune.core.levers import levers_on
 from kftune.data.reading import is_text, load_samples, text_dataset, to_dataset
 from kftune.data.rules import Options
 from kftune.models import fingerprint
@@ -52,6 +53,7 @@ def build_model(cfg: TrainConfig, runtime, location: str):
     import torch
 
     from kftune.models.loading import (  # heavy: imports torch; loaded when used
+        enable_checkpointing,
         find_linear_targets,
         load_model,
         prepare_quantized,
@@ -59,7 +61,10 @@ def build_model(cfg: TrainConfig, runtime, location: str):
 
     if cfg.method == "full":
         # fp32 master weights; bf16 runs as autocast so optimizer updates stay exact
-        return load_model(location, runtime, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code), []
+        model = load_model(location, runtime, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        return model, []
     from peft import LoraConfig, get_peft_model
 
     from kftune.train.lora_dropout import install as install_dropout
@@ -78,6 +83,13 @@ def build_model(cfg: TrainConfig, runtime, location: str):
             f"lora_target_modules: {', '.join(missing)} not found in {cfg.base_model}; "
             f"its linear layers are {','.join(find_linear_targets(model))}"
         )
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "").rsplit(".", 1)[-1]
+    if head in targets:
+        raise KftuneError(
+            f"lora_target_modules: {head} is {cfg.base_model}'s output head, which trl's loss reads directly and "
+            f"refuses LoRA on; leave it out (null targets every linear layer but the head: "
+            f"{','.join(find_linear_targets(model))})"
+        )
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -86,6 +98,8 @@ def build_model(cfg: TrainConfig, runtime, location: str):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing and not bits:
+        enable_checkpointing(model)  # kftune's own, not left to trl or peft: see enable_checkpointing
     install_dropout(model)  # the same dropout from a cheaper mask (CPU)
     return model, targets
 
@@ -112,10 +126,8 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool, 
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
-        # reentrant, as prepare_quantized does for QLoRA: on the 0.5B shape's LoRA step it peaked 0.5 GB
-        # lower than the non-reentrant default (bench/README.md)
-        gradient_checkpointing_kwargs={"use_reentrant": True},
+        # build_model turns checkpointing on itself (kftune.models.loading.enable_checkpointing), reentrant
+        gradient_checkpointing=False,
         bf16=runtime.precision == "bf16",
         fp16=runtime.precision == "fp16",
         use_cpu=runtime.device == "cpu",
@@ -205,6 +217,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     )
 
     # everything that can fail on bad input is checked before anything heavy is imported or written
+    levers = levers_on()  # refuses a KFTUNE_LEVERS_OFF that names no lever
     out = check_output_dir(cfg)
     runtime = pick_runtime(cfg.precision)
     train_rows = load_samples(cfg.data_path)
@@ -274,8 +287,10 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             callbacks=[*(callbacks or []), *([PublishCheckpoints(store)] if store else [])],
         )
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        install_lm_head(base)
-        packed_attention.install(base)  # one conversation at a time in padding-free batches
+        applied = {
+            "lm_head": install_lm_head(base),
+            "packed_attention": packed_attention.install(base),  # one conversation at a time, padding-free
+        }
         if not text:  # documents are cut into blocks: every token is kept
             check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
         if eval_rows and not text:
@@ -318,6 +333,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
             "peak_memory_bytes": peak.bytes,  # this process's (process zero's device's) peak
             "peak_memory_source": peak.source,
+            "levers_on": levers,  # KFTUNE_LEVERS_OFF's complement (kftune.core.levers)
+            "levers_applied": applied,  # the head installed; the attention path packed attention took, or None
             **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
         }
         if main:
