@@ -2,8 +2,7 @@
 
 Each step reads its inputs from S3 (or a local path), does one job, uploads what it made as a content-addressed
 artifact and returns a small dataclass, which a KFP component stores as its output's metadata (`from_metadata`
-rebuilds it). Models carry their own kftune_config.json: later steps read base model and method from it.
-"""
+rebuilds it). Models carry their own kftune_config.json: later steps read base model and method from it."""
 
 from __future__ import annotations
 
