@@ -1,18 +1,14 @@
 """`kftune register`: every candidate becomes an MLflow model version; `champion` moves only when it wins.
 
-A candidate is a model artifact (a full or merged model; an adapter is refused: merge it first)
-plus the evaluation `kftune evaluate` wrote for it. Registering it:
+A candidate is a full or merged model (an adapter is refused: merge it first) plus its evaluation. Registering it:
 
 1. returns the existing version when this artifact (its sha256) was registered before;
-2. logs a run (params, metrics, loss curve, metrics.json, samples.jsonl, report.html) and, as its
-   LoggedModel, the model as an MLflow chat model with the model card (kftune.mlflow_model): the
-   only registered copy of the weights, verified by its MANIFEST.json;
-3. creates the version from that LoggedModel, tagged with its lineage and metrics, with the alias
-   `challenger`;
-4. asks kftune.gate whether it beats its base by the margin and the current champion on the same
-   eval data (stored metrics when the eval key matches, else the champion scored again), moves
-   `champion` if so, and writes the decision and its reasons as tags.
-"""
+2. logs a run (params, metrics, loss curve, metrics.json, samples.jsonl, report.html) and, as its LoggedModel,
+   the model as an MLflow chat model with the model card: the only registered copy, verified by its MANIFEST.json;
+3. creates the version from that LoggedModel, tagged with its lineage and metrics, alias `challenger`;
+4. asks kftune.gate whether it beats its base by the margin and the current champion on the same eval data
+   (stored metrics when the eval key matches, else the champion scored again), moves `champion` if so, and
+   writes the decision and its reasons as tags."""
 
 from __future__ import annotations
 

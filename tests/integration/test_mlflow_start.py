@@ -21,10 +21,10 @@ import requests
 
 from kftune.dev.processes import HOST, executable, free_ports
 
+from ..conftest import REPO
 from .conftest import stop_process
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "k8s" / "base" / "mlflow_start.py"
 _spec = importlib.util.spec_from_file_location("mlflow_start", SCRIPT)
 mlflow_start = importlib.util.module_from_spec(_spec)

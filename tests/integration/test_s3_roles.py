@@ -11,7 +11,6 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import boto3
 import pytest
@@ -21,10 +20,11 @@ from kftune.dev.processes import HOST, free_ports
 from kftune.dev.stack import StackConfig, _weed_command
 from kftune.dev.weed_ports import remove_weed_sockets, weed_ports
 
+from ..conftest import REPO
 from .conftest import stop_process
 
 pytestmark = pytest.mark.integration
-SCRIPT = Path(__file__).resolve().parents[2] / "k8s" / "overlays" / "dev" / "seaweedfs_identities.py"
+SCRIPT = REPO / "k8s" / "overlays" / "dev" / "seaweedfs_identities.py"
 _spec = importlib.util.spec_from_file_location("seaweedfs_identities", SCRIPT)
 seaweedfs_identities = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(seaweedfs_identities)
