@@ -31,11 +31,14 @@ if EXTERNAL_HIDDEN:
     sys.addaudithook(_refuse_files_beside_the_checkout)
 
 
-def pytest_collection_modifyitems(items) -> None:
-    """Every test that can read the external data is marked, so CI reruns them with the folder hidden."""
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the marks must be there when it reads them
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that can read the external data is marked, so CI reruns them with the folder hidden; tests
+    marked `cuda` run where torch sees a CUDA device (bench/gpu.sh runs them) and skip, saying so, elsewhere."""
     for item in items:
         if "alpaca_array" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.external_data)
+    skip_without_cuda(items)
 
 
 # Small enough to train in seconds on 2 cores, big enough for 4-bit blocks and 4 attention heads.
@@ -131,8 +134,7 @@ def assert_generates(model, tokenizer, new_tokens: int = 5) -> None:
     assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` run where torch sees a CUDA device (bench/gpu.sh runs them) and skip, saying so, elsewhere."""
+def skip_without_cuda(items) -> None:
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if not marked:
         return

@@ -37,3 +37,12 @@ def test_with_the_external_folder_hidden_reading_it_fails_the_test():
         f"{EXTERNAL_ALPACA}: a test read a file outside the repository (KFTUNE_TESTS_HIDE_EXTERNAL=1)",
         "None",
     ]
+
+
+def test_every_test_on_the_alpaca_fixture_is_selected_by_the_external_data_mark():
+    """`make test-plain-clone` selects with `-m external_data`: the fixture's mark must be there before `-m` reads it."""
+    args = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "external_data"]
+    out = subprocess.run([*args, "tests"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    selected = [line for line in out.splitlines() if "::" in line]
+    for test in ("test_llama_factory_json_array_loads", "test_the_gate_stop_line_names", "test_a_gate_stop_through"):
+        assert sum(test in line for line in selected) == 2, (test, selected)  # [generated] and [external]
