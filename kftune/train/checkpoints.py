@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +62,8 @@ NOT_IN_RUN_KEY = (
     "checkpoint_uri",
     "force",
     "gradient_checkpointing",
+    "ddp_timeout",
+    "publish_to",
 )
 NOT_PUBLISHED = ("training_args.bin",)  # a pickled TrainingArguments object: never read on resume
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -211,24 +215,57 @@ def check_safe_to_load(folder: Path) -> None:
 class PublishCheckpoints(TrainerCallback):
     """After the Trainer writes checkpoint-N, process zero publishes it to the store and drops the oldest.
 
-    Publishing is synchronous: training waits for the upload, so what the store holds is always a
-    state the run really reached.
+    Every rank's files reach rank 0's copy first (kftune.train.nodes.gather_to_rank_zero: on several nodes
+    each holds its own). The upload runs beside training, from a hard-linked snapshot the Trainer's rotation
+    cannot delete, one upload at a time and in order: the other ranks never wait on it inside a collective,
+    where a slow upload would run into ddp_timeout. What the store holds is always a state the run reached.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.pending: threading.Thread | None = None
+        self.failure: BaseException | None = None
 
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
 
+        from kftune.train.nodes import gather_to_rank_zero
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every process has written its RNG state into the folder
+            dist.barrier()  # every process has written its RNG state into its node's folder
+            gather_to_rank_zero(folder)
         # the last step's checkpoint would be cleared as soon as the output is written: not worth an upload
         if state.is_world_process_zero and state.global_step < state.max_steps:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             for name in NOT_PUBLISHED:
                 (folder / name).unlink(missing_ok=True)
-            location = self.store.publish(folder)
-            self.store.prune()
-            log.info("checkpoint %d published to %s", state.global_step, location)
+            self.wait()
+            snapshot = folder.parent / f".publishing-{folder.name}" / folder.name
+            shutil.rmtree(snapshot.parent, ignore_errors=True)
+            shutil.copytree(folder, snapshot, copy_function=os.link)
+            self.pending = threading.Thread(target=self._publish, args=(snapshot, state.global_step), daemon=True)
+            self.pending.start()
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.wait()
+        return control
+
+    def wait(self) -> None:
+        """Block until the upload in flight is done; raise its failure here, in the training thread."""
+        if self.pending:
+            self.pending.join()
+            self.pending = None
+        if self.failure:
+            failure, self.failure = self.failure, None
+            raise KftuneError(f"publishing a checkpoint to {self.store.root} failed: {failure}") from failure
+
+    def _publish(self, snapshot: Path, step: int) -> None:
+        try:
+            location = self.store.publish(snapshot)
+            self.store.prune()
+            log.info("checkpoint %d published to %s", step, location)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self.failure = exc
+        finally:
+            shutil.rmtree(snapshot.parent, ignore_errors=True)

@@ -79,6 +79,16 @@ class TrainConfig:
         '(each source passes the validation gate); "" for none',
     )
     trust_remote_code: bool = _f(False, "allow custom model code from the model folder (off: safer)")
+    ddp_timeout: int = _f(
+        300,
+        "seconds a collective may wait for the other processes before the run fails (torch's defaults: 1800 gloo, "
+        "600 NCCL); bounds a hang when a node is lost on several nodes",
+    )
+    publish_to: str = _f(
+        "",
+        "s3:// prefix or folder: when training ends, the world's rank 0 uploads output_dir there as a content-"
+        "addressed artifact and writes published.json naming it (how a multi-node run hands back its output)",
+    )
 
     @property
     def method(self) -> str:
@@ -233,6 +243,10 @@ def range_problems(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         p.append(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.eval_steps < 0:
         p.append(f"eval_steps: must be >= 0, got {cfg.eval_steps}")
+    if cfg.publish_to and not cfg.publish_to.startswith("s3://"):
+        p.append(f"publish_to: must be an s3:// prefix or empty, got {cfg.publish_to!r}")
+    if cfg.ddp_timeout < 10:
+        p.append(f"ddp_timeout: must be >= 10 seconds, got {cfg.ddp_timeout}")
     if cfg.precision not in PRECISIONS:
         p.append(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.lora_target_modules is not None and cfg.target_modules() is None:
@@ -265,6 +279,10 @@ def range_problems(cfg: TrainConfig, explicit: set[str]) -> list[str]:
 
 
 def load_json_file(path: str | Path) -> dict[str, Any]:
+    if str(path).startswith("s3://"):  # a multi-node run's config: one artifact every node reads
+        from kftune.core.storage import resolve_path
+
+        path = resolve_path(str(path))
     path = Path(path)
     if not path.is_file():
         raise KftuneError(f"{path}: config file not found; check --config_file")

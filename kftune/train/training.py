@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -25,8 +24,18 @@ from kftune.data.reading import is_text, load_samples, text_dataset, to_dataset
 from kftune.data.rules import Options
 from kftune.models import fingerprint
 from kftune.train.config import TrainConfig, parse_args
+from kftune.train.handback import publish
 from kftune.train.measure import peak_memory, reset_peak_memory
 from kftune.train.mixed_rows import mixed_training_rows
+from kftune.train.nodes import (
+    Place,
+    count_tokens,
+    join_cpu_group,
+    local_data,
+    lost_peer,
+    once_per_node,
+    parallelism,
+)
 from kftune.train.preflight import check as memory_preflight
 
 log = logging.getLogger("kftune")
@@ -141,7 +150,11 @@ def sft_config(cfg: TrainConfig, runtime, checkpoint_dir: Path, has_eval: bool, 
         report_to="none",
         include_num_input_tokens_seen="non_padding",  # real tokens trained on, for tokens/s
         dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,  # under `kftune launch`: every trainable parameter gets a gradient
+        ddp_find_unused_parameters=False,  # under torchrun: every trainable parameter gets a gradient
+        ddp_timeout=cfg.ddp_timeout,  # a lost or silent node fails the run in this time, not torch's 30 minutes
+        # FSDP2 (one unit per transformer block, gathered to rank 0 to save) or replicas (DDP): nodes.parallelism
+        fsdp=parallelism(cfg.method, runtime.device) == "fsdp",
+        fsdp_config={"state_dict_type": "FULL_STATE_DICT"},
         # fused Triton kernels (less memory, faster) when a liger-kernel version the Trainer accepts is installed
         use_liger_kernel=runtime.device == "cuda" and is_liger_kernel_available(),
     )
@@ -219,6 +232,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     # everything that can fail on bad input is checked before anything heavy is imported or written
     levers = levers_on()  # refuses a KFTUNE_LEVERS_OFF that names no lever
     out = check_output_dir(cfg)
+    cfg = local_data(cfg)  # s3:// data (a multi-node run's config names the split's artifacts): downloaded once
     runtime = pick_runtime(cfg.precision)
     train_rows = load_samples(cfg.data_path)
     eval_rows = load_samples(cfg.eval_data_path) if cfg.eval_data_path else None
@@ -267,17 +281,20 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         100 * trainable / total,
     )
 
-    # under `kftune launch` (accelerate/torchrun) every process trains, only the world's process zero writes
-    main = int(os.environ.get("RANK", "0")) == 0
+    # under torchrun (one node or several) every process trains, only the world's process zero writes
+    main = Place.from_env().rank == 0
     store = Store.for_run(cfg) if cfg.checkpoint_uri else None
     with (
         building(out) if main else contextlib.nullcontext(staging_dir(out)) as staging,
         tempfile.TemporaryDirectory(prefix="kftune-resume-") as downloads,
     ):
-        resume = store.latest(Path(downloads)) if store else None  # refuses a checkpoint that is unsafe to load
+        join_cpu_group(cfg.ddp_timeout, runtime.device)
+        args = sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None, text)  # joins the group
+        # each node's local rank 0 downloads; refuses a checkpoint that is unsafe to load
+        resume = once_per_node(lambda: store.latest(Path(downloads))) if store else None
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(cfg, runtime, staging / "checkpoints", eval_rows is not None, text),
+            args=args,
             train_dataset=text_dataset(train_rows, tokenizer, cfg.max_seq_length) if text else to_dataset(train_rows),
             eval_dataset=(text_dataset(eval_rows, tokenizer, cfg.max_seq_length) if text else to_dataset(eval_rows))
             if eval_rows
@@ -295,12 +312,13 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             check_rows_kept(cfg, "data_path", len(train_rows), len(trainer.train_dataset))
         if eval_rows and not text:
             check_rows_kept(cfg, "eval_data_path", len(eval_rows), len(trainer.eval_dataset))
-        started = time.perf_counter()
+        started, own_tokens = time.perf_counter(), count_tokens(trainer.model)
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         finally:
             packed_attention.uninstall(base)
         elapsed = time.perf_counter() - started
+        log.info("%s trained on %d tokens of its own", Place.from_env().describe(), own_tokens())
         peak, tokens = peak_memory(runtime.device), trainer.state.num_input_tokens_seen
         eval_metrics = trainer.evaluate() if eval_rows else {}
 
@@ -321,6 +339,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "data_mix": mix_record,  # [] without a mix; else per source: uri, sha256, weight, rows drawn
             "data_kind": "text" if text else "chat",  # text: continued pretraining, loss on every token
             "processes": trainer.args.world_size,
+            "parallelism": "fsdp" if trainer.is_fsdp_enabled else "ddp" if trainer.args.world_size > 1 else None,
             "global_steps": result.global_step,
             "resumed_from_step": step_of(resume) if resume else None,
             "train_loss": result.training_loss,
@@ -351,6 +370,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             cfg.save(staging)
             (staging / artifacts.TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(mix_reports, ignore_errors=True)
+    if main and cfg.publish_to:
+        published = publish(out, cfg.publish_to)  # how a run on other machines hands its output back
+        log.info("published the output to %s", published.uri)
     if main and store:
         store.clear()  # the output is in place: the run's checkpoints have served their purpose
     if main:
@@ -368,5 +390,11 @@ def main(argv: list[str]) -> int:
     cfg = parse_args(
         argv, prog="fine_tune_qwen.py", description="Fine-tune a causal LM with full, LoRA or QLoRA training."
     )
-    run(cfg)
+    try:
+        run(cfg)
+    except Exception as exc:  # a lost node: one line naming this node, not a collective's traceback
+        lost = lost_peer(exc, cfg.ddp_timeout)
+        if lost is None:
+            raise
+        raise lost from None
     return 0
