@@ -53,7 +53,8 @@ def node_pod(
 @dataclass
 class Cluster:
     """What the stand-in serves. `status(cluster, job)` gives a TrainJob's status at each read; `pods(cluster)` the
-    pods at each list; `get_errors` answers the first n reads of a TrainJob with 500; `gone_after` makes a TrainJob
+    pods at each list (a pod with "streaming": True holds a followed log open, as a running container's is);
+    `get_errors` answers the first n reads of a TrainJob with 500; `gone_after` makes a TrainJob
     that is being deleted disappear after that many reads (garbage collection done)."""
 
     jobs: dict[str, dict] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class Cluster:
     created: list[dict] = field(default_factory=list)
     logs_served: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: threading.Event = field(default_factory=threading.Event)  # set when the stand-in stops
 
     def seen(self, method: str, path: str) -> list[dict]:
         with self.lock:
@@ -126,11 +128,30 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send(400, _status(400, "BadRequest", "a container name must be specified"))
                 with cluster.lock:
                     cluster.logs_served.append(name)
+                # the API server parses booleans as Go's ParseBool does (the Python client sends "True")
+                following = query.get("follow") in ("1", "t", "T", "true", "TRUE", "True")
+                if following and pod.get("streaming"):  # a running container's log: no end in sight
+                    return self._stream(logs[min(served, len(logs) - 1)])
                 return self._send(200, logs[min(served, len(logs) - 1)], "text/plain")
             # still running until each of its logs (a stream broken early, then the rest) has been read
             phase = pod["status"]["phase"] if served >= len(logs) else "Running"
             return self._send(200, {**{k: v for k, v in pod.items() if k != "log"}, "status": {"phase": phase}})
         self._send(404, _status(404, "NotFound", f"the stand-in does not serve {method} {url.path}"))
+
+    def _stream(self, text: str) -> None:
+        """A followed log as the API server sends it (chunked, HTTP/1.1): the lines so far, then the connection held
+        open until the stand-in stops."""
+        self.protocol_version = "HTTP/1.1"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        data = text.encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+        self.cluster.closed.wait(60)
+        self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
 
     def _create(self, body: dict) -> None:
         cluster, name = self.cluster, body["metadata"]["name"]
@@ -178,6 +199,7 @@ class StandIn:
     """`with StandIn(cluster) as url:` serves `cluster` on 127.0.0.1 at `url` until the block ends."""
 
     def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
         handler = type("Handler", (_Handler,), {"cluster": cluster})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -187,6 +209,7 @@ class StandIn:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def __exit__(self, *exc: object) -> None:
+        self.cluster.closed.set()
         self.server.shutdown()
         self.server.server_close()
 

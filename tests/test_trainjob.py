@@ -320,17 +320,24 @@ def test_sigterm_deletes_the_job():
     """The step cancelled (KFP sends SIGTERM): the TrainJob is deleted before the process exits, with an error."""
     manifest = render(spec())
     name = manifest["metadata"]["name"]
-    cluster = Cluster(status=lambda c, job: {})  # never ends
+    running = {**node_pod(name, 0, "rank 0: step 1\n"), "streaming": True}  # its log followed when SIGTERM comes
+    cluster = Cluster(status=lambda c, job: {}, pods=lambda c: [running])  # never ends
     with StandIn(cluster) as url:
         child = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, url, json.dumps(manifest)], cwd=REPO,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         deadline = time.monotonic() + 60
-        while len(cluster.seen("GET", f"{JOBS}/{name}")) < 2 and child.poll() is None:
-            assert time.monotonic() < deadline, "the child never polled its TrainJob"
+        while not (cluster.logs_served and cluster.seen("GET", f"{JOBS}/{name}")) and child.poll() is None:
+            assert time.monotonic() < deadline, "the child never polled its TrainJob and followed node 0"
             time.sleep(0.05)
         assert not cluster.seen("DELETE", f"{JOBS}/{name}")
         child.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        while not cluster.seen("DELETE", f"{JOBS}/{name}") and time.monotonic() < signalled + 30:
+            time.sleep(0.02)
+        deleted_after = time.monotonic() - signalled
         out, err = child.communicate(timeout=60)
     assert child.returncode != 0 and "SIGTERM" in err, (out, err)
-    assert cluster.seen("DELETE", f"{JOBS}/{name}"), (out, err)
+    # at once, not after the log follower: KFP kills a cancelled pod when its grace period (30 s) ends
+    assert cluster.seen("DELETE", f"{JOBS}/{name}") and deleted_after < 3, (deleted_after, out, err)
+    assert "rank 0: step 1" in out
     assert f"deleted TrainJob {NAMESPACE}/{name}" in out

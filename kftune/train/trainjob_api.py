@@ -62,8 +62,8 @@ def run(
         try:
             _wait(jobs, namespace, name, log, poll_seconds)
         finally:
-            stop.set()
-            follower.join(timeout=max(3 * poll_seconds, 5.0))  # the rest of a finished pod's log
+            stop.set()  # on an error, delete at once: a cancelled pod has only its grace period (30 s by default)
+        follower.join(timeout=max(3 * poll_seconds, 5.0))  # complete: the rest of the finished pod's log
 
 
 class _Deleted:
@@ -217,8 +217,9 @@ def _newest(items: list, done: set[str]) -> Any:
 
 
 def _lines(stream: Any) -> Iterator[str]:
+    """The lines of a log as they come (read1: what has arrived, where read(n) would wait for n bytes)."""
     pending = b""
-    for chunk in stream.stream(4096, decode_content=True):
+    while chunk := stream.read1(65536):
         pending += chunk
         *whole, pending = pending.split(b"\n")
         for line in whole:
