@@ -18,10 +18,20 @@ NetworkPolicies have no API server here to enforce them, so `network_problems` e
 the API defines (a pod selected by no policy of a direction is open in it; else a flow needs a rule on
 both ends) over named pods, and holds each overlay (with its serving overlay) to a default deny and to
 FLOWS: what must pass and what must not.
+
+kubernetes-validate has no schema for the Kubeflow Trainer's kinds either, so `crd_problems` validates them against
+the v2.3.0 CRDs vendored in k8s/third-party/ with jsonschema, strictly: every object whose schema lists properties
+(and does not preserve unknown fields) refuses any other, as the API server prunes or (with kubectl's strict field
+validation) rejects them. Checked so: each overlay's TrainingRuntime, and every TrainJob the train step can render
+(kftune.train.trainjob.render for 1, 2 and 8 nodes, on CPU and GPU nodes, with and without a placement). Of the
+CRDs' CEL rules only the TrainJob's name rule is checked (by hand); the Trainer's webhook checks the rest in a cluster.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import re
 import shutil
 import subprocess
 import sys
@@ -287,6 +297,98 @@ def network_problems(overlay: str, manifests: str) -> list[str]:
     return problems
 
 
+TRAINER_CRDS = K8S / "third-party" / "kubeflow-trainer-v2.3.0"
+TRAINER_PLURALS = {"TrainJob": "trainjobs", "TrainingRuntime": "trainingruntimes"}
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# What a train step's dsl.TaskConfig can hand over (kfp.local hands over nothing): every field, Kubernetes JSON.
+PLACEMENT = {
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["gpu-8x"]}]}
+    ]}}},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                    {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"}],
+    "node_selector": {"nvidia.com/gpu.present": "true", "pool": "training"},
+    "env": [{"name": "NCCL_DEBUG", "value": "WARN"},
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+    "volumes": [{"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}],
+    "volume_mounts": [{"name": "datasets", "mountPath": "/datasets", "readOnly": True}],
+    "resources": {"requests": {"cpu": "16", "memory": "128Gi"}, "limits": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}},
+}  # fmt: skip
+
+
+@functools.cache
+def crd_validator(kind: str):
+    """A jsonschema validator of the vendored v1alpha1 CRD's schema for `kind`, made strict."""
+    import jsonschema
+    import yaml
+
+    crd = yaml.safe_load((TRAINER_CRDS / f"trainer.kubeflow.org_{TRAINER_PLURALS[kind]}.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
+
+
+def strict_schema(schema: dict) -> dict:
+    """`schema` with additionalProperties: false wherever it lists properties and keeps no unknown fields."""
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {name: strict_schema(sub) for name, sub in out["properties"].items()}
+        if not out.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = strict_schema(out[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in out:
+            out[key] = [strict_schema(sub) for sub in out[key]]
+    return out
+
+
+def crd_problems(doc: dict) -> list[str]:
+    """`doc` (a TrainJob or TrainingRuntime) against its vendored CRD, strictly; its name as the API wants it."""
+    kind, name = doc.get("kind"), doc.get("metadata", {}).get("name", "")
+    if kind not in TRAINER_PLURALS or doc.get("apiVersion") != "trainer.kubeflow.org/v1alpha1":
+        return [f"{kind}/{name}: expected trainer.kubeflow.org/v1alpha1 {' or '.join(TRAINER_PLURALS)}"]
+    problems = [
+        f"{kind}/{name}: {'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+        for e in sorted(crd_validator(kind).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
+    if kind == "TrainJob" and not (DNS1035.match(name) and len(name) <= 63):  # the CRD's CEL rules
+        problems.append(f"{kind}/{name}: metadata.name must be a DNS-1035 label of at most 63 characters")
+    return problems
+
+
+def runtime_problems(manifests: str) -> list[str]:
+    """The overlay's TrainingRuntime kftune-torch, valid against the CRD."""
+    import yaml
+
+    runtimes = [d for d in yaml.safe_load_all(manifests) if d and d["kind"] == "TrainingRuntime"]
+    problems = [p for runtime in runtimes for p in crd_problems(runtime)]
+    if [r["metadata"]["name"] for r in runtimes] != ["kftune-torch"]:
+        problems.append("expected one TrainingRuntime, kftune-torch (k8s/base/trainingruntime.yaml)")
+    return problems
+
+
+def rendered_trainjobs() -> dict[str, dict]:
+    """Every shape of TrainJob the train step renders: 1, 2 and 8 nodes x CPU, 1 and 8 GPUs x no placement or one."""
+    from components.images import TRAINER_IMAGE
+    from kftune.train.trainjob import TrainJobSpec, job_name, render
+    from pipelines.finetune import SECRETS
+
+    command = ["torchrun", "-m", "kftune.cli", "train", "--config_file", "s3://kftune/runs/r/train_config.json"]
+    jobs = {}
+    for nodes, gpus, placed in itertools.product((1, 2, 8), (0, 1, 8), (False, True)):
+        placement = PLACEMENT if placed else dict.fromkeys(PLACEMENT)
+        label = f"{nodes} node(s) x {gpus} GPU(s){', placed' if placed else ''}"
+        spec = TrainJobSpec(job_name("0b8e4c9e-5d0f-4c1e-9a57-2f1d7c3e8a11", "train"), NAMESPACE, TRAINER_IMAGE,
+                            command, nodes, gpus, placement, SECRETS, env={"KFTUNE_DDP_TIMEOUT": "600"})  # fmt: skip
+        jobs[label] = render(spec)
+    return jobs
+
+
+def trainjob_problems(jobs: dict[str, dict]) -> list[str]:
+    return [f"TrainJob ({label}): {p}" for label, job in jobs.items() for p in crd_problems(job)]
+
+
 def secret_file_problems() -> list[str]:
     """Real secrets/*.env files against their templates: same keys, no placeholder left (values never shown)."""
     problems = []
@@ -317,6 +419,7 @@ def main() -> int:
         print(f"k8s-check: {overlay}: {count} resources valid (strict, Kubernetes {' and '.join(K8S_VERSIONS)})")
         found = [f"serving/{overlay}: {p}" for p in serving_problems(serving)]
         found += [f"{overlay}: {p}" for p in network_problems(overlay, manifests + "\n---\n" + serving)]
+        found += [f"{overlay}: {p}" for p in runtime_problems(manifests)]
         problems += found
         if not found:
             print(
@@ -328,6 +431,15 @@ def main() -> int:
                 f"k8s-check: {overlay} + serving/{overlay}: default deny; {len(flows(overlay))} flows allowed or "
                 "refused as intended (NetworkPolicy evaluated offline)"
             )
+            print(f"k8s-check: {overlay}: TrainingRuntime kftune-torch valid against the Trainer v2.3.0 CRD (strict)")
+    jobs = rendered_trainjobs()
+    found = trainjob_problems(jobs)
+    problems += found
+    if not found:
+        print(
+            f"k8s-check: {len(jobs)} rendered TrainJobs (1, 2, 8 nodes; CPU, 1 and 8 GPUs; with and "
+            "without a placement) valid against the Trainer v2.3.0 CRD (strict)"
+        )
     for problem in problems:
         print(f"k8s-check: {problem}", file=sys.stderr)
     return 1 if problems else 0
