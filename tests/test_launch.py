@@ -1,4 +1,4 @@
-"""Training with two processes (`kftune launch`: accelerate launch, DDP over gloo on CPU) on the tiny model.
+"""Training with two processes (`kftune launch`: torchrun, DDP over gloo on CPU) on the tiny model.
 
 The same LoRA run as the single-process guide test, split over two real processes: it must make
 the same folder (only process zero writes and publishes it), leave no staging folder behind, and

@@ -66,20 +66,35 @@ def train_across_nodes(
     if in_cluster():
         from kftune.train import trainjob, trainjob_api
 
-        spec = trainjob.TrainJobSpec(
-            name=job_name,
-            namespace=None,
-            image=image,
-            command=["torchrun", *argv],
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
-            placement=placement,
-            secrets=SECRETS,
-        )
+        spec = job_spec(argv, nodes, gpus_per_node, job_name, placement, image, trainjob_api.own_namespace())
         trainjob_api.run(trainjob.render(spec))
     else:
         rehearse(argv, nodes, gpus_per_node, prefix)
     return read_published(prefix)
+
+
+def job_spec(
+    argv: list[str],
+    nodes: int,
+    gpus_per_node: int,
+    job_name: str,
+    placement: Mapping[str, Any],
+    image: str,
+    namespace: str,
+):
+    """The TrainJob of this training: torchrun on every node (it reads the PET_* variables the Trainer sets)."""
+    from kftune.train.trainjob import TrainJobSpec
+
+    return TrainJobSpec(
+        name=job_name,
+        namespace=namespace,
+        image=image,
+        command=["torchrun", *argv],
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        placement=placement,
+        secrets=SECRETS,
+    )
 
 
 def rehearse(argv: list[str], nodes: int, gpus_per_node: int, prefix: str) -> None:

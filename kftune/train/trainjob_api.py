@@ -49,7 +49,7 @@ def run(
     process gets SIGTERM; the TrainJob is deleted in every case. namespace: the manifest's, else this pod's.
     """
     name = manifest["metadata"]["name"]
-    namespace = namespace or manifest["metadata"].get("namespace") or _own_namespace()
+    namespace = namespace or manifest["metadata"].get("namespace") or own_namespace()
     body = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
     api_client = api_client or _in_cluster_client()
     jobs, pods = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
@@ -237,7 +237,7 @@ def _message(e: ApiException) -> str:
     return " ".join(str(message).split())
 
 
-def _own_namespace() -> str:
+def own_namespace() -> str:
     try:
         return NAMESPACE_FILE.read_text().strip()
     except OSError as e:
