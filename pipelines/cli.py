@@ -37,8 +37,8 @@ SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "store_xhs_sft_samp
 NODE_HELP = {
     "train_nodes": "nodes to train on: 1 trains in the train task's own pod; more, as a Kubeflow Trainer TrainJob "
     f"(1 to {MAX_TRAIN_NODES}; on a cluster with Trainer v2.3+ and k8s/base's kftune-torch runtime)",
-    "gpus_per_node": f"GPUs each training node asks for (1 to {MAX_GPUS_PER_NODE}); local runs train on the CPU",
-    "train_processes": "training processes per node; 0: one per GPU (local runs, which have no GPU: one)",
+    "gpus_per_node": f"GPUs each training node asks for on a cluster (1 to {MAX_GPUS_PER_NODE})",
+    "train_processes": "training processes per node; 0: one per GPU of the node (one where it has none)",
 }
 # Wide enough that LoRA on its random weights learns the post format in ~300 CPU steps (measured:
 # hidden 128 reaches eval loss 5.1 in 300 steps, 512 reaches 3.5 at about the same time per step).

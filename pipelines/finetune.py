@@ -54,24 +54,23 @@ def _cpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return _secured(_resources(task, CPU_TASK_RESOURCES))
 
 
-def _on_gpu_nodes(task: dsl.PipelineTask, gpus: PipelineChannel | int) -> dsl.PipelineTask:
+def _on_gpu_nodes(task: dsl.PipelineTask, gpus: PipelineChannel) -> dsl.PipelineTask:
     """A training node's settings: the train task's own pod takes them, the launcher hands them to its TrainJob.
 
-    `gpus` may be a pipeline parameter. KFP 2.17 does not pass a parameter used only in a resource setting
-    into the If/Else group around the task (the compiled task reads an input its group never declares), so
-    it is registered as one of the task's inputs as well.
+    `gpus` is a pipeline parameter, read at run time. KFP 2.17 does not pass a parameter used only in a
+    resource setting into the If/Else group around the task (the compiled task reads an input its group
+    never declares), so it is registered as one of the task's inputs as well.
     """
     _secured(_resources(task, TRAIN_RESOURCES))
     task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
-    if isinstance(gpus, PipelineChannel):
-        task.register_pipeline_channels([gpus])
+    task.register_pipeline_channels([gpus])
     task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="30s", backoff_factor=2.0)
     kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
     kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
     return task
 
 
-def _gpu_task(task: dsl.PipelineTask, gpus: PipelineChannel | int = 1) -> dsl.PipelineTask:
+def _gpu_task(task: dsl.PipelineTask, gpus: PipelineChannel) -> dsl.PipelineTask:
     """A task that trains in its own pod, on `gpus` GPUs of one node, with a cache volume for the base model."""
     kubernetes.empty_dir_mount(task, volume_name="kftune-cache", mount_path=CACHE_DIR, size_limit="100Gi")
     return _on_gpu_nodes(task, gpus)
@@ -82,10 +81,11 @@ def train_step(train_nodes: PipelineChannel, gpus_per_node: PipelineChannel, **a
 
     `arguments`: the train component's (components/train.py). With `train_nodes` 1 the train task trains
     in its own pod on `gpus_per_node` GPUs, as it always has; with more, train_across_nodes launches a
-    TrainJob of that many nodes and hands it the same pod settings. The result is a dsl.OneOf of the two
-    branches' `model`, the train component's contract either way, so evaluate, merge and register take
-    it as they took the train task's. The branch is chosen by a pipeline parameter: kfp.local resolves a
-    condition on a NamedTuple field to false without a word, on a parameter it works.
+    TrainJob of that many nodes and hands it the same pod settings (the launcher's own pod asks for no
+    resources). The result is a dsl.OneOf of the two branches' `model`, the train component's contract
+    either way, so evaluate, merge and register take it as they took the train task's; a cluster resolves
+    a OneOf of artifacts from KFP 2.17 on, kfp.local through pipelines/local_oneof.py. The branch is chosen
+    by a pipeline parameter: kfp.local resolves a condition on a NamedTuple field to false without a word.
     """
     with dsl.If(train_nodes == 1, name="one-node"):
         one = _gpu_task(train(**arguments), gpus_per_node)
@@ -169,9 +169,9 @@ def finetune_pipeline(
     own: alpaca, messages, sharegpt, prompt_completion or text) or the one format every row must be in.
     train_nodes: nodes to train on; 1 trains in the train task's own pod, more as a Kubeflow Trainer TrainJob
     started by a small CPU task (the cluster needs Trainer v2.3+ and the kftune-torch runtime of k8s/base).
-    gpus_per_node: the GPUs each training node asks for (1 to 16).
-    train_processes: processes per node; 0 (the default) trains with one per GPU (DDP). Local runs, which have
-    no GPU, train on the CPU in this many processes (0: one).
+    gpus_per_node: the GPUs each training node asks for on a cluster (1 to 16).
+    train_processes: processes per node; 0 (the default) trains with one per GPU of the node (DDP), one
+    where it has none (2 on a CPU stands in for two GPUs: two gloo processes).
     eval_samples: prompts answered greedily by base and tuned model and scored (ROUGE-L, chrF, checks).
     primary_metric, promotion_margin: `champion` moves to the new version only when it beats its base by the
     margin (a fraction of the base's value) and the current champion on this metric.

@@ -23,7 +23,8 @@ def node_count_problems(train_nodes: int, gpus_per_node: int) -> list[str]:
 
     gpus_per_node 0 is refused rather than read as CPU nodes: the training task and the TrainJob's nodes are
     placed on GPU nodes (the node selector and toleration are compiled in), so 0 would hold a GPU node idle.
-    Local runs (kfp.local) train on this machine's CPU whatever it says; --train-processes sets their count.
+    A local run on one node (kfp.local) trains on this machine's own devices whatever it says
+    (--train-processes: in how many processes).
     """
     problems = []
     if train_nodes < 1:
@@ -36,7 +37,7 @@ def node_count_problems(train_nodes: int, gpus_per_node: int) -> list[str]:
     if gpus_per_node < 1:
         problems.append(
             f"--gpus-per-node {gpus_per_node}: give 1 or more (training is placed on GPU nodes; "
-            "local runs train on the CPU whatever this says)"
+            "a local run on one node trains on this machine's own devices whatever this says)"
         )
     elif gpus_per_node > MAX_GPUS_PER_NODE:
         problems.append(f"--gpus-per-node {gpus_per_node}: at most {MAX_GPUS_PER_NODE} (no GPU node has more)")
