@@ -136,14 +136,11 @@ def test_adapter_methods_merge_and_register_the_merged_model(package, method, tr
 
 
 def test_the_branches_start_after_evaluation(package):
-    """Merge and register sit in the If/Else group, which waits for evaluate (register reads its metrics)."""
+    """Merge and register sit in the If/Else group, which waits for evaluate (register reads its metrics) and
+    for the train step's If/Else group, whose model evaluate reads too."""
     root = package[1]["root"]["dag"]["tasks"]
-    (branches,) = [
-        name
-        for name, t in root.items()
-        if name.startswith("condition-branches") and "evaluate" in t.get("dependentTasks", [])
-    ]
-    assert {"evaluate"} <= set(root[branches]["dependentTasks"])
-    assert root["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"].startswith(
-        "condition-branches"
-    )
+    train_step = root["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"]
+    branches = {name for name in root if name.startswith("condition-branches")}
+    assert train_step in branches
+    (registration,) = branches - {train_step}
+    assert {train_step, "evaluate"} <= set(root[registration]["dependentTasks"])
