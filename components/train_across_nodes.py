@@ -40,7 +40,7 @@ def train_across_nodes(
     seed: int,
     processes: int,
     nodes: int,
-    gpus_per_node: int,
+    gpus_per_node: str,
     run_id: str,
     task_name: str,
     image: str,
@@ -55,6 +55,7 @@ def train_across_nodes(
     adopts its TrainJob instead of starting a second. A sweep runs this task once per candidate under one
     name, so what the candidate trains (method, rank, bits, targets) is part of the job's name too.
     image: the TrainJob's image (the trainer image this pipeline was compiled with).
+    gpus_per_node: a whole number as a string, as the pipeline parameter is (pipelines/finetune.py says why).
     The other parameters are the train component's (components/train.py)."""
     import dataclasses
 
@@ -72,7 +73,7 @@ def train_across_nodes(
         settings,
         processes,
         nodes=nodes,
-        gpus_per_node=gpus_per_node,
+        gpus_per_node=int(gpus_per_node),
         placement=dataclasses.asdict(task_config),
         job_name=trainjob.job_name(run_id, task),
         image=image,

@@ -338,8 +338,10 @@ def sweep_locally(args: argparse.Namespace) -> tuple[SweepSummary, StackInfo]:
 def main(argv: list[str]) -> int:
     args = build_parser(chosen_pipeline(argv)).parse_args(argv)
     if args.command == "compile":
-        defaults = {k: getattr(args, k) for k in NODE_DEFAULTS if getattr(args, k) is not None}
-        check_node_counts(**{**NODE_DEFAULTS, **defaults})
+        counts = {k: getattr(args, k) for k in NODE_DEFAULTS if getattr(args, k) is not None}
+        check_node_counts(**{**NODE_DEFAULTS, **counts})
+        declared = pipeline_parameters(args.pipeline)  # gpus_per_node is a string parameter
+        defaults = {k: declared[k].annotation(v) for k, v in counts.items()}
         output = args.output or Path(f"build/{args.pipeline}.yaml")
         path = compile_pipeline(output, args.pipeline, args.parallelism, defaults=defaults)
         print(f"wrote {path}")

@@ -57,9 +57,10 @@ def _cpu_task(task: dsl.PipelineTask) -> dsl.PipelineTask:
 def _on_gpu_nodes(task: dsl.PipelineTask, gpus: PipelineChannel) -> dsl.PipelineTask:
     """A training node's settings: the train task's own pod takes them, the launcher hands them to its TrainJob.
 
-    `gpus` is a pipeline parameter, read at run time. KFP 2.17 does not pass a parameter used only in a
-    resource setting into the If/Else group around the task (the compiled task reads an input its group
-    never declares), so it is registered as one of the task's inputs as well.
+    `gpus` is a string pipeline parameter, read at run time (the driver reads no other kind for a resource
+    limit). KFP 2.17 does not pass a parameter used only in a resource setting into the If/Else group around
+    the task (the compiled task reads an input its group never declares), so it is registered as one of the
+    task's inputs as well.
     """
     _secured(_resources(task, TRAIN_RESOURCES))
     task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
@@ -146,7 +147,7 @@ def finetune_pipeline(
     seed: int = 42,
     train_processes: int = 0,
     train_nodes: int = 1,
-    gpus_per_node: int = 1,
+    gpus_per_node: str = "1",
     eval_fraction: float = 0.1,
     data_format: str = "auto",
     sample_tokens: int = 256,
@@ -169,7 +170,9 @@ def finetune_pipeline(
     own: alpaca, messages, sharegpt, prompt_completion or text) or the one format every row must be in.
     train_nodes: nodes to train on; 1 trains in the train task's own pod, more as a Kubeflow Trainer TrainJob
     started by a small CPU task (the cluster needs Trainer v2.3+ and the kftune-torch runtime of k8s/base).
-    gpus_per_node: the GPUs each training node asks for on a cluster (1 to 16).
+    gpus_per_node: the GPUs each training node asks for on a cluster (1 to 16), a whole number written as a
+    string: KFP 2.17's driver reads a resource limit only from a string parameter (GetStringValue), so an
+    integer one would leave the pod without a GPU limit, silently.
     train_processes: processes per node; 0 (the default) trains with one per GPU of the node (DDP), one
     where it has none (2 on a CPU stands in for two GPUs: two gloo processes).
     eval_samples: prompts answered greedily by base and tuned model and scored (ROUGE-L, chrF, checks).

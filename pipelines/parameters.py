@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,8 @@ from kftune.sweep import plan as sweep
 from kftune.train.node_count import check_nodes_against_data, node_count_problems
 from pipelines.compile import pipeline_function
 
-NODE_DEFAULTS = {"train_nodes": 1, "gpus_per_node": 1}  # the pipelines' defaults (tests/test_pipeline_nodes.py)
+# the pipelines' defaults, as numbers: gpus_per_node is a string parameter (pipelines/finetune.py says why)
+NODE_DEFAULTS = {"train_nodes": 1, "gpus_per_node": 1}
 
 
 @functools.cache
@@ -49,10 +51,21 @@ def check_sweep_arguments(arguments: Mapping[str, Any]) -> None:
     )
 
 
+def node_counts(arguments: Mapping[str, Any]) -> tuple[int, int | None]:
+    """(train_nodes, gpus_per_node) among the arguments as numbers; the GPUs None when they are no whole number."""
+    gpus = str(arguments.get("gpus_per_node", NODE_DEFAULTS["gpus_per_node"])).strip()
+    nodes = arguments.get("train_nodes", NODE_DEFAULTS["train_nodes"])
+    return nodes, int(gpus) if re.fullmatch(r"[+-]?\d+", gpus) else None
+
+
 def _with_node_counts(arguments: Mapping[str, Any], check_settings: Any) -> None:
     """Run `check_settings`, adding the node-count problems to its ConfigError; alone, they raise one line."""
-    counts = {k: arguments.get(k, default) for k, default in NODE_DEFAULTS.items()}
-    problems = node_count_problems(counts["train_nodes"], counts["gpus_per_node"])
+    nodes, gpus = node_counts(arguments)
+    if gpus is None:
+        problems = [f"--gpus-per-node {arguments['gpus_per_node']}: give a whole number of GPUs, e.g. 8"]
+        problems += node_count_problems(nodes, 1)
+    else:
+        problems = node_count_problems(nodes, gpus)
     try:
         check_settings()
     except ConfigError as exc:
@@ -70,14 +83,14 @@ def check_nodes_against_file(arguments: Mapping[str, Any], data: str | Path) -> 
     share (`eval_fraction`). Rows the gate rejects and a data mix change that count; the train step checks
     the split's own count, so a run this lets through can still stop there. Nothing to check for one node.
     """
-    nodes = arguments.get("train_nodes", NODE_DEFAULTS["train_nodes"])
+    nodes, gpus = node_counts(arguments)
     rows = _rows(Path(data).expanduser())
     if nodes <= 1 or rows is None or arguments.get("data_mix"):
         return
     defaults = pipeline_parameters()
     fraction = arguments.get("eval_fraction", defaults["eval_fraction"].default)
     batch = arguments.get("per_device_train_batch_size", defaults["per_device_train_batch_size"].default)
-    per_node = arguments.get("train_processes") or arguments.get("gpus_per_node", NODE_DEFAULTS["gpus_per_node"])
+    per_node = arguments.get("train_processes") or gpus or 1
     train_rows = rows - max(1, round(fraction * rows)) if 0 < fraction < 1 else rows
     check_nodes_against_data(train_rows, batch, nodes, per_node)
 

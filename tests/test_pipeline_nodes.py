@@ -51,11 +51,12 @@ def _task(spec: dict, name: str) -> tuple[dict, dict]:
 
 
 def test_both_pipelines_take_the_node_counts_as_run_parameters_defaulting_to_one(package):
+    """gpus_per_node is a string: KFP 2.17's driver reads a resource limit placeholder with GetStringValue, so
+    an integer parameter would resolve to "" and the pod would run without a GPU limit, silently."""
     spec, _ = package
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name in ("train_nodes", "gpus_per_node"):
-        assert params[name]["parameterType"] == "NUMBER_INTEGER", name
-        assert params[name]["defaultValue"] == 1, name
+    assert (params["train_nodes"]["parameterType"], params["train_nodes"]["defaultValue"]) == ("NUMBER_INTEGER", 1)
+    assert (params["gpus_per_node"]["parameterType"], params["gpus_per_node"]["defaultValue"]) == ("STRING", "1")
 
 
 def test_one_node_trains_in_its_own_pod_on_the_runs_gpu_count(package):
@@ -130,7 +131,7 @@ def test_the_launcher_hands_its_pod_settings_to_the_trainjob(package):
 def test_compile_flags_set_the_compiled_defaults_and_refuse_bad_counts(tmp_path):
     spec, _ = compiled(tmp_path / "f.yaml", "--train-nodes", "4", "--gpus-per-node", "8")
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert (params["train_nodes"]["defaultValue"], params["gpus_per_node"]["defaultValue"]) == (4, 8)
+    assert (params["train_nodes"]["defaultValue"], params["gpus_per_node"]["defaultValue"]) == (4, "8")
     assert params["method"]["defaultValue"] == "lora"  # the rest as declared
     proc = run_cli("-m", "kftune.cli", "pipeline", "compile", "--train-nodes", "0", "-o", str(tmp_path / "bad.yaml"))
     assert proc.returncode == 2
@@ -157,6 +158,14 @@ def test_a_bad_count_is_one_line_naming_its_flag(nodes, gpus, flag):
     assert str(caught.value).startswith(flag) and "\n" not in str(caught.value)
     with pytest.raises(KftuneError, match=flag):  # the same check guards run, sweep and submit
         resolve_parameters({"data_uri": S3_DATA, "train_nodes": nodes, "gpus_per_node": gpus})
+
+
+@pytest.mark.parametrize("gpus", ["two", "1.5", ""])
+def test_gpus_per_node_must_be_a_whole_number(gpus):
+    with pytest.raises(KftuneError) as caught:
+        resolve_parameters({"data_uri": S3_DATA, "gpus_per_node": gpus})
+    assert str(caught.value) == f"--gpus-per-node {gpus}: give a whole number of GPUs, e.g. 8"
+    assert resolve_parameters({"data_uri": S3_DATA, "gpus_per_node": 4})["gpus_per_node"] == "4"  # as the DAG takes it
 
 
 def test_the_limits_themselves_are_accepted_and_both_flags_are_named_at_once():
