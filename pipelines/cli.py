@@ -26,13 +26,20 @@ from kftune.dev.stack import StackConfig, StackInfo, default_state_dir, load_inf
 from kftune.dev.tiny_model import build_tiny_model
 from kftune.sweep.compare import DIRECTIONS
 from kftune.sweep.plan import SWEEP_METHODS, TARGET_PRESETS
+from kftune.train.node_count import MAX_GPUS_PER_NODE, MAX_TRAIN_NODES, check_node_counts
 from pipelines import submit
 from pipelines.compile import PIPELINES, compile_pipeline
 from pipelines.local import RUNNERS, RunSummary, SweepSummary, run, run_sweep
-from pipelines.parameters import check, pipeline_parameters, read_params
+from pipelines.parameters import NODE_DEFAULTS, check, pipeline_parameters, read_params
 from pipelines.submit import NAMESPACE, TOKEN_ENV
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "store_xhs_sft_samples.jsonl"
+NODE_HELP = {
+    "train_nodes": "nodes to train on: 1 trains in the train task's own pod; more, as a Kubeflow Trainer TrainJob "
+    f"(1 to {MAX_TRAIN_NODES}; on a cluster with Trainer v2.3+ and k8s/base's kftune-torch runtime)",
+    "gpus_per_node": f"GPUs each training node asks for on a cluster (1 to {MAX_GPUS_PER_NODE})",
+    "train_processes": "training processes per node; 0: one per GPU of the node (one where it has none)",
+}
 # Wide enough that LoRA on its random weights learns the post format in ~300 CPU steps (measured:
 # hidden 128 reaches eval loss 5.1 in 300 steps, 512 reaches 3.5 at about the same time per step).
 DEMO_MODEL = {"hidden_size": 512, "intermediate_size": 1024, "num_heads": 8, "num_kv_heads": 2}
@@ -60,6 +67,7 @@ HELP = {
     "the shipped smoke check)",
     "benchmark_limit": "examples per benchmark task (0: all)",
     "guard_max_drop": "every benchmark metric must stay within this fraction of its base to promote (negative: no guard)",
+    **NODE_HELP,
 }
 DEFAULTS_NOTE = (
     "Training defaults are the guide's config for the method (configs/train_config_*.json), with two "
@@ -117,6 +125,14 @@ def build_parser(pipeline: str = "finetune") -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", help="write the pipeline package a KFP cluster runs")
     add_pipeline_choice(compile_)
     compile_.add_argument("-o", "--output", type=Path, help="YAML file to write (default: build/<pipeline>.yaml)")
+    for name, default in NODE_DEFAULTS.items():
+        compile_.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar=name.upper(),
+            type=int,
+            help=f"{NODE_HELP[name]}; the compiled default, which a run may override (default: {default})",
+        )
     return parser
 
 
@@ -281,8 +297,8 @@ def local_arguments(args: argparse.Namespace, pipeline: str = "finetune") -> tup
     arguments: dict[str, Any] = {
         k: v for k, v in vars(args).items() if k in pipeline_parameters(pipeline) and v is not None
     }
-    check(arguments, pipeline)  # before starting anything
     data = arguments.get("data_uri") or str(SAMPLE_DATA)
+    check({**arguments, "data_uri": data}, pipeline)  # before starting anything (and the nodes against the data)
     if not data.startswith("s3://") and not Path(data).expanduser().is_file():
         raise KftuneError(f"--data-uri {data}: no such file; give a JSONL/JSON file or an s3:// URI")
     base = arguments.get("base_model")
@@ -322,7 +338,12 @@ def sweep_locally(args: argparse.Namespace) -> tuple[SweepSummary, StackInfo]:
 def main(argv: list[str]) -> int:
     args = build_parser(chosen_pipeline(argv)).parse_args(argv)
     if args.command == "compile":
-        path = compile_pipeline(args.output or Path(f"build/{args.pipeline}.yaml"), args.pipeline, args.parallelism)
+        counts = {k: getattr(args, k) for k in NODE_DEFAULTS if getattr(args, k) is not None}
+        check_node_counts(**{**NODE_DEFAULTS, **counts})
+        declared = pipeline_parameters(args.pipeline)  # gpus_per_node is a string parameter
+        defaults = {k: declared[k].annotation(v) for k, v in counts.items()}
+        output = args.output or Path(f"build/{args.pipeline}.yaml")
+        path = compile_pipeline(output, args.pipeline, args.parallelism, defaults=defaults)
         print(f"wrote {path}")
         return 0
     if args.command in ("submit", "schedule"):

@@ -1,5 +1,6 @@
 """Compile a pipeline (the fine-tuning DAG or the sweep) into the YAML package a Kubeflow Pipelines cluster runs."""
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,17 @@ def pipeline_function(name: str = "finetune", parallelism: int | None = None) ->
     raise KftuneError(f"unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}")
 
 
-def compile_pipeline(path: str | Path, name: str = "finetune", parallelism: int | None = None) -> Path:
-    """Write the compiled pipeline (pipeline spec + Kubernetes platform spec) to `path`."""
+def compile_pipeline(
+    path: str | Path, name: str = "finetune", parallelism: int | None = None, defaults: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the compiled pipeline (pipeline spec + Kubernetes platform spec) to `path`.
+
+    `defaults`: parameter values compiled in as the parameters' defaults (a run may still override them).
+    """
     from kfp import compiler
 
     pipeline = pipeline_function(name, parallelism)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline, str(path))
+    compiler.Compiler().compile(pipeline, str(path), pipeline_parameters=dict(defaults or {}) or None)
     return path

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from kftune import steps
 from kftune.core.errors import KftuneError
 from kftune.sweep.plan import SweepResult
+from pipelines.local_oneof import artifact_oneof
 from pipelines.parameters import check_arguments, check_sweep_arguments
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -41,6 +42,7 @@ RESULTS: dict[str, type] = {
     "register-model": steps.Registration,
 }
 OTHER_OUTPUTS = ("report",)  # outputs that are not a step's result: evaluate's HTML report
+STEP_OF_TASK = {"train-across-nodes": "train"}  # the train step on several nodes (pipelines/finetune.py)
 
 
 @dataclass
@@ -198,6 +200,7 @@ def _collect(run_dir: Path, seconds: dict[str, float], log_path: Path) -> RunSum
     step_seconds: dict[str, float] = {}
     for task, elapsed in seconds.items():
         step = re.sub(r"-\d+$", "", task)  # register-model-2 is register-model in the other branch
+        step = STEP_OF_TASK.get(step, step)
         (metadata,) = (m for name, m in _outputs(run_dir / task).items() if name not in OTHER_OUTPUTS)
         results[step] = steps.from_metadata(RESULTS[step], metadata)
         step_seconds[step] = elapsed
@@ -255,6 +258,7 @@ def _run_locally(
         _environment(env),
         warnings.catch_warnings(),
         _task_runner(runner, env, run_root) as task_runner,
+        artifact_oneof(),  # the train step's model is a dsl.OneOf of its two branches
     ):
         local.init(runner=task_runner, raise_on_error=True, pipeline_root=str(run_root))
         # kfp.local warns that our images are not python:* (it runs this interpreter anyway) and that

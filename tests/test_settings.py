@@ -14,6 +14,7 @@ import typing
 import pytest
 
 from components.train import train as train_component
+from components.train_across_nodes import train_across_nodes
 from kftune import steps
 from kftune.train.config import BY_METHOD, BY_METHOD_KEYS, FIELDS, METHODS, method_default
 from pipelines.parameters import pipeline_parameters
@@ -57,12 +58,30 @@ def test_method_defaults_are_the_guides_config(path):
             assert method_default(method, key) == value, f"{path.name}: {key}"
 
 
-def test_the_train_component_takes_exactly_the_training_settings():
-    params = inspect.signature(train_component.python_func).parameters
-    settings = set(params) - {"data", "base_model", "method", "artifact_root", "processes", "model"}
+# each train component's parameters besides the training settings: its inputs, output and (launcher) placement
+NOT_SETTINGS = {"data", "base_model", "method", "artifact_root", "processes", "model"}
+LAUNCHER_ONLY = {"nodes", "gpus_per_node", "run_id", "task_name", "image", "task_config"}
+
+
+@pytest.mark.parametrize(
+    ("component", "own"), [(train_component, set()), (train_across_nodes, LAUNCHER_ONLY)], ids=["train", "across-nodes"]
+)
+def test_the_train_components_take_exactly_the_training_settings(component, own):
+    params = inspect.signature(component.python_func).parameters
+    assert NOT_SETTINGS | own <= set(params)
+    settings = set(params) - NOT_SETTINGS - own
     assert settings == set(steps.TRAIN_SETTINGS)
     for key in settings:
         assert params[key].annotation in (_kind(key), _kind(key).__name__), key
+
+
+def test_both_train_components_declare_the_settings_alike():
+    """The train step's two branches get one set of arguments (pipelines/finetune.py train_step)."""
+    one = inspect.signature(train_component.python_func).parameters
+    many = inspect.signature(train_across_nodes.python_func).parameters
+    assert [(k, p.annotation, p.default) for k, p in one.items()] == [
+        (k, p.annotation, p.default) for k, p in many.items() if k not in LAUNCHER_ONLY
+    ]
 
 
 @pytest.mark.parametrize("pipeline", ["finetune", "sweep"])

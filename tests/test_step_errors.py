@@ -8,6 +8,8 @@ are wrong in one way each; the runner (pipelines/local.py) shows the marked line
 from __future__ import annotations
 
 import ast
+import importlib.util
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
+from kftune import steps
 from kftune.core.errors import KftuneError, one_line
 from kftune.steps import ERROR_MARK, DataSplit, Evaluation, TrainedModel
 
@@ -46,6 +49,7 @@ def failing_calls(tmp: Path, small_data: Path) -> dict[str, tuple]:
     from components.plan_sweep import plan_sweep
     from components.register_model import register_model
     from components.train import train
+    from components.train_across_nodes import train_across_nodes
     from components.validate_data import validate_data
 
     missing = str(tmp / "no-such-model")
@@ -84,6 +88,35 @@ def failing_calls(tmp: Path, small_data: Path) -> dict[str, tuple]:
                 "max_seq_length": 64,
                 "seed": 0,
                 "processes": 1,
+                "model": artifact(dsl.Model, {}),
+            },
+            "method must be one of",
+        ),
+        "train_across_nodes": (
+            train_across_nodes,
+            {
+                "data": split,
+                "base_model": missing,
+                "method": "bogus",
+                "artifact_root": str(tmp),
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "quantization_bit": 4,
+                "learning_rate": 1e-4,
+                "max_steps": 1,
+                "num_train_epochs": 1.0,
+                "per_device_train_batch_size": 1,
+                "gradient_accumulation_steps": 1,
+                "max_seq_length": 64,
+                "seed": 0,
+                "processes": 1,
+                "nodes": 2,
+                "gpus_per_node": 1,
+                "run_id": "run",
+                "task_name": "train-across-nodes",
+                "image": "trainer",
+                "task_config": dsl.TaskConfig(),
                 "model": artifact(dsl.Model, {}),
             },
             "method must be one of",
@@ -147,6 +180,17 @@ def failing_calls(tmp: Path, small_data: Path) -> dict[str, tuple]:
     }
 
 
+# re-exports the train step's own output (the sweep collects it): no user input reaches it, nothing to refuse
+FORWARDS_ONLY = {"forward_model"}
+
+
+def multi_node_train_exists() -> bool:
+    """The lead's half of issue 23: steps.train(..., nodes=, ...) and kftune.train.trainjob, which the launcher calls."""
+    return "nodes" in inspect.signature(steps.train).parameters and bool(
+        importlib.util.find_spec("kftune.train.trainjob")
+    )
+
+
 def component_names() -> set[str]:
     """Every @dsl.component function defined in components/."""
     names = set()
@@ -158,11 +202,13 @@ def component_names() -> set[str]:
 
 
 def test_every_component_has_a_failure_case(tmp_path, small_data):
-    assert set(failing_calls(tmp_path, small_data)) == component_names()
+    assert set(failing_calls(tmp_path, small_data)) == component_names() - FORWARDS_ONLY
 
 
-@pytest.mark.parametrize("name", sorted(component_names()))
+@pytest.mark.parametrize("name", sorted(component_names() - FORWARDS_ONLY))
 def test_a_failing_step_prints_its_error_as_one_marked_line(name, tmp_path, small_data, capsys):
+    if name == "train_across_nodes" and not multi_node_train_exists():
+        pytest.skip("steps.train has no nodes= yet: the multi-node train step (issue 23) is merged separately")
     component, kwargs, expected = failing_calls(tmp_path, small_data)[name]
     with pytest.raises(KftuneError) as caught:
         component.python_func(**kwargs)

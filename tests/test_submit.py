@@ -224,7 +224,8 @@ def test_submit_sends_spec_parameters_key_and_service_account(kfp_api, workdir, 
     assert version.query["name"] == hashlib.sha256(spec).hexdigest()[:16]
     docs = list(yaml.safe_load_all(spec))
     assert docs[0]["pipelineInfo"]["name"] == upload.query["name"] == "kftune-finetune"
-    assert {"train", "evaluate"} <= set(docs[0]["root"]["dag"]["tasks"])
+    assert {"validate-data", "evaluate"} <= set(docs[0]["root"]["dag"]["tasks"])
+    assert {"exec-train", "exec-train-across-nodes"} <= set(docs[0]["deploymentSpec"]["executors"])
     assert "platforms" in docs[1]  # the Kubernetes spec (secrets, GPU node selector) travels too
 
     (exp,) = kfp_api.sent("POST", "/experiments")
