@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -28,29 +27,20 @@ from kftune.registry.modelcard import data_statistics
 from kftune.registry.promote import lineage, rescorer
 from kftune.registry.promote import register as register_candidate
 from kftune.registry.tracking import Registration, check_reachable
-from kftune.train.config import METHODS, TrainConfig, resolve, with_method_defaults
+from kftune.train.across_nodes import train_across_nodes
+from kftune.train.config import METHODS, TrainConfig  # noqa: F401 (METHODS: pipelines call it steps.METHODS)
 from kftune.train.launch import train_on_node
+from kftune.train.node_count import check_nodes_against_data
+from kftune.train.step_settings import (  # noqa: F401 (components and tests call them as steps.*)
+    TRAIN_PARAMS,
+    TRAIN_SETTINGS,
+    check_train_settings,
+    eval_every,
+    train_settings,
+    train_values,
+)
 
 ERROR_MARK = "kftune-step-error: "  # a failed step prints this + its message as JSON, for the runner to show
-# what a model's MLflow run records of its training config (None for keys its method does not use)
-TRAIN_PARAMS = (
-    "base_model",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "quantization_bit",
-    "learning_rate",
-    "max_steps",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_seq_length",
-    "seed",
-    "data_mix",
-)
-# the training settings a pipeline passes to its train component, each a TrainConfig key
-TRAIN_SETTINGS = tuple(k for k in TRAIN_PARAMS if k != "base_model")
 TRAIN_METRICS = (
     "train_loss",
     "first_loss",
@@ -201,74 +191,57 @@ def validate_data(
     )
 
 
-def train_values(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The guide's config keys for `method`: settings a method does not use are dropped, not contradicted."""
-    if method not in METHODS:
-        raise KftuneError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    values = with_method_defaults(method, dict(settings))
-    if method == "full":
-        values = {k: v for k, v in values.items() if not k.startswith("lora_") and k != "quantization_bit"}
-    elif method == "lora":
-        values = {k: v for k, v in values.items() if k != "quantization_bit"} | {"use_lora": True}
-    else:
-        values["use_qlora"] = True
-    return values
-
-
-def train_settings(parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """The training settings among a train component's parameters (its `locals()`); "" targets mean automatic."""
-    settings = {k: parameters[k] for k in TRAIN_SETTINGS}
-    settings["lora_target_modules"] = settings["lora_target_modules"] or None
-    return settings
-
-
-def check_train_settings(method: str, settings: Mapping[str, Any]) -> TrainConfig:
-    """Validate the training settings before anything runs; every problem is reported at once."""
-    placeholders = {"base_model": "base", "data_path": "train.jsonl", "output_dir": "out"}
-    return resolve({**placeholders, **train_values(method, settings)}, {}, file_label="pipeline parameters")
-
-
-def eval_every(cfg: TrainConfig, data: DataSplit, points: int = 10) -> int:
-    """Steps between evaluations during training so the report's eval-loss curve has about `points` points."""
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    total = (
-        cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * math.ceil(data.train_rows / per_step))
-    )
-    return max(1, total // points)
-
-
 @reports_errors
 def train(
-    data: DataSplit, base_model: str, method: str, artifact_root: str, settings: Mapping[str, Any], processes: int = 0
+    data: DataSplit,
+    base_model: str,
+    method: str,
+    artifact_root: str,
+    settings: Mapping[str, Any],
+    processes: int = 0,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    placement: Mapping[str, Any] | None = None,
+    job_name: str = "",
+    image: str = "",
 ) -> TrainedModel:
     """Fine-tune `base_model` on the train split (settings: the guide's config keys) and upload the result.
 
-    `processes`: 0 trains with one process per GPU of the node (DDP under accelerate launch).
+    `processes`: per node; 0 trains with one per GPU of the node (DDP, or FSDP for full, under torchrun).
+    `nodes` > 1: on a cluster a Kubeflow Trainer TrainJob named `job_name` running `image` (`placement`: the
+    task's passed-through pod settings), here two network-namespace hosts (kftune.train.across_nodes).
     """
     cfg = check_train_settings(method, settings)  # before downloading anything
-    with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
-        # checkpoints go to <artifact_root>/checkpoints/<run key>: a retry of this step resumes from them
-        cfg = dataclasses.replace(
-            cfg,
-            base_model=base_model,
-            data_path=str(fetch(data.train_uri)),
-            output_dir=f"{tmp}/model",
-            eval_data_path=str(fetch(data.eval_uri)),
-            eval_steps=cfg.eval_steps or eval_every(cfg, data),
-            checkpoint_uri=f"{artifact_root}/checkpoints",
-        )
-        result = train_on_node(cfg, processes)
-        artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
+    check_nodes_against_data(data.train_rows, cfg.per_device_train_batch_size, nodes, processes or gpus_per_node)
+    # checkpoints go to <artifact_root>/checkpoints/<run key>: a retry of this step resumes from them
+    cfg = dataclasses.replace(
+        cfg,
+        base_model=base_model,
+        data_path=data.train_uri,
+        eval_data_path=data.eval_uri,
+        eval_steps=cfg.eval_steps or eval_every(cfg, data.train_rows),
+        checkpoint_uri=f"{artifact_root}/checkpoints",
+    )
+    if nodes > 1:  # every node reads the split from S3 itself; rank 0 uploads the output
+        done = train_across_nodes(cfg, nodes, gpus_per_node, artifact_root, job_name, placement or {}, image)
+        uri, sha256, trained = done.uri, done.sha256, done.metrics
+    else:
+        with tempfile.TemporaryDirectory(prefix="kftune-train-") as tmp:
+            local = {"data_path": str(fetch(data.train_uri)), "eval_data_path": str(fetch(data.eval_uri))}
+            cfg = dataclasses.replace(cfg, **local, output_dir=f"{tmp}/model")
+            result = train_on_node(cfg, processes)
+            artifact = upload_dir(result.output_dir, f"{artifact_root}/models")
+        uri, sha256, trained = artifact.uri, artifact.sha256, result.metrics
     params = {k: getattr(cfg, k) for k in TRAIN_PARAMS}
-    params["lora_target_modules"] = ",".join(result.metrics.get("target_modules") or []) or None  # as resolved
+    params["lora_target_modules"] = ",".join(trained.get("target_modules") or []) or None  # as resolved
     if not cfg.uses_adapter:
         params.update({k: None for k in params if k.startswith("lora_")})
     if not cfg.use_qlora:
         params["quantization_bit"] = None
-    params["data_mix"] = json.dumps(result.metrics.get("data_mix")) if cfg.data_mix else None  # sha256s, rows drawn
-    metrics = {k: result.metrics[k] for k in TRAIN_METRICS if result.metrics.get(k) is not None}
-    metrics["loss_history"] = result.metrics["loss_history"]
-    return TrainedModel(artifact.uri, artifact.sha256, cfg.method, params, metrics)
+    params["data_mix"] = json.dumps(trained.get("data_mix")) if cfg.data_mix else None  # sha256s, rows drawn
+    metrics = {k: trained[k] for k in TRAIN_METRICS if trained.get(k) is not None}
+    metrics["loss_history"] = trained["loss_history"]
+    return TrainedModel(uri, sha256, cfg.method, params, metrics)
 
 
 @reports_errors

@@ -23,16 +23,8 @@ from components.register_model import register_model
 from components.train import train
 from components.train_across_nodes import train_across_nodes
 from components.validate_data import validate_data
+from kftune.core.cluster import GPU_NODE_LABEL, GPU_RESOURCE, SECRETS  # shared with the TrainJob's nodes
 
-# Secret name -> {secret key: environment variable}. The cluster manifests create these.
-SECRETS: dict[str, dict[str, str]] = {
-    "kftune-s3": {
-        k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-    },
-    "kftune-mlflow": {k: k for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
-}
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
 TRAIN_RESOURCES = {"cpu": ("4", "8"), "memory": ("32G", "64G")}  # (request, limit) of each training node
 CPU_TASK_RESOURCES = {"cpu": ("1", "4"), "memory": ("4G", "16G")}
 TRAIN_RETRIES = 2  # a preempted GPU node is worth a retry; content-addressed uploads make it idempotent

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +26,6 @@ from kftune.train.handback import Published, read_published
 if TYPE_CHECKING:
     from kftune.train.config import TrainConfig
 
-log = logging.getLogger("kftune")
 REHEARSAL_RESTARTS = 2  # as the runtime's failurePolicy.maxRestarts (k8s/base/trainingruntime.yaml)
 REHEARSAL_TIMEOUT_S = 3 * 3600
 
@@ -116,17 +114,13 @@ def rehearse(argv: list[str], nodes: int, gpus_per_node: int, prefix: str) -> No
     why = hosts.unavailable()
     with tempfile.TemporaryDirectory(prefix="kftune-nodes-") as tmp:
         if why:
-            log.info("train_nodes %d: %s, so this local run trains on one node", nodes, why)
+            print(f"[kftune] train_nodes {nodes}: {why}, so this local run trains on one node", flush=True)
             gang = Gang([hosts.Host(0, None, "127.0.0.1", "lo")], argv, Path(tmp), procs, REHEARSAL_RESTARTS)
             gang.master_port = free_ports(1)[0]
             attempt = gang.run(REHEARSAL_TIMEOUT_S)
         else:
             with hosts.two_hosts() as (node0, node1), hosts.s3_relay(node0) as node_env:
-                log.info(
-                    "train_nodes 2: rehearsed on two hosts, %s and %s (network namespaces)",
-                    node0.address,
-                    node1.address,
-                )
+                print(f"[kftune] train_nodes 2: on two hosts, {node0.address} and {node1.address}", flush=True)
                 gang = Gang([node0, node1], argv, Path(tmp), procs, REHEARSAL_RESTARTS, env=node_env)
                 gang.master_port = free_ports(1)[0]
                 attempt = gang.run(REHEARSAL_TIMEOUT_S)

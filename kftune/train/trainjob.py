@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kftune.core.cluster import GPU_NODE_LABEL, GPU_RESOURCE
 from kftune.core.errors import KftuneError
 
 API_GROUP = "trainer.kubeflow.org"
@@ -24,8 +25,6 @@ PLURAL = "trainjobs"
 RUNTIME = "kftune-torch"
 NODE_JOB = "node"  # the runtime's replicated job and its container: the Trainer requires both names
 PATCH_MANAGER = "kftune.io/train-step"  # who owns the runtime patch (a domain-prefixed path, as the Trainer asks)
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 # Per node when the step's placement names none: the same as one node's training task (pipelines/finetune.py).
 DEFAULT_RESOURCES = {"requests": {"cpu": "4", "memory": "32G"}, "limits": {"cpu": "8", "memory": "64G"}}

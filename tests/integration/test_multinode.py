@@ -182,6 +182,10 @@ def test_node1_lost_and_replaced_resumes_from_s3_to_the_same_adapter(two, staged
     for rank in (0, 1):  # each node downloaded the checkpoint itself
         assert "resuming from checkpoint" in log_of(attempt, rank)
     resumed = adapter(published, tmp_path)
+    print(
+        f"node 1 killed {killed[0]:.1f} s into the run; both restarted; resumed from step "
+        f"{published.metrics['resumed_from_step']}; {sum(a.seconds for a in gang.attempts):.1f} s in all"
+    )
     # fp32, the same batches and every rank's RNG state restored: the resumed run is the uninterrupted one
     assert resumed.keys() == reference.keys()
     worst = max(float((resumed[k] - reference[k]).abs().max()) for k in reference)
@@ -252,3 +256,32 @@ def test_upload_config_names_the_publish_prefix(stack_env, staged, s3, tmp_path)
     argv, prefix, _ = job(staged, s3, "config")
     local = Path(download_dir(argv[-1], tmp_path / "cfg")) / "train_config.json"
     assert json.loads(local.read_text())["publish_to"] == prefix
+
+
+def test_the_pipeline_trains_on_two_hosts_and_registers(stack_env, inputs, task_env, tmp_path):
+    """`kftune pipeline run --train-nodes 2`: the DAG's launcher task runs the nodes on two hosts, and the rest
+    of the DAG (evaluate, merge, register) takes its output as it takes one node's."""
+    from pipelines.local import run
+
+    arguments = {
+        **inputs,
+        "method": "lora",
+        "max_steps": 6,
+        "learning_rate": 1e-2,
+        "lora_r": 8,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_seq_length": 256,
+        "eval_fraction": 0.25,
+        "sample_tokens": 8,
+        "eval_samples": 2,
+        "registered_model_name": "two-hosts",
+        "train_nodes": 2,
+    }
+    summary = run(arguments, task_env, tmp_path / "root", progress=None)
+    assert list(summary.seconds) == ["validate-data", "train", "evaluate", "merge-adapter", "register-model"]
+    assert summary.trained.uri.split("/trainjobs/")[1].split("/")[1] == "model"  # what rank 0 handed back
+    assert int(summary.registration.version) >= 1 and summary.trained.metrics["global_steps"] == 6
+    log = (tmp_path / "root").rglob("tasks.log")
+    text = "".join(path.read_text(errors="replace") for path in log)
+    assert "train_nodes 2: on two hosts" in text and "rank 1 of 2" not in text  # node 1 logs to its own file
