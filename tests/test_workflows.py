@@ -75,8 +75,9 @@ def test_ci_runs_make_test_on_push_and_pull_request():
     assert {"push", "pull_request"} <= set(doc["on"])
     ci_run = (Path(__file__).parents[1] / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     runs = [s["run"] for s in run_steps(doc) if "run" in s]
-    assert runs[-2:] == [line for line in ci_run if line.startswith("make ")] == ["make test", "make test-plain-clone"]
-    (torch,) = [cmd for step in runs[:-2] for cmd in commands({"run": step}, {}) if "torch==2.13.0+cpu" in cmd]
+    made = ["make test", "make test-plain-clone", "make multinode"]
+    assert runs[-3:] == [line for line in ci_run if line.startswith("make ")] == made
+    (torch,) = [cmd for step in runs[:-3] for cmd in commands({"run": step}, {}) if "torch==2.13.0+cpu" in cmd]
     assert torch[0] == ".venv/bin/pip" and torch[torch.index("--index-url") + 1].endswith("/whl/cpu")
     setup = next(s for s in run_steps(doc) if s.get("uses", "").startswith("actions/setup-python"))
     assert setup["with"]["python-version"] == "3.11"
