@@ -61,6 +61,10 @@ def run_command(module: str, argv: list[str]) -> int:
     """Run one command's `main`, turning user-facing errors into one line on stderr and exit code 2."""
     setup_logging()
     try:
+        if module == "kftune.train.training":  # an allocator is chosen at start: re-executes once where it applies
+            from kftune.core.allocator import prefer_tcmalloc
+
+            prefer_tcmalloc()
         return importlib.import_module(module).main(argv) or 0
     except KftuneError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -65,7 +65,10 @@ def instrument(record: dict) -> None:
 
 def run(tool: str, config: str, record: dict) -> None:
     if tool == "kftune":
+        from kftune.core.allocator import prefer_tcmalloc  # as `kftune train` starts (re-executes this process)
         from kftune.core.levers import levers_on
+
+        prefer_tcmalloc()
         from kftune.train.training import main
 
         record["levers_on"] = levers_on()

@@ -20,6 +20,7 @@ LEVERS = {
     "dropout": "kftune.train.lora_dropout: LoRA dropout's mask from 15-bit lanes of one 64-bit draw",
     "packed_attention": "kftune.train.packed_attention: a padding-free row's attention per conversation",
     "mapped_checkpoint": "kftune.models.loading.own_mapped_weights: a quantized load lets the checkpoint's mapping go",
+    "tcmalloc": "kftune.core.allocator: `kftune train` re-executes itself with tcmalloc preloaded where it is installed",
 }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kftune.core import artifacts
+from kftune.core import allocator, artifacts
 from kftune.core.atomic import building, staging_dir
 from kftune.core.errors import KftuneError
 from kftune.core.levers import levers_on
@@ -353,7 +353,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "peak_memory_bytes": peak.bytes,  # this process's (process zero's device's) peak
             "peak_memory_source": peak.source,
             "levers_on": levers,  # KFTUNE_LEVERS_OFF's complement (kftune.core.levers)
-            "levers_applied": applied,  # the head installed; the attention path packed attention took, or None
+            "levers_applied": applied | {"allocator": allocator.in_use()},  # head, attention path, malloc
             **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
         }
         if main:
