@@ -26,7 +26,7 @@ from kftune.train.handback import Published, read_published
 if TYPE_CHECKING:
     from kftune.train.config import TrainConfig
 
-REHEARSAL_RESTARTS = 2  # as the runtime's failurePolicy.maxRestarts (k8s/base/trainingruntime.yaml)
+REHEARSAL_RESTARTS = 3  # as the runtime's failurePolicy.maxRestarts (k8s/base/trainingruntime.yaml)
 REHEARSAL_TIMEOUT_S = 3 * 3600
 
 
