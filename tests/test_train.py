@@ -87,7 +87,9 @@ def test_guide_config_trains_and_writes_the_guides_files(config, extra, files, t
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses  # falls on a short run
     assert "trainable params:" in proc.stderr and "trainable%:" in proc.stderr
     assert metrics["levers_on"] == list(LEVERS)  # every run records the levers it had on
-    assert metrics["levers_applied"] == {"lm_head": True, "packed_attention": packed_attention.NAME}
+    applied = metrics["levers_applied"]
+    assert applied == {"lm_head": True, "packed_attention": packed_attention.NAME, "allocator": applied["allocator"]}
+    assert applied["allocator"] in ("tcmalloc", "glibc")  # which one where: tests/test_allocator.py
     saved = json.loads((out / "kftune_config.json").read_text())
     assert saved["base_model"] == str(tiny_model) and saved["max_steps"] == 12
     if config != "full":
