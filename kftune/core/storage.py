@@ -185,7 +185,7 @@ def list_artifacts(prefix: str, s3: S3 | None = None) -> list[str]:
     A folder whose upload was cut short has no manifest and is not listed.
     """
     s3 = s3 or connect_s3()
-    bucket, key = _split_uri(prefix)
+    bucket, key = split_uri(prefix)
     found = []
     with _s3_errors(s3, prefix):
         for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/".lstrip("/")):
@@ -199,7 +199,7 @@ def list_artifacts(prefix: str, s3: S3 | None = None) -> list[str]:
 def delete_tree(prefix: str, s3: S3 | None = None) -> int:
     """Delete every object under `prefix`, manifests first, so no folder ever looks complete while half gone."""
     s3 = s3 or connect_s3()
-    bucket, key = _split_uri(prefix)
+    bucket, key = split_uri(prefix)
     with _s3_errors(s3, prefix):
         keys = [
             item["Key"]
@@ -233,7 +233,7 @@ def _upload(files: dict[str, Path], dest: str, s3: S3) -> Artifact:
     manifest = _manifest(files)
     body = canonical_json(manifest)
     sha = hashlib.sha256(body).hexdigest()
-    bucket, prefix = _split_uri(dest)
+    bucket, prefix = split_uri(dest)
     base = f"{prefix}/{sha}".lstrip("/")
     artifact = Artifact(uri=f"s3://{bucket}/{base}", sha256=sha)
     with _s3_errors(s3, artifact.uri):
@@ -245,7 +245,7 @@ def _upload(files: dict[str, Path], dest: str, s3: S3) -> Artifact:
     return artifact
 
 
-def _split_uri(uri: str) -> tuple[str, str]:
+def split_uri(uri: str) -> tuple[str, str]:
     """s3://bucket/some/prefix -> ("bucket", "some/prefix")."""
     if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
         raise KftuneError(f"{uri!r} is not an S3 URI; expected s3://bucket/prefix")
@@ -255,7 +255,7 @@ def _split_uri(uri: str) -> tuple[str, str]:
 
 def split_artifact_uri(uri: str) -> tuple[str, str, str]:
     """s3://b/p/<sha>/sub/file -> ("b", "p/<sha>", "sub/file"): the folder is the last sha256 segment."""
-    bucket, key = _split_uri(uri)
+    bucket, key = split_uri(uri)
     parts = key.split("/")
     shas = [i for i, part in enumerate(parts) if _SHA256.fullmatch(part)]
     if not shas:

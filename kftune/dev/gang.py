@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kftune.dev.hosts import Host
+from kftune.dev.processes import free_ports
 
 STOP_GRACE_S = 10.0
 
@@ -49,9 +50,9 @@ class Gang:
     workdir: Path
     procs_per_node: int = 1
     max_restarts: int = 0
-    env: Callable[[Host], dict[str, str]] = lambda host: {}
+    env: Callable[[Host], dict[str, str]] | None = None  # what differs per node (node 1's way to S3)
     echo_node0: bool = True
-    master_port: int = 29500
+    master_port: int = field(default_factory=lambda: free_ports(1)[0])  # node 0's, on this machine
     attempts: list[Attempt] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
 
@@ -72,7 +73,7 @@ class Gang:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             "TOKENIZERS_PARALLELISM": "false",
             "KFTUNE_ATTEMPT": str(attempt),
-            **self.env(host),
+            **(self.env(host) if self.env else {}),
         }
 
     def start(self) -> list[Path]:
@@ -100,7 +101,7 @@ class Gang:
 
     def kill(self, rank: int, sig: int = signal.SIGKILL) -> None:
         """What a lost node looks like from outside: its processes gone at once."""
-        _signal_group(self.procs[rank], sig)
+        _signal_tree(self.procs[rank], sig)
 
     def run(self, timeout_s: float, watch: Callable[[Gang, float], None] | None = None) -> Attempt:
         """Start every node, restart all of them on a failure while restarts are left; the last attempt."""
@@ -129,17 +130,17 @@ class Gang:
         """SIGTERM every node still running, SIGKILL what is left after the grace period."""
         for proc in self.procs:
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
+                _signal_tree(proc, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in self.procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
+                _signal_tree(proc, signal.SIGKILL)
                 proc.wait()
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
     """Signal a node's whole process tree, as a pod's end takes every process in it (torchrun starts its
     workers in sessions of their own, so its process group alone is not enough)."""
     import psutil

@@ -10,6 +10,7 @@ contract as one node's. Checkpoints go where one node's go, so a retried step re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -101,7 +102,6 @@ def rehearse(argv: list[str], nodes: int, gpus_per_node: int, prefix: str) -> No
 
     from kftune.dev import hosts
     from kftune.dev.gang import Gang
-    from kftune.dev.processes import free_ports
     from kftune.train.handback import forget
 
     if nodes > 2:
@@ -112,18 +112,16 @@ def rehearse(argv: list[str], nodes: int, gpus_per_node: int, prefix: str) -> No
     procs = gpus_per_node if torch.cuda.is_available() else 1
     forget(prefix)  # a pointer left by an earlier run of this job name must not be read as this one's
     why = hosts.unavailable()
-    with tempfile.TemporaryDirectory(prefix="kftune-nodes-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kftune-nodes-") as tmp, contextlib.ExitStack() as held:
         if why:
             print(f"[kftune] train_nodes {nodes}: {why}, so this local run trains on one node", flush=True)
-            gang = Gang([hosts.Host(0, None, "127.0.0.1", "lo")], argv, Path(tmp), procs, REHEARSAL_RESTARTS)
-            gang.master_port = free_ports(1)[0]
-            attempt = gang.run(REHEARSAL_TIMEOUT_S)
+            members, env = [hosts.Host(0, None, "127.0.0.1", "lo")], None
         else:
-            with hosts.two_hosts() as (node0, node1), hosts.s3_relay(node0) as node_env:
-                print(f"[kftune] train_nodes 2: on two hosts, {node0.address} and {node1.address}", flush=True)
-                gang = Gang([node0, node1], argv, Path(tmp), procs, REHEARSAL_RESTARTS, env=node_env)
-                gang.master_port = free_ports(1)[0]
-                attempt = gang.run(REHEARSAL_TIMEOUT_S)
+            members = list(held.enter_context(hosts.two_hosts()))
+            env = held.enter_context(hosts.s3_relay(members[0]))
+            print(f"[kftune] train_nodes 2: on two hosts, {members[0].address} and {members[1].address}", flush=True)
+        gang = Gang(members, argv, Path(tmp), procs, REHEARSAL_RESTARTS, env=env)
+        attempt = gang.run(REHEARSAL_TIMEOUT_S)
         if attempt.failed_node is not None:
             tail = attempt.logs[max(attempt.failed_node, 0)].read_text(errors="replace").strip().splitlines()[-1:]
             raise KftuneError(

@@ -45,6 +45,7 @@ from kftune.core.storage import (
     tree_manifest,
     upload_dir,
 )
+from kftune.train.nodes import gather_to_rank_zero
 
 if TYPE_CHECKING:
     from kftune.train.config import TrainConfig
@@ -228,8 +229,6 @@ class PublishCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
-
-        from kftune.train.nodes import gather_to_rank_zero
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if dist.is_available() and dist.is_initialized():

@@ -14,7 +14,7 @@ from typing import Any
 
 from kftune.core import artifacts
 from kftune.core.errors import KftuneError
-from kftune.core.storage import connect_s3, upload_dir
+from kftune.core.storage import connect_s3, split_uri, upload_dir
 
 POINTER = "published.json"
 
@@ -28,11 +28,10 @@ class Published:
     metrics: dict[str, Any]
 
 
-def _where(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
-        raise KftuneError(f"publish_to: {uri!r} is not an s3:// prefix; give s3://bucket/prefix or leave it empty")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, f"{key.strip('/')}/{POINTER}".lstrip("/")
+def _where(publish_to: str) -> tuple[str, str]:
+    """(bucket, key) of the pointer under `publish_to` (config.py has checked it is an s3:// prefix)."""
+    bucket, prefix = split_uri(publish_to)
+    return bucket, f"{prefix}/{POINTER}".lstrip("/")
 
 
 def publish(out: Path, publish_to: str) -> Published:

@@ -122,14 +122,15 @@ def _files(folder: Path) -> list[str]:
 
 def lost_peer(exc: BaseException, ddp_timeout: int) -> KftuneError | None:
     """One line naming this node when `exc` says another process stopped answering; None for anything else."""
-    if Place.from_env().world_size < 2:
+    place = Place.from_env()
+    if place.world_size < 2:
         return None
     text = str(exc).strip()
     if type(exc).__name__ not in LOST_PEER_ERRORS and not any(w in text.lower() for w in LOST_PEER_WORDS):
         return None
     first = text.splitlines()[0][:240] if text else type(exc).__name__
     return KftuneError(
-        f"{Place.from_env().describe()}: lost contact with the other training processes (a collective failed or "
+        f"{place.describe()}: lost contact with the other training processes (a collective failed or "
         f"waited past ddp_timeout={ddp_timeout}s: {first}); the job fails so that it restarts from the last checkpoint"
     )
 

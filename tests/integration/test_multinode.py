@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from kftune.core.storage import delete_tree, download_dir, list_artifacts
 from kftune.dev import hosts
 from kftune.dev.gang import Gang
-from kftune.dev.processes import free_ports
 from kftune.train.across_nodes import job_config, upload_config
 from kftune.train.config import resolve
 from kftune.train.handback import read_published
@@ -75,9 +74,7 @@ def job(staged, s3, name: str, **changes) -> tuple[list[str], str, str]:
 
 
 def two_host_gang(node0, node1, argv, workdir: Path, relay, restarts: int = 0) -> Gang:
-    gang = Gang([node0, node1], argv, workdir, max_restarts=restarts, env=relay, echo_node0=False)
-    gang.master_port = free_ports(1)[0]
-    return gang
+    return Gang([node0, node1], argv, workdir, max_restarts=restarts, env=relay, echo_node0=False)
 
 
 @pytest.fixture
@@ -138,7 +135,6 @@ def test_lora_trains_on_two_hosts_as_on_one_host_with_two_processes(two, staged,
     # the same batches on one host with two processes
     argv1, prefix1, _ = job(staged, s3, "one-host")
     one = Gang([hosts.Host(0, None, "127.0.0.1", "lo")], argv1, tmp_path / "one", procs_per_node=2, echo_node0=False)
-    one.master_port = free_ports(1)[0]
     assert one.run(TIMEOUT_S).failed_node is None
     reference = read_published(prefix1).metrics
     two_losses = [loss for _, loss in published.metrics["loss_history"]]
